@@ -1,0 +1,95 @@
+"""Data contracts: one versioned Arrow schema per manifest kind.
+
+Every manifest row is one candidate of one stage, also when it failed or was rejected:
+``status`` is one of ``ok | kept | rejected | failed``, ``reason`` a short machine-readable word
+and ``error`` the exception text of a failure. Bump a schema's version when its columns change:
+the version is part of the stage key, so old folders are never read with a new schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+STATUSES = ("ok", "kept", "rejected", "failed")
+
+_COMMON = [
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("shard", pa.int32(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+]
+
+
+@dataclass(frozen=True)
+class ManifestSchema:
+    stage: str
+    version: int
+    schema: pa.Schema
+
+    def table(self, rows: list[dict]) -> pa.Table:
+        """Rows -> a table of exactly this schema (missing optional columns become null)."""
+        cols = {f.name: [r.get(f.name) for r in rows] for f in self.schema}
+        return pa.Table.from_pydict(cols, schema=self.schema)
+
+
+def _schema(stage: str, version: int, fields: list[pa.Field]) -> ManifestSchema:
+    meta = {b"synth_ood.stage": stage.encode(), b"synth_ood.schema_version": str(version).encode()}
+    return ManifestSchema(stage, version, pa.schema(_COMMON + fields, metadata=meta))
+
+
+SKETCH = _schema(
+    "sketch",
+    1,
+    [
+        pa.field("kind", pa.string()),  # far | near | negative | context
+        pa.field("text", pa.string()),
+        pa.field("class_idx", pa.int32()),
+        pa.field("source_key", pa.string()),
+        pa.field("score", pa.float64()),
+        pa.field("leakage", pa.bool_()),
+    ],
+)
+
+GENERATE = _schema(
+    "generate",
+    1,
+    [
+        pa.field("kind", pa.string()),  # boundary | far
+        pa.field("source_key", pa.string()),
+        pa.field("class_idx", pa.int32()),
+        pa.field("prompt", pa.string()),
+        pa.field("seed", pa.int64()),
+        pa.field("rounds", pa.int32()),
+        pa.field("score_before", pa.float64()),
+        pa.field("score_after", pa.float64()),
+    ],
+)
+
+ELABORATE = _schema(
+    "elaborate",
+    1,
+    [
+        pa.field("source_key", pa.string()),
+        pa.field("class_idx", pa.int32()),
+        pa.field("id_confidence", pa.float64()),
+        pa.field("energy", pa.float64()),
+        pa.field("max_dup_cosine", pa.float64()),
+        pa.field("neg_label", pa.string()),
+        pa.field("neg_index", pa.int32()),
+    ],
+)
+
+FINETUNE = _schema(
+    "finetune",
+    1,
+    [
+        pa.field("role", pa.string()),  # id_train | id_test | ood:<set> | synthetic
+        pa.field("class_idx", pa.int32()),
+        pa.field("label_idx", pa.int32()),
+    ],
+)
+
+MANIFESTS: dict[str, ManifestSchema] = {s.stage: s for s in (SKETCH, GENERATE, ELABORATE, FINETUNE)}

@@ -1,0 +1,145 @@
+"""``synth-ood`` command line: run, status, verify, presets.
+
+``run`` executes the Prefect flow with Prefect's local ephemeral API (no server to start);
+``status`` and ``verify`` read the output folder only and never import Prefect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ood_core.config import ConfigError, available_presets, load_config, parse_overrides
+
+
+def _stages(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [s.strip() for v in values for s in v.split(",") if s.strip()]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ood_core.pipeline import selected_stages
+
+    try:
+        overrides = parse_overrides(args.set)
+        load_config(args.preset, overrides)  # validate before any work or Prefect start-up
+        selected_stages(_stages(args.only), _stages(args.force))
+    except (ConfigError, ValueError) as err:
+        print(f"synth-ood: {err}", file=sys.stderr)
+        return 2
+    out = os.path.abspath(args.out) if "://" not in args.out else args.out
+    if args.no_prefect:
+        from ood_core.config import load_config as _load
+        from ood_core.pipeline import run_local
+
+        results = run_local(_load(args.preset, overrides), out, _stages(args.only), _stages(args.force))
+    else:
+        from flows.synth_ood import synth_ood
+
+        results = synth_ood(
+            preset=args.preset, out=out, only=_stages(args.only), force=_stages(args.force), overrides=overrides
+        )
+    _print_summary(results, out)
+    return 0
+
+
+def _print_summary(results: dict, out: str) -> None:
+    print(f"\nsynth-ood: outputs in {out}")
+    for name, info in results.items():
+        print(f"  {name:<10} {info['rows']:>6} rows  {_fmt_counts(info['counts'])}")
+    fin = results.get("finetune", {}).get("summary", {})
+    if fin.get("metrics"):
+        print(f"\n  OOD detection (average over OOD sets, convention: {fin['convention']})")
+        for method, per_set in fin["metrics"].items():
+            avg = per_set["average"]
+            print(f"    {method:<10} FPR95 {100 * avg['fpr95']:6.2f}   AUROC {100 * avg['auroc']:6.2f}")
+        print(f"  report: {fin['artifacts']}/report.md")
+
+
+def _fmt_counts(counts: dict) -> str:
+    return ", ".join(
+        f"{status}: {sum(r.values())} ({', '.join(f'{k} {v}' for k, v in sorted(r.items()))})"
+        for status, r in sorted(counts.items())
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ood_core.pipeline import read_run_record
+    from ood_core.stages import STAGE_ORDER
+    from ood_core.storage import StageStore, merge_counts
+
+    record = read_run_record(args.dir)
+    if record is None:
+        print(f"synth-ood: no run recorded in {args.dir} (expected {args.dir}/_runs/latest.json)", file=sys.stderr)
+        return 2
+    print(f"run in {args.dir} (preset {record['preset']})")
+    for name in STAGE_ORDER:
+        store = StageStore(args.dir, name, record["keys"][name])
+        if store.is_complete():
+            info = store.read_success()
+            state, counts = "done", info["counts"]
+            detail = f"{info['shards']} shards, {info['rows']} rows"
+        else:
+            done = store.shard_indices()
+            counts = merge_counts([store.shard_stats(i)["counts"] for i in done])
+            plan = store.path("plan.json")
+            total = len(store.read_json(plan)) if store.exists(plan) else "?"
+            state = "partial" if done or store.exists(plan) else "missing"
+            detail = f"{len(done)}/{total} shards"
+        print(f"  {name:<10} {state:<8} {store.key}  {detail}")
+        for status, reasons in sorted(counts.items()):
+            print(f"      {status:<9} {sum(reasons.values()):>6}  " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ood_core.stages import STAGE_ORDER
+    from ood_core.storage import list_stage_runs
+
+    problems: list[str] = []
+    checked = 0
+    for name in STAGE_ORDER:
+        for store in list_stage_runs(args.dir, name):
+            checked += 1
+            problems += store.verify()
+    if checked == 0:
+        print(f"synth-ood verify: no stage folders under {args.dir}", file=sys.stderr)
+        return 1
+    if problems:
+        print(f"synth-ood verify: {len(problems)} problem(s) in {checked} stage folder(s):")
+        for p in problems:
+            print(f"  {p}")
+        return 1
+    print(f"synth-ood verify: {checked} stage folder(s) consistent")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="synth-ood", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run or resume the pipeline")
+    r.add_argument("--preset", default="tiny", help=f"one of {', '.join(available_presets())}, or a YAML path")
+    r.add_argument("--out", default="runs/tiny", help="output root (local path or fsspec URL)")
+    r.add_argument("--only", action="append", help="run only these stages (comma-separated)")
+    r.add_argument("--force", action="append", help="recompute these stages (comma-separated)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. generate.rounds=2")
+    r.add_argument("--no-prefect", action="store_true", help="run in-process without Prefect (debugging)")
+    r.set_defaults(func=cmd_run)
+    s = sub.add_parser("status", help="per stage: done / partial / missing, counts by status and reason")
+    s.add_argument("dir")
+    s.set_defaults(func=cmd_status)
+    v = sub.add_parser("verify", help="re-hash every shard and manifest against its stats file")
+    v.add_argument("dir")
+    v.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""The top flow ``synth-ood``: sketch -> generate -> elaborate -> finetune."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow
+
+from ood_core.config import load_config
+from tasks import finalize_task, plan_task, prepare_run_task, shard_task
+
+
+@flow(name="synth-ood", log_prints=True)
+def synth_ood(
+    preset: str = "tiny",
+    out: str = "runs/tiny",
+    only: list[str] | None = None,
+    force: list[str] | None = None,
+    overrides: dict[str, str] | None = None,
+) -> dict[str, dict]:
+    """Run (or resume) the pipeline; finished stages and shards are reused, never recomputed."""
+    cfg = load_config(preset, overrides).to_dict()
+    keys, stages, forced = prepare_run_task(cfg, out, only, force)
+    results = {}
+    for stage in stages:
+        started = time.time()
+        n_shards = plan_task(stage, cfg, out, keys, force=stage in forced)
+        for index in range(n_shards):
+            shard_task(stage, cfg, out, keys, index, n_shards)
+        results[stage] = finalize_task(stage, cfg, out, keys, n_shards, started)
+    return results

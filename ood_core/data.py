@@ -1,0 +1,485 @@
+"""In-distribution (ID) data and evaluation OOD sets.
+
+Every image is an :class:`ImageRecord`: a stable key, its class, its split and *where the pixels come
+from* (a file path or ``skimage:<name>``, plus an optional crop box and flip). Records are cheap,
+hashable and deterministic; pixels are only decoded by :func:`load_image`.
+
+ID sources (registry ``ID_SOURCES``):
+
+* ``skimage`` — the offline tiny preset: a few real colour photos bundled with scikit-image, each
+  expanded into ``images_per_class`` seeded random crops.
+* ``imagefolder`` — ``<root>/train/<class>/*`` (+ ``<root>/val/<class>/*`` for test if present),
+  e.g. ImageNet with WordNet ids as folder names.
+
+Evaluation OOD sets (registry ``OOD_SETS``): ``tiny-textures`` and ``tiny-objects`` from other
+bundled photos, ``folder:<path>``, or a folder name under ``cfg.ood_root`` (iNaturalist, SUN, ...).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import math
+import os
+import re
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from .config import DataConfig
+from .registry import Registry
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+# Bundled colour photos used as ID classes, in a fixed order (never derived from a set or a listing).
+SKIMAGE_ID_CLASSES: list[tuple[str, str]] = [
+    ("astronaut", "astronaut"),
+    ("chelsea", "cat"),
+    ("coffee", "coffee cup"),
+    ("rocket", "rocket"),
+    ("motorcycle_left", "motorcycle"),
+]
+
+# Bundled photos used only for evaluation OOD sets (disjoint from SKIMAGE_ID_CLASSES).
+TINY_OOD_SOURCES: dict[str, list[str]] = {
+    "tiny-textures": ["brick", "grass", "gravel"],
+    "tiny-objects": ["coins", "camera", "moon", "page", "hubble_deep_field", "retina", "ihc"],
+}
+
+# The 47 Describable Textures (DTD) classes: the "Textures" OOD benchmark.
+DTD_CLASSNAMES: list[str] = [
+    "banded", "blotchy", "braided", "bubbly", "bumpy", "chequered", "cobwebbed", "cracked",
+    "crosshatched", "crystalline", "dotted", "fibrous", "flecked", "freckled", "frilly", "gauzy",
+    "grid", "grooved", "honeycombed", "interlaced", "knitted", "lacelike", "lined", "marbled",
+    "matted", "meshed", "paisley", "perforated", "pitted", "pleated", "polka-dotted", "porous",
+    "potholed", "scaly", "smeared", "spiralled", "sprinkled", "stained", "stratified", "striped",
+    "studded", "swirly", "veined", "waffled", "woven", "wrinkled", "zigzagged",
+]  # fmt: skip
+
+# Class names of evaluation OOD sets, for label-leakage checks. Folder sets may instead ship a
+# ``classnames.txt`` (one per line) or class sub-folders; see :func:`ood_classnames`.
+OOD_CLASSNAMES: dict[str, list[str]] = {
+    "textures": DTD_CLASSNAMES,
+    "dtd": DTD_CLASSNAMES,
+    "tiny-textures": ["brick", "brick wall", "grass", "gravel", "stones", "texture"],
+    "tiny-objects": [
+        "coin", "camera", "cameraman", "photographer", "moon", "page", "text", "book page",
+        "galaxy", "hubble deep field", "stars", "retina", "eye fundus", "tissue", "cells",
+        "microscopy",
+    ],
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------- records
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image: where its pixels come from and what it is.
+
+    ``crop`` is a PIL box ``(left, top, right, bottom)`` in source pixels; ``flip`` mirrors the
+    crop horizontally. ``class_idx`` is -1 for evaluation OOD images.
+    """
+
+    key: str
+    class_idx: int
+    class_name: str
+    split: Literal["train", "test"]
+    source: str
+    crop: tuple[int, int, int, int] | None = None
+    flip: bool = False
+
+
+@dataclass
+class IDDataset:
+    """The ID classes (ordered: index = label) and their images."""
+
+    classnames: list[str]
+    records: list[ImageRecord]
+
+    def train(self) -> list[ImageRecord]:
+        return [r for r in self.records if r.split == "train"]
+
+    def test(self) -> list[ImageRecord]:
+        return [r for r in self.records if r.split == "test"]
+
+    def by_class(self) -> dict[int, list[ImageRecord]]:
+        """``class_idx -> records`` for every class (in class order, empty lists included)."""
+        out: dict[int, list[ImageRecord]] = {i: [] for i in range(len(self.classnames))}
+        for r in self.records:
+            out[r.class_idx].append(r)
+        return out
+
+
+class DataError(ValueError):
+    """A dataset is missing or laid out wrongly; the message says what is expected."""
+
+
+def slug(text: str) -> str:
+    """A key-safe form of ``text``: lower-case ``[a-z0-9_]`` only (no dots, WebDataset-safe)."""
+    s = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    return s or "x"
+
+
+# ---------------------------------------------------------------- pixels
+def _skimage_dir() -> Path:
+    import skimage.data
+
+    return Path(skimage.data.data_dir)
+
+
+def skimage_path(name: str) -> Path:
+    """Path of a photo bundled with scikit-image (by file stem, e.g. ``"chelsea"``)."""
+    d = _skimage_dir()
+    for ext in (".png", ".jpg"):
+        p = d / f"{name}{ext}"
+        if p.exists():
+            return p
+    raise DataError(f"scikit-image has no bundled photo '{name}' in {d}")
+
+
+def _source_path(source: str) -> Path:
+    if source.startswith("skimage:"):
+        return skimage_path(source.split(":", 1)[1])
+    return Path(source)
+
+
+@lru_cache(maxsize=32)
+def _decoded(source: str) -> Image.Image:
+    # Bundled photos are re-cropped many times; decode each once per process.
+    with Image.open(_source_path(source)) as im:
+        return _to_rgb(im)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    if im.mode == "I;16" or im.mode == "I":
+        arr = np.asarray(im, dtype=np.float64)
+        arr = 255.0 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1.0)
+        im = Image.fromarray(arr.astype(np.uint8))
+    return im.convert("RGB")
+
+
+def load_image(rec: ImageRecord, size: int | None = None) -> Image.Image:
+    """Decode ``rec`` as RGB, apply its crop/flip and, if ``size`` is given, return ``size``×``size``.
+
+    Non-square images are centre-cropped to a square before resizing (the CLIP convention), so
+    objects are never squashed.
+    """
+    if rec.source.startswith("skimage:"):
+        im = _decoded(rec.source).copy()
+    else:
+        path = Path(rec.source)
+        if not path.exists():
+            raise DataError(f"image file of record '{rec.key}' is missing: {path}")
+        with Image.open(path) as raw:
+            im = _to_rgb(raw)
+    if rec.crop is not None:
+        im = im.crop(rec.crop)
+    if rec.flip:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if size is not None:
+        w, h = im.size
+        if w != h:
+            s = min(w, h)
+            left, top = (w - s) // 2, (h - s) // 2
+            im = im.crop((left, top, left + s, top + s))
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.Resampling.BICUBIC)
+    return im
+
+
+@lru_cache(maxsize=65536)
+def image_bytes_per_pixel(rec: ImageRecord) -> float:
+    """Compressed bytes per pixel: SynOOD's proxy for detail-rich source images.
+
+    Whole files: file size / pixels. Crops: size of the crop encoded as PNG (fixed settings, so
+    deterministic) / pixels of the crop.
+    """
+    if rec.crop is None:
+        path = _source_path(rec.source)
+        with Image.open(path) as im:
+            w, h = im.size
+        return os.path.getsize(path) / float(w * h)
+    im = load_image(rec)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=6, optimize=False)
+    return buf.tell() / float(im.size[0] * im.size[1])
+
+
+# ---------------------------------------------------------------- helpers
+def _rng(seed: int, *parts: str) -> np.random.Generator:
+    # crc32 of the names, not hash(): Python's str hash is salted per process.
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, *(zlib.crc32(p.encode()) for p in parts)])
+
+
+def _random_crops(
+    width: int, height: int, n: int, rng: np.random.Generator, flip: bool = True
+) -> list[tuple[tuple[int, int, int, int], bool]]:
+    short = min(width, height)
+    out = []
+    for _ in range(n):
+        side = int(round(short * rng.uniform(0.45, 0.90)))
+        x = int(rng.integers(0, width - side + 1))
+        y = int(rng.integers(0, height - side + 1))
+        f = bool(rng.random() < 0.5) if flip else False
+        out.append(((x, y, x + side, y + side), f))
+    return out
+
+
+def _n_test(n: int, fraction: float) -> int:
+    # At least one test and one train image per class.
+    return min(max(1, int(round(n * fraction))), n - 1) if n >= 2 else 0
+
+
+def _list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    files = [p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(files, key=lambda p: p.as_posix())
+
+
+# ---------------------------------------------------------------- ID sources
+ID_SOURCES: Registry[Callable[[DataConfig, int], IDDataset]] = Registry("ID source")
+
+
+@ID_SOURCES.register("skimage")
+def skimage_source(cfg: DataConfig, seed: int) -> IDDataset:
+    """Seeded random square crops of real photos bundled with scikit-image (no download)."""
+    classes = SKIMAGE_ID_CLASSES[: cfg.max_classes] if cfg.max_classes else SKIMAGE_ID_CLASSES
+    classnames = [name for _, name in classes]
+    records: list[ImageRecord] = []
+    n = cfg.images_per_class
+    for idx, (photo, name) in enumerate(classes):
+        w, h = _decoded(f"skimage:{photo}").size
+        # Seeded by the photo, not the index, so max_classes does not change the other crops.
+        rng = _rng(seed, "id", photo)
+        crops = _random_crops(w, h, n, rng)
+        test_idx = set(rng.permutation(n)[: _n_test(n, cfg.test_fraction)].tolist())
+        for i, (box, flip) in enumerate(crops):
+            records.append(
+                ImageRecord(
+                    key=f"{slug(name)}_{i:04d}",
+                    class_idx=idx,
+                    class_name=name,
+                    split="test" if i in test_idx else "train",
+                    source=f"skimage:{photo}",
+                    crop=box,
+                    flip=flip,
+                )
+            )
+    return IDDataset(classnames=classnames, records=records)
+
+
+def _layout_help(root: Path) -> str:
+    return (
+        f"expected an image folder tree: {root}/train/<class>/*.JPEG (one folder per class, "
+        f"e.g. ImageNet WordNet ids like n01440764) and optionally {root}/val/<class>/* for the "
+        f"test split; set data.root to that folder"
+    )
+
+
+def _open_clip_imagenet_classnames() -> tuple[str, ...]:
+    # open_clip/zero_shot_metadata.py has no imports; loading it by path skips open_clip's
+    # __init__ (which imports torch and takes seconds).
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("data.classnames='imagenet' needs open_clip (it ships the ImageNet class names)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "zero_shot_metadata.py"
+    mod_spec = importlib.util.spec_from_file_location("_synth_ood_zero_shot_metadata", path)
+    if mod_spec is None or mod_spec.loader is None or not path.is_file():
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        return tuple(IMAGENET_CLASSNAMES)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return tuple(module.IMAGENET_CLASSNAMES)
+
+
+@lru_cache(maxsize=1)
+def imagenet_wnid_to_name() -> dict[str, str]:
+    """ImageNet-1K wnid -> CLIP class name (open_clip's names, timm's sorted wnid list)."""
+    from .lexicon import timm_info_file
+
+    IMAGENET_CLASSNAMES = _open_clip_imagenet_classnames()
+    path = timm_info_file("imagenet_synsets.txt")
+    wnids = [w.strip() for w in path.read_text().splitlines() if w.strip()]
+    if len(wnids) != len(IMAGENET_CLASSNAMES):
+        raise DataError(f"{path} has {len(wnids)} wnids, expected {len(IMAGENET_CLASSNAMES)}")
+    return dict(zip(wnids, IMAGENET_CLASSNAMES, strict=True))
+
+
+@ID_SOURCES.register("imagefolder")
+def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
+    """``<root>/train/<class>/*`` (+ optional ``<root>/val/<class>/*``), classes in sorted order.
+
+    ``images_per_class`` is the total per class; ``test_fraction`` of it is test. Test images come
+    from ``val/`` when it has the class, else from a seeded split of the (first, sorted) train files.
+    """
+    if not cfg.root:
+        raise DataError("data.root is not set for id_source 'imagefolder'; " + _layout_help(Path("<root>")))
+    root = Path(cfg.root).expanduser()
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DataError(f"ID folder {train_dir} does not exist; " + _layout_help(root))
+    folders = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not folders:
+        raise DataError(f"no class folders in {train_dir}; " + _layout_help(root))
+    if cfg.max_classes:
+        folders = folders[: cfg.max_classes]
+    if cfg.classnames == "imagenet":
+        table = imagenet_wnid_to_name()
+        unknown = [f for f in folders if f not in table]
+        if unknown:
+            raise DataError(
+                f"data.classnames='imagenet' but {len(unknown)} folder(s) in {train_dir} are not "
+                f"ImageNet-1K wnids (e.g. {unknown[:3]}); use data.classnames='folder'"
+            )
+        classnames = [table[f] for f in folders]
+    else:
+        classnames = [f.replace("_", " ").strip() for f in folders]
+
+    slugs = [slug(f) for f in folders]
+    if len(set(slugs)) != len(slugs):
+        slugs = [f"{s}_{i:04d}" for i, s in enumerate(slugs)]
+    val_dir = root / "val"
+    n = cfg.images_per_class
+    n_test = _n_test(n, cfg.test_fraction)
+    records: list[ImageRecord] = []
+    for idx, (folder, name, s) in enumerate(zip(folders, classnames, slugs, strict=True)):
+        train_files = _list_images(train_dir / folder)
+        val_files = _list_images(val_dir / folder) if (val_dir / folder).is_dir() else []
+        if not train_files:
+            raise DataError(f"class folder {train_dir / folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        if val_files:
+            tr = train_files[: n - n_test]
+            te = val_files[:n_test]
+        else:
+            pool = train_files[:n]
+            k = _n_test(len(pool), cfg.test_fraction)
+            test_pos = set(_rng(seed, "split", folder).permutation(len(pool))[:k].tolist())
+            tr = [p for i, p in enumerate(pool) if i not in test_pos]
+            te = [p for i, p in enumerate(pool) if i in test_pos]
+        for split, files in (("train", tr), ("test", te)):
+            for i, p in enumerate(files):
+                records.append(ImageRecord(f"{s}_{split}_{i:04d}", idx, name, split, str(p)))
+    return IDDataset(classnames=classnames, records=records)
+
+
+def load_id_dataset(cfg: DataConfig, seed: int) -> IDDataset:
+    """Build the ID dataset named by ``cfg.id_source`` (deterministic for ``seed``)."""
+    ds = ID_SOURCES.get(cfg.id_source)(cfg, seed)
+    keys = [r.key for r in ds.records]
+    if len(set(keys)) != len(keys):
+        raise DataError(f"ID source '{cfg.id_source}' produced duplicate record keys")
+    return ds
+
+
+# ---------------------------------------------------------------- OOD sets
+OOD_SETS: Registry[Callable[[str, DataConfig, int], list[ImageRecord]]] = Registry("OOD set")
+
+
+def _tiny_ood(name: str, cfg: DataConfig, seed: int) -> list[ImageRecord]:
+    photos = TINY_OOD_SOURCES[name]
+    # About one ID class worth of images per set, spread over its photos.
+    per_photo = max(2, math.ceil(cfg.images_per_class / len(photos)))
+    records: list[ImageRecord] = []
+    for photo in photos:
+        w, h = _decoded(f"skimage:{photo}").size
+        for i, (box, flip) in enumerate(_random_crops(w, h, per_photo, _rng(seed, "ood", name, photo))):
+            records.append(
+                ImageRecord(
+                    key=f"{slug(name)}_{slug(photo)}_{i:04d}",
+                    class_idx=-1,
+                    class_name=name,
+                    split="test",
+                    source=f"skimage:{photo}",
+                    crop=box,
+                    flip=flip,
+                )
+            )
+    return records
+
+
+for _name in TINY_OOD_SOURCES:
+    OOD_SETS.register(_name, _tiny_ood)
+
+
+def _folder_ood(name: str, folder: Path) -> list[ImageRecord]:
+    if not folder.is_dir():
+        raise DataError(
+            f"OOD set '{name}': folder {folder} does not exist (expected images anywhere below it, "
+            f"e.g. {folder}/images/*.jpg)"
+        )
+    files = _list_images(folder, recursive=True)
+    if not files:
+        raise DataError(f"OOD set '{name}': no images ({', '.join(IMAGE_EXTENSIONS)}) below {folder}")
+    s = slug(name)
+    return [ImageRecord(f"{s}_{i:06d}", -1, name, "test", str(p)) for i, p in enumerate(files)]
+
+
+def _resolve_folder(name: str, cfg: DataConfig) -> Path | None:
+    if name.startswith("folder:"):
+        return Path(name.split(":", 1)[1]).expanduser()
+    if cfg.ood_root:
+        return Path(cfg.ood_root).expanduser() / name
+    return None
+
+
+def load_ood_set(name: str, cfg: DataConfig, seed: int) -> list[ImageRecord]:
+    """Records of evaluation OOD set ``name`` (``class_idx=-1``, ``class_name=name``, split test).
+
+    ``name`` is a registered set, ``folder:<path>``, or a folder name under ``cfg.ood_root``.
+    """
+    if name in OOD_SETS:
+        return OOD_SETS.get(name)(name, cfg, seed)
+    folder = _resolve_folder(name, cfg)
+    if folder is None:
+        raise DataError(
+            f"unknown OOD set '{name}': use one of {', '.join(OOD_SETS.names())}, "
+            f"'folder:<path>', or set data.ood_root to a folder containing '{name}/'"
+        )
+    return _folder_ood(name, folder)
+
+
+def ood_classnames(name: str, cfg: DataConfig | None = None) -> list[str]:
+    """Class names of OOD set ``name`` for leakage checks ([] when unknown).
+
+    Order: the built-in table (case-insensitive; ``Textures``/``dtd`` -> DTD), then a
+    ``classnames.txt`` in the set's folder, then its class sub-folder names (``images/<class>/``
+    or ``<class>/``).
+    """
+    key = name.lower()
+    if key in OOD_CLASSNAMES:
+        return list(OOD_CLASSNAMES[key])
+    folder = _resolve_folder(name, cfg) if cfg is not None else None
+    if folder is None and name.startswith("folder:"):
+        folder = Path(name.split(":", 1)[1])
+    if folder is None or not folder.is_dir():
+        return []
+    txt = folder / "classnames.txt"
+    if txt.is_file():
+        return [ln.strip() for ln in txt.read_text().splitlines() if ln.strip()]
+    base = folder / "images" if (folder / "images").is_dir() else folder
+    subdirs = sorted(p.name for p in base.iterdir() if p.is_dir())
+    return [d.replace("_", " ") for d in subdirs]
+
+
+# ---------------------------------------------------------------- source selection
+def select_sources(dataset: IDDataset, per_class: int) -> list[ImageRecord]:
+    """SynOOD source selection: per class, the ``per_class`` train images with the most bytes/pixel.
+
+    Classes in dataset order; within a class by bytes/pixel descending, ties by key.
+    """
+    out: list[ImageRecord] = []
+    for _, recs in dataset.by_class().items():
+        train = [r for r in recs if r.split == "train"]
+        ranked = sorted(train, key=lambda r: (-image_bytes_per_pixel(r), r.key))
+        out.extend(ranked[:per_class])
+    return out

@@ -1,0 +1,257 @@
+"""Turning MLLM answers into outlier labels, and keeping those labels honest.
+
+* :func:`parse_label_list` reads the list out of a chatty answer (numbered lists, bullets, comma
+  lists, preambles, markdown, descriptions after a colon or dash).
+* :func:`label_hygiene` gives every candidate exactly one :class:`LabelVerdict`: rejected when it is
+  empty, too long, a duplicate, equal to / word-overlapping / too text-similar to an ID class; and
+  flagged (not rejected) when it matches an evaluation OOD class name — label leakage, which would
+  make the benchmark numbers meaningless.
+* :func:`context_prompt` builds SynOOD's ``A photo only remain {context}.`` prompt.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+STOP_WORDS = frozenset(
+    "a an the of and or in on at by for from to with without into onto over under its it this that "
+    "these those some any".split()
+)
+
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u00a0": " "})
+_TRIM = " \t\"'`.,;:!?-\u2013\u2014[]{}()<>*_#"
+# List markers: bullets, "1." "1)" "(1)" "1:" and "a)".
+_MARKER = re.compile(r"^\s*(?:[-*\u2022+\u00b7\u2013\u2014>]+|\(?\d{1,3}[.):]|\(?\d{1,3}\s+-|[a-z]\))\s*")
+# A description after the label inside a list item: "Toaster: a kitchen ...", "Toaster - a ...".
+_DESC = re.compile(r":\s|:$|\s[-\u2013\u2014]\s|,")
+_PREAMBLE = re.compile(
+    r"^(?:sure|here|certainly|of course|okay|ok|great|absolutely|i\b|i'm|i've|these|this|note|"
+    r"let me|hope|below|the following|as requested)",
+    re.IGNORECASE,
+)
+
+
+def normalize_label(s: str) -> str:
+    """Canonical label: NFKC, lower-case, no markdown/quotes/parentheticals/leading article, one space."""
+    s = unicodedata.normalize("NFKC", s).translate(_QUOTES)
+    s = s.replace("_", " ")
+    s = re.sub(r"[*`#]+", "", s)
+    s = re.sub(r"\([^)]*\)|\[[^\]]*\]", " ", s)
+    s = re.sub(r"\s+", " ", s.lower()).strip(_TRIM + " ")
+    s = re.sub(r"^(?:a|an|the)\s+", "", s).strip(_TRIM + " ")
+    return s
+
+
+def _words(label: str) -> list[str]:
+    return label.split()
+
+
+def _has_letter(s: str) -> bool:
+    return any(ch.isalpha() for ch in s)
+
+
+def _split_inline_numbering(text: str) -> str:
+    # "1. foo 2. bar 3. baz" on one line -> one item per line.
+    return re.sub(r"(?<=\S)[ \t,;]+(?=\(?\d{1,3}[.)]\s)", "\n", text)
+
+
+def parse_label_list(text: str, max_words: int) -> list[str]:
+    """Labels listed in an MLLM answer: lower-case, ordered, deduplicated, at most ``max_words`` words.
+
+    If any line carries a list marker only marked lines count (preamble and sign-off are ignored);
+    otherwise lines are split on commas/semicolons and chatty lines are skipped.
+    """
+    text = _split_inline_numbering(unicodedata.normalize("NFKC", text).translate(_QUOTES))
+    lines = [ln.strip() for ln in text.replace("\r", "\n").split("\n") if ln.strip()]
+    marked = [(ln, _MARKER.match(ln)) for ln in lines]
+    items: list[str] = []
+    if any(m and m.end() < len(ln) for ln, m in marked):
+        for ln, m in marked:
+            if not m:
+                continue
+            body = re.sub(r"[*`]+", "", ln[m.end() :]).strip()
+            # One label per item: drop what follows a description separator.
+            items.append(_DESC.split(body, maxsplit=1)[0])
+    else:
+        for ln in lines:
+            body = re.sub(r"[*`]+", "", ln).strip()
+            if body.endswith(":"):
+                continue
+            if ":" in body:
+                body = body.rsplit(":", 1)[1].strip()
+            if _PREAMBLE.match(body):
+                continue
+            items.extend(re.split(r"[,;]", body))
+    out: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        item = re.sub(r"^\s*(?:and|or)\s+", "", item, flags=re.IGNORECASE)
+        label = normalize_label(item)
+        if not _has_letter(label) or not content_words(label) or len(_words(label)) > max_words:
+            continue
+        if label not in seen:
+            seen.add(label)
+            out.append(label)
+    return out
+
+
+# ---------------------------------------------------------------- hygiene
+Reason = Literal[
+    "ok", "duplicate", "equals_id_class", "overlaps_id_class", "too_similar_to_id", "empty", "too_long"
+]
+
+
+@dataclass(frozen=True)
+class LabelVerdict:
+    """The fate of one candidate label.
+
+    ``label`` is the normalised label; ``raw`` the input. ``matched`` names the ID class (or the
+    earlier label, for duplicates) behind a rejection; ``leak_match`` the evaluation OOD class name
+    behind ``leakage``.
+    """
+
+    label: str
+    status: Literal["kept", "rejected"]
+    reason: Reason
+    leakage: bool
+    matched: str | None = None
+    raw: str = ""
+    leak_match: str | None = None
+
+
+def _variants(word: str) -> set[str]:
+    # Cheap singular/plural folding so "cats" overlaps "cat" and "boxes" overlaps "box".
+    out = {word}
+    if len(word) > 3 and word.endswith("ies"):
+        out.add(word[:-3] + "y")
+    if len(word) > 3 and word.endswith("es"):
+        out.add(word[:-2])
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        out.add(word[:-1])
+    return out
+
+
+def content_words(label: str) -> set[str]:
+    """Word forms of ``label`` that carry meaning (stop-words dropped, plurals folded)."""
+    toks = re.findall(r"[^\W_]+(?:'[^\W_]+)?", normalize_label(label))
+    out: set[str] = set()
+    for t in toks:
+        if t not in STOP_WORDS:
+            out |= _variants(t)
+    return out
+
+
+def _first_match(label: str, words: set[str], names: Sequence[str], norms: list[str],
+                 name_words: list[set[str]]) -> tuple[str | None, str | None]:
+    """(equal name, overlapping name) of ``label`` among ``names``."""
+    for name, norm in zip(names, norms, strict=True):
+        if label == norm:
+            return name, None
+    for name, nw in zip(names, name_words, strict=True):
+        if words & nw:
+            return None, name
+    return None, None
+
+
+def label_hygiene(
+    candidates: list[str],
+    id_classnames: list[str],
+    *,
+    eval_ood_names: Sequence[str] | None = None,
+    text_cosine: Callable[[list[str], list[str]], np.ndarray] | None = None,
+    overlap_cosine: float = 0.85,
+    max_words: int | None = None,
+) -> list[LabelVerdict]:
+    """One verdict per candidate, in input order.
+
+    Checks, first failing wins: empty, too_long (> ``max_words``), duplicate, equals_id_class,
+    overlaps_id_class (shared content word), too_similar_to_id (max of
+    ``text_cosine(labels, id_classnames)`` above ``overlap_cosine``). Independently, ``leakage`` is
+    set when the label equals or overlaps a name in ``eval_ood_names``.
+    """
+    ood_names = list(eval_ood_names or [])
+    id_norm = [normalize_label(c) for c in id_classnames]
+    id_words = [content_words(c) for c in id_classnames]
+    ood_norm = [normalize_label(c) for c in ood_names]
+    ood_words = [content_words(c) for c in ood_names]
+
+    verdicts: list[dict] = []
+    seen: dict[str, str] = {}
+    pending: list[int] = []  # survivors of the word-level checks, for the cosine check
+    for raw in candidates:
+        label = normalize_label(raw)
+        v = {"label": label, "raw": raw, "status": "rejected", "leakage": False, "matched": None}
+        verdicts.append(v)
+        if not label or not _has_letter(label) or not content_words(label):
+            v["reason"] = "empty"
+            continue
+        words = content_words(label)
+        eq, ov = _first_match(label, words, ood_names, ood_norm, ood_words)
+        if eq or ov:
+            v["leakage"], v["leak_match"] = True, eq or ov
+        if max_words is not None and len(_words(label)) > max_words:
+            v["reason"] = "too_long"
+            continue
+        if label in seen:
+            v["reason"], v["matched"] = "duplicate", seen[label]
+            continue
+        seen[label] = label
+        eq, ov = _first_match(label, words, id_classnames, id_norm, id_words)
+        if eq:
+            v["reason"], v["matched"] = "equals_id_class", eq
+        elif ov:
+            v["reason"], v["matched"] = "overlaps_id_class", ov
+        else:
+            v["status"], v["reason"] = "kept", "ok"
+            pending.append(len(verdicts) - 1)
+
+    if text_cosine is not None and pending and id_classnames:
+        labels = [verdicts[i]["label"] for i in pending]
+        cos = np.asarray(text_cosine(labels, list(id_classnames)), dtype=np.float64)
+        if cos.shape != (len(labels), len(id_classnames)):
+            raise ValueError(
+                f"text_cosine returned shape {cos.shape}, expected {(len(labels), len(id_classnames))}"
+            )
+        best = cos.argmax(axis=1)
+        for row, i in enumerate(pending):
+            if cos[row, best[row]] > overlap_cosine:
+                verdicts[i].update(status="rejected", reason="too_similar_to_id",
+                                   matched=id_classnames[int(best[row])])
+    return [LabelVerdict(**v) for v in verdicts]
+
+
+def kept_labels(verdicts: Sequence[LabelVerdict]) -> list[str]:
+    """The labels of the kept verdicts, in order."""
+    return [v.label for v in verdicts if v.status == "kept"]
+
+
+# ---------------------------------------------------------------- SynOOD context prompt
+CONTEXT_TEMPLATE = "A photo only remain {}."
+
+
+def context_prompt(context_text: str, max_chars: int = 73) -> str:
+    """SynOOD's inpainting prompt ``A photo only remain {context}.``.
+
+    The context is made one line, stripped of quotes and trailing punctuation, and cut to at most
+    ``max_chars`` characters (at a word boundary when one exists). Raises ``ValueError`` when empty.
+    """
+    s = unicodedata.normalize("NFKC", context_text).translate(_QUOTES)
+    s = re.sub(r"\s+", " ", s).strip().strip("\"'` ")
+    s = s.rstrip(" .,;:!?")
+    if len(s) > max_chars:
+        cut = s[:max_chars]
+        if s[max_chars] != " " and " " in cut:
+            cut = cut.rsplit(" ", 1)[0]
+        s = cut.rstrip(" .,;:!?-")
+    if not s or not _has_letter(s):
+        raise ValueError(f"empty context for SynOOD prompt (from {context_text!r})")
+    # Sentence case from the MLLM ("A beach ...") reads wrongly mid-prompt; keep acronyms ("TV").
+    if len(s) > 1 and s[0].isupper() and not s[1].isupper():
+        s = s[0].lower() + s[1:]
+    return CONTEXT_TEMPLATE.format(s)

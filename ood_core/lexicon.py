@@ -1,0 +1,195 @@
+"""Negative-label candidates (the input of NegLabel's NegMining).
+
+A :class:`Lexicon` is two ordered, lower-case, deduplicated word lists: nouns (prompted as
+``NOUN_TEMPLATE``) and adjectives (``ADJ_TEMPLATE``). Every entry passes :data:`VALID_WORD`, so stray
+punctuation such as the ``[`` in the reference code's adjective list cannot reach a prompt.
+
+Sources (registry ``LEXICONS``):
+
+* ``imagenet21k`` — first usable lemma of each of timm's 21,843 ImageNet-21k WordNet noun synsets
+  (offline); adjectives from WordNet when it is installed, else none.
+* ``wordnet`` — WordNet 3.0 from Debian's ``wordnet-base`` (``data.noun``, ``data.adj``), or from the
+  directory in ``$SYNTH_OOD_WORDNET_DIR``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .registry import Registry
+
+NOUN_TEMPLATE = "the nice {}"
+ADJ_TEMPLATE = "This is a {} photo"
+
+WORDNET_ENV = "SYNTH_OOD_WORDNET_DIR"
+WORDNET_DEFAULT_DIRS = ("/usr/share/wordnet",)
+
+# Letters (any script), digits, single spaces, hyphens, apostrophes; must start with a letter/digit.
+VALID_WORD = re.compile(r"^[^\W_](?:[^\W_]|[ '\-])*$")
+
+_ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")
+
+
+class LexiconError(RuntimeError):
+    """A lexicon source is unavailable; the message says how to install or point to it."""
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """Ordered negative-label candidates."""
+
+    name: str
+    nouns: list[str]
+    adjectives: list[str]
+
+    def noun_prompts(self) -> list[str]:
+        return [NOUN_TEMPLATE.format(w) for w in self.nouns]
+
+    def adjective_prompts(self) -> list[str]:
+        return [ADJ_TEMPLATE.format(w) for w in self.adjectives]
+
+
+def clean_word(raw: str) -> str | None:
+    """Lower-case, ``_`` -> space, trim stray punctuation; ``None`` if the result is not a clean word."""
+    s = raw.replace("_", " ").strip().lower()
+    s = _ADJ_MARKER.sub("", s)
+    s = re.sub(r"\s+", " ", s)
+    # Trim wrapping brackets/quotes/periods, the kind of debris found in scraped word lists.
+    s = s.strip(" \t[](){}<>\"'`.,;:!?*")
+    if not s or not VALID_WORD.match(s) or not any(ch.isalpha() for ch in s):
+        return None
+    return s
+
+
+def _dedupe_clean(words: Iterable[str]) -> list[str]:
+    seen: set[str] = set()
+    out: list[str] = []
+    for w in words:
+        c = clean_word(w)
+        if c is not None and c not in seen:
+            seen.add(c)
+            out.append(c)
+    return out
+
+
+def subsample(words: list[str], limit: int | None) -> list[str]:
+    """At most ``limit`` words spread evenly over the list (seed-free, order kept)."""
+    if limit is None or len(words) <= limit:
+        return list(words)
+    n = len(words)
+    return [words[(i * n) // limit] for i in range(limit)]
+
+
+# ---------------------------------------------------------------- WordNet data files
+def parse_wordnet_data(lines: Iterable[str]) -> list[list[str]]:
+    """Parse a WordNet ``data.<pos>`` file: one list of raw lemma words per synset, in file order.
+
+    Line format: ``offset lex_filenum ss_type w_cnt word lex_id [word lex_id ...] p_cnt ...`` with
+    ``w_cnt`` in hexadecimal; lines starting with spaces are the licence header.
+    """
+    synsets: list[list[str]] = []
+    for line in lines:
+        if not line.strip() or line.startswith(" "):
+            continue
+        fields = line.split()
+        if len(fields) < 6 or not fields[0].isdigit():
+            continue
+        w_cnt = int(fields[3], 16)
+        words = [fields[4 + 2 * i] for i in range(w_cnt) if 4 + 2 * i < len(fields)]
+        synsets.append(words)
+    return synsets
+
+
+def wordnet_dir() -> Path | None:
+    """The WordNet ``dict`` directory: ``$SYNTH_OOD_WORDNET_DIR`` or Debian's ``/usr/share/wordnet``."""
+    env = os.environ.get(WORDNET_ENV)
+    candidates = [env] if env else list(WORDNET_DEFAULT_DIRS)
+    for c in candidates:
+        p = Path(c).expanduser()
+        if (p / "data.noun").is_file():
+            return p
+    return None
+
+
+def _require_wordnet() -> Path:
+    d = wordnet_dir()
+    if d is None:
+        where = os.environ.get(WORDNET_ENV) or " or ".join(WORDNET_DEFAULT_DIRS)
+        raise LexiconError(
+            f"WordNet 3.0 data files (data.noun, data.adj) not found in {where}: install them with "
+            f"`apt-get install wordnet-base`, or set {WORDNET_ENV} to a directory holding them, "
+            f"or use sketch.lexicon=imagenet21k (offline, nouns only)"
+        )
+    return d
+
+
+@lru_cache(maxsize=8)
+def _wordnet_words(directory: str, pos: str) -> tuple[str, ...]:
+    path = Path(directory) / f"data.{pos}"
+    if not path.is_file():
+        raise LexiconError(f"WordNet file {path} is missing (expected data.noun and data.adj there)")
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        synsets = parse_wordnet_data(fh)
+    # NegLabel's choice: the first lemma of every synset.
+    return tuple(_dedupe_clean(ws[0] for ws in synsets if ws))
+
+
+# ---------------------------------------------------------------- sources
+LEXICONS: Registry[Callable[[], Lexicon]] = Registry("lexicon")
+
+
+@LEXICONS.register("wordnet")
+def wordnet_lexicon() -> Lexicon:
+    """Full WordNet 3.0: first lemma of each noun and adjective synset."""
+    d = str(_require_wordnet())
+    return Lexicon("wordnet", list(_wordnet_words(d, "noun")), list(_wordnet_words(d, "adj")))
+
+
+def timm_info_file(name: str) -> Path:
+    """Path of a data file shipped in timm's ``data/_info`` (ImageNet synset lists and lemmas)."""
+    # Locate the data file without importing timm (which would import torch: seconds of startup).
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.origin:
+        raise LexiconError("the imagenet21k lexicon needs the timm package (it ships the synset lemmas)")
+    p = Path(spec.origin).parent / "data" / "_info" / name
+    if not p.is_file():
+        raise LexiconError(f"timm does not ship {name} (looked in {p.parent}); check the timm install")
+    return p
+
+
+@lru_cache(maxsize=1)
+def _imagenet21k_nouns() -> tuple[str, ...]:
+    lemmas: dict[str, list[str]] = {}
+    for line in timm_info_file("imagenet_synset_to_lemma.txt").read_text(encoding="utf-8").splitlines():
+        wnid, _, text = line.partition("\t")
+        if wnid:
+            lemmas[wnid.strip()] = [w.strip() for w in text.split(",")]
+    wnids = [w.strip() for w in timm_info_file("imagenet21k_goog_synsets.txt").read_text().splitlines()]
+    words: list[str] = []
+    for wnid in wnids:
+        # First lemma that survives cleaning (e.g. "read/write head" -> next lemma "head").
+        for lemma in lemmas.get(wnid, []):
+            if clean_word(lemma) is not None:
+                words.append(lemma)
+                break
+    return tuple(_dedupe_clean(words))
+
+
+@LEXICONS.register("imagenet21k")
+def imagenet21k_lexicon() -> Lexicon:
+    """ImageNet-21k synset lemmas (shipped with timm); WordNet adjectives only if installed."""
+    d = wordnet_dir()
+    adjectives = list(_wordnet_words(str(d), "adj")) if d is not None else []
+    return Lexicon("imagenet21k", list(_imagenet21k_nouns()), adjectives)
+
+
+def load_lexicon(name: str, limit: int | None = None) -> Lexicon:
+    """Load lexicon ``name``; ``limit`` caps nouns and adjectives separately (even, seed-free spread)."""
+    lex = LEXICONS.get(name)()
+    return Lexicon(lex.name, subsample(lex.nouns, limit), subsample(lex.adjectives, limit))

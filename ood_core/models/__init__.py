@@ -1,0 +1,89 @@
+"""Model backends (CLIP, MLLM, diffusion inpainter) behind registries keyed on ``spec.backend``.
+
+Importing this package is cheap: torch, open_clip, transformers and diffusers are only imported
+when a model is loaded. Model names starting with ``tiny://`` are resolved to locally built tiny
+models (see :mod:`ood_core.models.tiny`) and then loaded through the same calls as real checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import TYPE_CHECKING, Any
+
+from ood_core.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+    from ood_core.config import ClipSpec, DiffusionSpec, MLLMSpec
+    from ood_core.models.clip import ClipModel
+    from ood_core.models.diffusion import Inpainter
+    from ood_core.models.mllm import MLLMClient
+
+CLIP_BACKENDS: Registry = Registry("clip backend")
+MLLM_BACKENDS: Registry = Registry("mllm backend")
+DIFFUSION_BACKENDS: Registry = Registry("diffusion backend")
+
+# The backend modules register themselves on import; they are imported only when needed.
+_BACKEND_MODULES = {
+    "clip": "ood_core.models.clip",
+    "mllm": "ood_core.models.mllm",
+    "diffusion": "ood_core.models.diffusion",
+}
+
+
+def _ensure(role: str) -> None:
+    importlib.import_module(_BACKEND_MODULES[role])
+
+
+def resolve_device(name: str | Any = "auto") -> torch.device:
+    """``"auto"`` -> cuda if available else cpu; anything else -> ``torch.device(name)``."""
+    import torch
+
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_name(name: str, cache_dir: str) -> str:
+    """``tiny://kind`` -> local dir of the built tiny model; other names pass through unchanged."""
+    from ood_core.models import tiny
+
+    if tiny.is_tiny(name):
+        return tiny.resolve(name, os.path.expanduser(cache_dir))
+    return name
+
+
+def load_clip(spec: ClipSpec, device: Any = "auto", cache_dir: str = "~/.cache/synth-ood/models") -> ClipModel:
+    """Load the CLIP model named by ``spec`` with the backend ``spec.backend``."""
+    _ensure("clip")
+    return CLIP_BACKENDS.get(spec.backend)(spec, resolve_device(device), os.path.expanduser(cache_dir))
+
+
+def load_mllm(spec: MLLMSpec, device: Any = "auto", cache_dir: str = "~/.cache/synth-ood/models") -> MLLMClient:
+    """Load the multimodal LLM client named by ``spec`` with the backend ``spec.backend``."""
+    _ensure("mllm")
+    return MLLM_BACKENDS.get(spec.backend)(spec, resolve_device(device), os.path.expanduser(cache_dir))
+
+
+def load_inpainter(
+    spec: DiffusionSpec, device: Any = "auto", cache_dir: str = "~/.cache/synth-ood/models"
+) -> Inpainter:
+    """Load the diffusion inpainting components named by ``spec`` with the backend ``spec.backend``."""
+    _ensure("diffusion")
+    return DIFFUSION_BACKENDS.get(spec.backend)(spec, resolve_device(device), os.path.expanduser(cache_dir))
+
+
+__all__ = [
+    "CLIP_BACKENDS",
+    "MLLM_BACKENDS",
+    "DIFFUSION_BACKENDS",
+    "resolve_device",
+    "resolve_name",
+    "load_clip",
+    "load_mllm",
+    "load_inpainter",
+]

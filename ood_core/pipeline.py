@@ -1,0 +1,167 @@
+"""Runner-agnostic pipeline steps: keys, plan, one shard, finalize; plus a plain local loop.
+
+Prefect tasks (``tasks/``) call exactly these functions; ``run_local`` chains them without
+Prefect for library use and tests of the stage logic.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+from ood_core import __version__
+from ood_core.config import RunConfig
+from ood_core.stages import STAGE_ORDER, STAGES, ShardPlan, StageContext
+from ood_core.storage import StageStore, merge_counts, stage_key
+
+PLAN = "plan.json"
+
+
+class StageNotReady(RuntimeError):
+    """An upstream stage a run needs is not complete."""
+
+
+def resolve_keys(cfg: RunConfig) -> dict[str, str]:
+    """Every stage's content key; each hashes its config slice and its upstream keys."""
+    keys: dict[str, str] = {}
+    for name in STAGE_ORDER:
+        stage = STAGES.get(name)()
+        up = {u: keys[u] for u in stage.upstream}
+        keys[name] = stage_key(name, stage.schema.version, stage.config_slice(cfg), up)
+    return keys
+
+
+def stage_store(root: str, name: str, keys: dict[str, str]) -> StageStore:
+    return StageStore(root, name, keys[name])
+
+
+def make_context(cfg: RunConfig, root: str, name: str, keys: dict[str, str], log=print) -> StageContext:
+    stage = STAGES.get(name)()
+    upstream = {}
+    for u in stage.upstream:
+        store = stage_store(root, u, keys)
+        if not store.is_complete():
+            raise StageNotReady(
+                f"stage '{name}' needs '{u}' ({store.url()}) to be complete, and it is not: "
+                f"run without --only, or include '{u}' in --only"
+            )
+        upstream[u] = store
+    return StageContext(cfg=cfg, store=stage_store(root, name, keys), upstream=upstream, log=log)
+
+
+def plan_stage(ctx: StageContext, name: str) -> list[ShardPlan]:
+    """Plan once; the frozen ``plan.json`` keeps shard numbering stable across resumes."""
+    path = ctx.store.path(PLAN)
+    if ctx.store.exists(path):
+        return [ShardPlan(p["index"], p["items"]) for p in ctx.store.read_json(path)]
+    plans = STAGES.get(name)().plan(ctx)
+    ctx.store.write_json(path, [asdict(p) for p in plans])
+    return plans
+
+
+def load_shard_plan(ctx: StageContext, index: int) -> ShardPlan:
+    for p in ctx.store.read_json(ctx.store.path(PLAN)):
+        if p["index"] == index:
+            return ShardPlan(p["index"], p["items"])
+    raise KeyError(f"shard {index} is not in {ctx.store.path(PLAN)}")
+
+
+def run_shard(ctx: StageContext, name: str, index: int) -> dict:
+    """Run one shard unless its stats marker exists; returns its stats."""
+    if ctx.store.shard_done(index):
+        return {**ctx.store.shard_stats(index), "reused": True}
+    stage = STAGES.get(name)()
+    shard = load_shard_plan(ctx, index)
+    t0 = time.perf_counter()
+    out = stage.run_shard(ctx, shard)
+    stats = ctx.store.write_shard(index, out.samples, out.rows, stage.schema, time.perf_counter() - t0)
+    return {**stats, "reused": False}
+
+
+def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards: int, started: float) -> dict:
+    """Run the stage-level step and write ``_SUCCESS.json`` last."""
+    if ctx.store.is_complete():
+        return ctx.store.read_success()
+    missing = [i for i in range(n_shards) if not ctx.store.shard_done(i)]
+    if missing:
+        raise RuntimeError(f"{name}: cannot finalize, shards {missing} are not done in {ctx.store.url()}")
+    stage = STAGES.get(name)()
+    t0 = time.perf_counter()
+    summary = stage.finalize(ctx)
+    stats = [ctx.store.shard_stats(i) for i in range(n_shards)]
+    info = {
+        "stage": name,
+        "key": keys[name],
+        "schema_version": stage.schema.version,
+        "config": stage.config_slice(ctx.cfg),
+        "upstream": {u: keys[u] for u in stage.upstream},
+        "shards": n_shards,
+        "rows": sum(s["rows"] for s in stats),
+        "samples": sum(s["samples"] for s in stats),
+        "counts": merge_counts([s["counts"] for s in stats]),
+        "timings": {
+            "shard_seconds": round(sum(s["seconds"] for s in stats), 3),
+            "finalize_seconds": round(time.perf_counter() - t0, 3),
+            "wall_seconds": round(time.time() - started, 3),
+        },
+        "summary": summary,
+        "code_version": __version__,
+        "python": platform.python_version(),
+    }
+    ctx.store.write_success(info)
+    return info
+
+
+def write_run_record(root: str, cfg: RunConfig, keys: dict[str, str]) -> None:
+    """``<root>/_runs/latest.json``: which stage folders the latest run uses (for ``status``)."""
+    store = StageStore(root, "_runs", "latest")
+    record = {"preset": cfg.preset, "keys": keys, "config": cfg.to_dict(), "time": time.time()}
+    store.write_bytes(store.base + ".json", json.dumps(record, indent=2, sort_keys=True).encode())
+
+
+def read_run_record(root: str) -> dict | None:
+    store = StageStore(root, "_runs", "latest")
+    path = store.base + ".json"
+    return json.loads(store.read_bytes(path)) if store.exists(path) else None
+
+
+def selected_stages(only: list[str] | None, force: list[str] | None) -> tuple[list[str], set[str]]:
+    for name in [*(only or []), *(force or [])]:
+        if name not in STAGE_ORDER:
+            raise ValueError(f"unknown stage '{name}': stages are {', '.join(STAGE_ORDER)}")
+    run = [s for s in STAGE_ORDER if not only or s in only]
+    return run, set(force or [])
+
+
+def run_local(
+    cfg: RunConfig,
+    root: str,
+    only: list[str] | None = None,
+    force: list[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict]:
+    """Run the pipeline in this process without Prefect; returns each stage's ``_SUCCESS`` info."""
+    run, forced = selected_stages(only, force)
+    keys = resolve_keys(cfg)
+    write_run_record(root, cfg, keys)
+    results = {}
+    for name in run:
+        store = stage_store(root, name, keys)
+        if name in forced:
+            store.clear()
+        if store.is_complete():
+            log(f"[{name}] reused {store.url()}")
+            results[name] = store.read_success()
+            continue
+        started = time.time()
+        ctx = make_context(cfg, root, name, keys, log)
+        plans = plan_stage(ctx, name)
+        for p in plans:
+            stats = run_shard(ctx, name, p.index)
+            log(f"[{name}] shard {p.index + 1}/{len(plans)}: {stats['rows']} rows {stats['counts']}")
+        results[name] = finalize_stage(ctx, name, keys, len(plans), started)
+        log(f"[{name}] done -> {store.url()}")
+    return results

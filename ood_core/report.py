@@ -1,0 +1,172 @@
+"""Report artefacts: a Markdown metrics table, ROC curves, score histograms, an image grid.
+
+Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, so no global
+state and no display needed); matplotlib is imported inside the functions so that importing this
+module stays cheap. Each PNG is written under a temporary name and renamed into place, so a killed
+process never leaves a half-written picture.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONVENTION_TEXT = {
+    "openood": "OpenOOD v1.5: OOD positive, FPR at the first threshold with TPR >= 95%",
+    "mcm": "MCM/EOE: ID positive, FPR at the threshold with ID recall nearest 95%",
+}
+
+
+def _ordered_sets(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    # First-seen order, never set(): the column order must be stable between runs.
+    seen: dict[str, None] = {}
+    for per_set in results.values():
+        for name in per_set:
+            seen.setdefault(name, None)
+    return list(seen)
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None or not np.isfinite(v) else f"{100.0 * float(v):.2f}"
+
+
+def metrics_table_markdown(
+    results: Mapping[str, Mapping[str, Mapping[str, float]]],
+    convention: str,
+    id_accuracy: Mapping[str, float] | None = None,
+) -> str:
+    """Markdown table: one row per method, FPR95 / AUROC (in %) per OOD set plus their average.
+
+    ``results[method][ood_set]`` is an :func:`ood_core.metrics.ood_metrics` dict. The first line is
+    a caption naming the FPR95 convention. ``id_accuracy[method]`` (fraction) adds an "ID acc." column.
+    A method missing an OOD set shows "–" there and averages over the sets it has.
+    """
+    if convention not in CONVENTION_TEXT:
+        raise ValueError(f"unknown FPR convention {convention!r}: use one of {', '.join(CONVENTION_TEXT)}")
+    sets = _ordered_sets(results)
+    groups = [*sets, "average"]
+    caption = (
+        f"FPR95 (lower is better) and AUROC (higher is better) in %; "
+        f"FPR95 convention: {convention} ({CONVENTION_TEXT[convention]})."
+    )
+    head = ["method"]
+    for g in groups:
+        head += [f"{g} FPR95↓", f"{g} AUROC↑"]
+    if id_accuracy is not None:
+        head.append("ID acc.")
+    lines = [caption, "", "| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for method, per_set in results.items():
+        row = [str(method)]
+        fprs, aurocs = [], []
+        for s in sets:
+            m = per_set.get(s)
+            if m is None:
+                row += ["–", "–"]
+                continue
+            fprs.append(float(m["fpr95"]))
+            aurocs.append(float(m["auroc"]))
+            row += [_pct(m["fpr95"]), _pct(m["auroc"])]
+        row += [_pct(np.mean(fprs) if fprs else None), _pct(np.mean(aurocs) if aurocs else None)]
+        if id_accuracy is not None:
+            row.append(_pct(id_accuracy.get(method)))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _new_figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def plot_roc(
+    curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+    path: str | os.PathLike,
+) -> Path:
+    """One ROC panel per OOD set with a line per method; ``curves[method][ood_set] = (fpr, tpr)``."""
+    sets = _ordered_sets(curves)
+    n = max(1, len(sets))
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = _new_figure(4.0 * cols, 3.6 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, s in zip(axes, sets, strict=False):
+        for method, per_set in curves.items():
+            if s in per_set:
+                fpr, tpr = per_set[s]
+                ax.plot(np.asarray(fpr), np.asarray(tpr), label=str(method), lw=1.4)
+        ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8)
+        ax.set(title=str(s), xlabel="FPR", ylabel="TPR", xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in axes[len(sets) :]:
+        ax.axis("off")
+    if not sets:
+        axes[0].text(0.5, 0.5, "no curves", ha="center", va="center")
+    return _save(fig, path)
+
+
+def plot_score_histograms(scores: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """One panel per method overlaying score histograms; ``scores[method] = {"id": arr, set: arr}``."""
+    methods = list(scores)
+    n = max(1, len(methods))
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = _new_figure(4.0 * cols, 3.2 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, method in zip(axes, methods, strict=False):
+        arrays = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in scores[method].items()}
+        arrays = {k: v[np.isfinite(v)] for k, v in arrays.items() if v.size}
+        if arrays:
+            allv = np.concatenate(list(arrays.values()))
+            lo, hi = (float(allv.min()), float(allv.max())) if allv.size else (0.0, 1.0)
+            bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 41)
+            for name, v in arrays.items():
+                ax.hist(v, bins=bins, density=True, alpha=0.45 if name != "id" else 0.6, label=str(name))
+            ax.legend(fontsize=7)
+        ax.set(title=str(method), xlabel="score (higher = more ID)", ylabel="density")
+    for ax in axes[len(methods) :]:
+        ax.axis("off")
+    if not methods:
+        axes[0].text(0.5, 0.5, "no scores", ha="center", va="center")
+    return _save(fig, path)
+
+
+def image_grid(images: Sequence[Any], captions: Sequence[str], path: str | os.PathLike, cols: int = 8) -> Path:
+    """A grid of PIL images with a (wrapped) caption under each; ``captions`` pairs with ``images``."""
+    if len(captions) != len(images):
+        raise ValueError(f"image_grid: {len(images)} images but {len(captions)} captions")
+    n = len(images)
+    cols = max(1, min(int(cols), max(n, 1)))
+    rows = max(1, math.ceil(n / cols))
+    fig = _new_figure(1.8 * cols, 2.2 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for i, ax in enumerate(axes):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(np.asarray(images[i].convert("RGB")))
+            ax.set_title("\n".join(textwrap.wrap(str(captions[i]), 22)[:3]), fontsize=6)
+    if n == 0:
+        axes[0].text(0.5, 0.5, "no images", ha="center", va="center")
+    return _save(fig, path)

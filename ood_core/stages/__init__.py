@@ -1,0 +1,13 @@
+"""The four stages; importing this package registers them in ``STAGES``."""
+
+from ood_core.stages.base import (
+    STAGE_ORDER,
+    STAGES,
+    ShardOutput,
+    ShardPlan,
+    Stage,
+    StageContext,
+)
+from ood_core.stages import elaborate, finetune, generate, sketch  # noqa: F401  (registers)
+
+__all__ = ["STAGE_ORDER", "STAGES", "ShardOutput", "ShardPlan", "Stage", "StageContext"]

@@ -1,0 +1,185 @@
+"""What a stage is: plan shards from the upstream manifests, run one shard, finalize.
+
+A stage never knows how it is executed (plain loop, Prefect tasks, several workers): the runner
+calls ``plan`` once (its result is frozen in ``plan.json``), ``run_shard`` for each unfinished
+shard, and ``finalize`` once every shard has its stats marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from ood_core.config import RunConfig
+from ood_core.registry import Registry
+from ood_core.storage import Sample, StageStore
+from schemas import ManifestSchema
+
+STAGES: Registry[type[Stage]] = Registry("stage")
+STAGE_ORDER = ("sketch", "generate", "elaborate", "finetune")
+ID_PROMPT = "a photo of a {}."
+
+
+@dataclass
+class ShardPlan:
+    index: int
+    items: list[dict]
+
+
+@dataclass
+class ShardOutput:
+    rows: list[dict] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+
+    def add(self, row: dict, files: dict[str, bytes] | None = None) -> None:
+        self.rows.append(row)
+        if files:
+            self.samples.append(Sample(row["key"], files))
+
+
+def row(key: str, status: str, reason: str, error: str | None = None, **cols: Any) -> dict:
+    return {"key": key, "status": status, "reason": reason, "error": error, **cols}
+
+
+def derive_seed(run_seed: int, *parts: Any) -> int:
+    """A per-sample seed from the run seed and the sample's identity (stable across runs)."""
+    digest = hashlib.sha256(json.dumps([run_seed, *parts], default=str).encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+def chunk(items: list[dict], size: int, start: int = 0) -> list[ShardPlan]:
+    return [ShardPlan(start + i, items[j : j + size]) for i, j in enumerate(range(0, len(items), size))]
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_load(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class ModelHub:
+    """Loads each model once per process, on first use."""
+
+    _cache: dict[tuple, Any] = {}
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    def _get(self, role: str, spec: Any, loader: Callable) -> Any:
+        from ood_core.models import resolve_device
+
+        device = resolve_device(self.cfg.models.device)
+        key = (role, spec.model_dump_json(), str(device), self.cfg.models.cache_dir)
+        if key not in self._cache:
+            self._cache[key] = loader(spec, device, self.cfg.models.cache_dir)
+        return self._cache[key]
+
+    def clip(self):
+        from ood_core.models import load_clip
+
+        return self._get("clip", self.cfg.models.clip, load_clip)
+
+    def mllm(self):
+        from ood_core.models import load_mllm
+
+        return self._get("mllm", self.cfg.models.mllm, load_mllm)
+
+    def inpainter(self):
+        from ood_core.models import load_inpainter
+
+        return self._get("diffusion", self.cfg.models.diffusion, load_inpainter)
+
+
+@dataclass
+class StageContext:
+    cfg: RunConfig
+    store: StageStore
+    upstream: dict[str, StageStore]
+    log: Callable[[str], None] = print
+
+    @cached_property
+    def models(self) -> ModelHub:
+        return ModelHub(self.cfg)
+
+    @cached_property
+    def dataset(self):
+        from ood_core.data import load_id_dataset
+
+        return load_id_dataset(self.cfg.data, self.cfg.seed)
+
+    @cached_property
+    def records(self) -> dict:
+        return {r.key: r for r in self.dataset.records}
+
+    @cached_property
+    def id_text_features(self):
+        return self.models.clip().encode_texts([ID_PROMPT.format(c) for c in self.dataset.classnames])
+
+    def upstream_rows(self, stage: str, **where: Any) -> list[dict]:
+        """Manifest rows of an upstream stage matching ``column=value`` filters, in shard order."""
+        rows = self.upstream[stage].read_manifest().to_pylist()
+        return [r for r in rows if all(r.get(k) == v for k, v in where.items())]
+
+    @cached_property
+    def negatives(self) -> tuple[list[str], list[str]]:
+        """Kept negative labels and their prompts (nouns and adjectives have their own template)."""
+        from ood_core.lexicon import ADJ_TEMPLATE, NOUN_TEMPLATE
+
+        rows = self.upstream_rows("sketch", kind="negative", status="kept")
+        labels = [r["text"] for r in rows]
+        prompts = [(ADJ_TEMPLATE if r["key"].startswith("neg_a") else NOUN_TEMPLATE).format(r["text"]) for r in rows]
+        return labels, prompts
+
+    @cached_property
+    def negative_text_features(self):
+        return self.models.clip().encode_texts(self.negatives[1])
+
+
+class Stage:
+    """Base class: subclasses set ``name``, ``schema``, ``upstream`` and implement the hooks."""
+
+    name: str
+    schema: ManifestSchema
+    upstream: tuple[str, ...] = ()
+
+    def config_slice(self, cfg: RunConfig) -> dict:
+        """The part of the config that determines this stage's output (goes into the key)."""
+        raise NotImplementedError
+
+    def plan(self, ctx: StageContext) -> list[ShardPlan]:
+        raise NotImplementedError
+
+    def run_shard(self, ctx: StageContext, shard: ShardPlan) -> ShardOutput:
+        raise NotImplementedError
+
+    def finalize(self, ctx: StageContext) -> dict:
+        """Stage-level step after all shards (training, reports); returns a summary."""
+        return {}
+
+
+def guarded(out: ShardOutput, key: str, fn: Callable[[], None], **cols: Any) -> None:
+    """Run one candidate; a failure becomes a ``failed`` row instead of losing the shard."""
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - every candidate gets a row, failures included
+        out.add(row(key, "failed", type(err).__name__, f"{type(err).__name__}: {err}", **cols))
+
+
+def check_not_all_failed(stage: str, shard: ShardPlan, out: ShardOutput) -> None:
+    """A shard where every candidate failed is a systematic problem: fail loudly so it reruns."""
+    failed = [r for r in out.rows if r["status"] == "failed"]
+    if out.rows and len(failed) == len(out.rows):
+        raise RuntimeError(
+            f"{stage} shard {shard.index}: all {len(failed)} candidates failed; first error: {failed[0]['error']}"
+        )

@@ -1,0 +1,254 @@
+"""Stage 1, sketch: outlier labels and prompts.
+
+Shards: far-OOD labels (one MLLM conversation over the whole ID label set), near-OOD labels
+(per class chunk, optionally showing the MLLM k ID images), negative labels mined from a lexicon
+with CLIP (NegLabel NegMining), and SynOOD context prompts for the selected source images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from ood_core.config import RunConfig
+from ood_core.stages.base import (
+    ID_PROMPT,
+    STAGES,
+    ShardOutput,
+    ShardPlan,
+    Stage,
+    StageContext,
+    chunk,
+    derive_seed,
+    guarded,
+    row,
+)
+from schemas import SKETCH
+
+
+def _text(*parts: str) -> dict:
+    return {"type": "text", "text": " ".join(parts)}
+
+
+def _files(r: dict) -> dict[str, bytes]:
+    return {"json": json.dumps(r, sort_keys=True).encode()}
+
+
+@STAGES.register("sketch")
+class SketchStage(Stage):
+    name = "sketch"
+    schema = SKETCH
+
+    def config_slice(self, cfg: RunConfig) -> dict:
+        return {
+            "seed": cfg.seed,
+            "data": cfg.data.model_dump(mode="json"),
+            "clip": cfg.models.clip.model_dump(mode="json"),
+            "mllm": cfg.models.mllm.model_dump(mode="json"),
+            "sketch": cfg.sketch.model_dump(mode="json"),
+        }
+
+    # ------------------------------------------------------------ plan
+    def plan(self, ctx: StageContext) -> list[ShardPlan]:
+        from ood_core.data import select_sources
+
+        sc = ctx.cfg.sketch
+        plans: list[ShardPlan] = []
+        if sc.far_labels > 0:
+            plans.append(ShardPlan(len(plans), [{"kind": "far"}]))
+        plans.append(ShardPlan(len(plans), [{"kind": "negative"}]))
+        if sc.near_per_class > 0:
+            near = [{"kind": "near", "class_idx": i} for i in range(len(ctx.dataset.classnames))]
+            plans += chunk(near, sc.shard_size, start=len(plans))
+        sources = select_sources(ctx.dataset, sc.sources_per_class)
+        ctx_items = [{"kind": "context", "source_key": r.key, "class_idx": r.class_idx} for r in sources]
+        plans += chunk(ctx_items, sc.shard_size, start=len(plans))
+        return plans
+
+    # ------------------------------------------------------------ run
+    def run_shard(self, ctx: StageContext, shard: ShardPlan) -> ShardOutput:
+        out = ShardOutput()
+        kind = shard.items[0]["kind"]
+        if kind == "far":
+            self._far(ctx, out)
+        elif kind == "negative":
+            self._negatives(ctx, out)
+        elif kind == "near":
+            for item in shard.items:
+                self._near(ctx, out, item["class_idx"])
+        else:
+            for item in shard.items:
+                key = f"ctx_{item['source_key']}"
+                guarded(
+                    out,
+                    key,
+                    lambda item=item, key=key: self._context(ctx, out, item, key),
+                    kind="context",
+                    source_key=item["source_key"],
+                    class_idx=item["class_idx"],
+                )
+        return out
+
+    def _hygiene(self, ctx: StageContext, out: ShardOutput, labels: list[str], kind: str, prefix: str, **cols):
+        from ood_core.labels import label_hygiene
+
+        clip = ctx.models.clip()
+        classnames = ctx.dataset.classnames
+
+        def text_cosine(cands: list[str], ids: list[str]) -> np.ndarray:
+            a = clip.encode_texts([ID_PROMPT.format(c) for c in cands])
+            b = clip.encode_texts([ID_PROMPT.format(c) for c in ids])
+            return (a @ b.T).numpy()
+
+        verdicts = label_hygiene(
+            labels,
+            classnames,
+            eval_ood_names=ctx.cfg.sketch.eval_ood_names,
+            text_cosine=text_cosine,
+            overlap_cosine=ctx.cfg.sketch.overlap_cosine,
+        )
+        for i, v in enumerate(verdicts):
+            r = row(f"{prefix}_{i:05d}", v.status, v.reason, None, kind=kind, text=v.label, leakage=v.leakage, **cols)
+            out.add(r, _files(r) if v.status == "kept" else None)
+
+    def _far(self, ctx: StageContext, out: ShardOutput) -> None:
+        """One conversation: summarise the ID categories, then ask for labels turn by turn."""
+        from ood_core.labels import parse_label_list
+
+        sc = ctx.cfg.sketch
+        mllm = ctx.models.mllm()
+        classnames = ctx.dataset.classnames
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    _text(
+                        f"Here are {len(classnames)} image class labels: {', '.join(classnames)}.",
+                        "Summarise the broad visual categories these labels belong to.",
+                    )
+                ],
+            }
+        ]
+        labels: list[str] = []
+        transcript: list[dict] = []
+        max_turns = math.ceil(sc.far_labels / sc.far_per_turn) + 2
+        seed = derive_seed(ctx.cfg.seed, "far")
+        try:
+            for turn in range(max_turns + 1):
+                reply = mllm.chat(messages, seed=seed + turn)
+                transcript.append({"prompt": messages[-1]["content"][0]["text"], "reply": reply})
+                messages.append({"role": "assistant", "content": [_text(reply)]})
+                if turn > 0:
+                    labels += [x for x in parse_label_list(reply, sc.max_label_words) if x not in labels]
+                    if len(labels) >= sc.far_labels:
+                        break
+                ask = "more, different " if turn > 0 else ""
+                messages.append(
+                    {
+                        "role": "user",
+                        "content": [
+                            _text(
+                                f"List {sc.far_per_turn} {ask}labels of objects or scenes that look like these",
+                                "categories but are unrelated to every label above.",
+                                f"At most {sc.max_label_words} words each, one per line, no explanations.",
+                            )
+                        ],
+                    }
+                )
+        except Exception as err:  # noqa: BLE001 - the failure is recorded as a row
+            out.add(row("far_conversation", "failed", type(err).__name__, f"{type(err).__name__}: {err}", kind="far"))
+        out.samples.append(_transcript_sample("far_conversation", transcript))
+        self._hygiene(ctx, out, labels[: sc.far_labels], "far", "far")
+
+    def _near(self, ctx: StageContext, out: ShardOutput, class_idx: int) -> None:
+        """Per class: labels that look similar but come from other domains (MM-OOD shows images)."""
+        from ood_core.data import load_image
+        from ood_core.labels import parse_label_list
+
+        sc = ctx.cfg.sketch
+        name = ctx.dataset.classnames[class_idx]
+        images = [r for r in ctx.dataset.train() if r.class_idx == class_idx][: sc.near_images]
+        content = [{"type": "image", "image": load_image(r, ctx.cfg.data.image_size)} for r in images]
+        content.append(
+            _text(
+                f"{'These images show' if images else 'Think of'} a {name}.",
+                f"List {sc.near_per_class} labels of things from other domains that look visually similar",
+                f"to a {name} but are not a {name}. At most {sc.max_label_words} words each, one per line.",
+            )
+        )
+        prefix = f"near_c{class_idx:04d}"
+        try:
+            reply = ctx.models.mllm().chat(
+                [{"role": "user", "content": content}], seed=derive_seed(ctx.cfg.seed, "near", class_idx)
+            )
+        except Exception as err:  # noqa: BLE001 - the failure is recorded as a row
+            out.add(row(prefix, "failed", type(err).__name__, f"{type(err).__name__}: {err}", kind="near",
+                        class_idx=class_idx))
+            return
+        out.samples.append(_transcript_sample(f"{prefix}_reply", [{"reply": reply}]))
+        labels = parse_label_list(reply, sc.max_label_words)[: sc.near_per_class]
+        if not labels:
+            out.add(row(prefix, "rejected", "no_labels_parsed", None, kind="near", class_idx=class_idx))
+        self._hygiene(ctx, out, labels, "near", prefix, class_idx=class_idx)
+
+    def _context(self, ctx: StageContext, out: ShardOutput, item: dict, key: str) -> None:
+        """SynOOD: the MLLM describes the image's context without its main subject."""
+        from ood_core.data import load_image
+        from ood_core.labels import context_prompt
+
+        rec = ctx.records[item["source_key"]]
+        image = load_image(rec, ctx.cfg.data.image_size)
+        reply = ctx.models.mllm().chat(
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": image},
+                        _text(
+                            f"Describe the surroundings and background of this image in one short phrase,",
+                            f"without mentioning the {rec.class_name} or any other main subject.",
+                        ),
+                    ],
+                }
+            ],
+            seed=derive_seed(ctx.cfg.seed, "context", rec.key),
+        )
+        prompt = context_prompt(reply, ctx.cfg.sketch.context_max_chars)
+        r = row(key, "kept", "ok", None, kind="context", text=prompt, source_key=rec.key, class_idx=rec.class_idx)
+        out.add(r, {**_files(r), "txt": reply.encode()})
+
+    def _negatives(self, ctx: StageContext, out: ShardOutput) -> None:
+        """NegMining: keep the candidates least similar to the ID prompts (nouns, adjectives apart)."""
+        from ood_core.labels import normalize_label
+        from ood_core.lexicon import ADJ_TEMPLATE, NOUN_TEMPLATE, load_lexicon
+
+        sc = ctx.cfg.sketch
+        lex = load_lexicon(sc.lexicon, sc.lexicon_limit)
+        clip = ctx.models.clip()
+        id_feats = ctx.id_text_features
+        id_words = {normalize_label(c) for c in ctx.dataset.classnames}
+        for pos, words, template in (("n", lex.nouns, NOUN_TEMPLATE), ("a", lex.adjectives, ADJ_TEMPLATE)):
+            if not words:
+                continue
+            feats = clip.encode_texts([template.format(w) for w in words])
+            score = np.percentile((feats @ id_feats.T).numpy(), sc.neg_percentile, axis=1)
+            n_keep = max(1, int(round(sc.neg_keep_fraction * len(words))))
+            # stable sort: equal scores keep lexicon order, so the selection is reproducible
+            keep = set(np.argsort(score, kind="stable")[:n_keep].tolist())
+            for i, w in enumerate(words):
+                if w in id_words:
+                    status, reason = "rejected", "equals_id_class"
+                elif i in keep:
+                    status, reason = "kept", "ok"
+                else:
+                    status, reason = "rejected", "too_close_to_id"
+                r = row(f"neg_{pos}{i:06d}", status, reason, None, kind="negative", text=w, score=float(score[i]))
+                out.add(r, _files(r) if status == "kept" else None)
+
+
+def _transcript_sample(key: str, turns: list[dict]):
+    from ood_core.storage import Sample
+
+    return Sample(key, {"json": json.dumps(turns, indent=1).encode()})

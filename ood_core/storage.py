@@ -1,0 +1,291 @@
+"""Content-addressed stage folders of WebDataset shards and Parquet manifests.
+
+``<root>/<stage>/<key>/``
+    ``shards/NNNNNN.tar``          WebDataset shard (members ``<key>.<ext>``, keys without dots)
+    ``manifests/NNNNNN.parquet``   one row per candidate, failures included
+    ``stats/NNNNNN.json``          written last: the shard's completion marker with sha256s
+    ``artifacts/...``              stage-level outputs (trained weights, metrics, plots)
+    ``_SUCCESS.json``              written last for the stage
+
+Every file is written under a temporary name and renamed into place, so a killed process never
+leaves a visible partial file. Paths go through fsspec: ``s3://`` or ``gs://`` roots work too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import ManifestSchema
+
+SUCCESS = "_SUCCESS.json"
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def stage_key(stage: str, schema_version: int, config: dict, upstream: dict[str, str]) -> str:
+    """Hash of what determines a stage's output: same inputs, same folder."""
+    payload = canonical_json(
+        {"stage": stage, "schema": schema_version, "config": config, "upstream": upstream}
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Sample:
+    """One WebDataset sample: ``files`` maps an extension (``png``, ``json``, ``npy``) to bytes."""
+
+    key: str
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.key or "." in self.key or "/" in self.key:
+            raise ValueError(f"sample key {self.key!r} must be non-empty with no '.' or '/'")
+
+
+def tar_bytes(samples: list[Sample]) -> bytes:
+    """A deterministic tar (fixed mtime/owner) so that equal content hashes equal."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for s in samples:
+            for ext in sorted(s.files):
+                data = s.files[ext]
+                info = tarfile.TarInfo(f"{s.key}.{ext}")
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o644
+                info.uname = info.gname = ""
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+class StageStore:
+    """The folder of one stage run, ``<root>/<stage>/<key>``."""
+
+    def __init__(self, root: str, stage: str, key: str):
+        self.root = root.rstrip("/")
+        self.stage = stage
+        self.key = key
+        self.fs, base = fsspec.core.url_to_fs(self.root)
+        self.base = f"{base.rstrip('/')}/{stage}/{key}"
+
+    # ------------------------------------------------------------ paths
+    def url(self) -> str:
+        return f"{self.root}/{self.stage}/{self.key}"
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.base, *parts])
+
+    def shard_paths(self, index: int) -> dict[str, str]:
+        n = f"{index:06d}"
+        return {
+            "tar": self.path("shards", f"{n}.tar"),
+            "parquet": self.path("manifests", f"{n}.parquet"),
+            "stats": self.path("stats", f"{n}.json"),
+        }
+
+    # ------------------------------------------------------------ atomic io
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write under a temporary sibling name, then rename into place."""
+        parent = path.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        self.fs.mv(tmp, path)
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.fs.open(path, "rb") as f:
+            return f.read()
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def write_json(self, path: str, obj: Any) -> None:
+        self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, path: str) -> Any:
+        return json.loads(self.read_bytes(path))
+
+    # ------------------------------------------------------------ shards
+    def write_shard(
+        self, index: int, samples: list[Sample], rows: list[dict], schema: ManifestSchema, seconds: float
+    ) -> dict:
+        """Write tar, then manifest, then the stats marker (last: it means 'done')."""
+        paths = self.shard_paths(index)
+        for row in rows:
+            row["shard"] = index
+        tar = tar_bytes(samples)
+        table = schema.table(rows)
+        pqb = parquet_bytes(table)
+        self.write_bytes(paths["tar"], tar)
+        self.write_bytes(paths["parquet"], pqb)
+        stats = {
+            "shard": index,
+            "samples": len(samples),
+            "rows": len(rows),
+            "counts": count_by_status(rows),
+            "tar_sha256": sha256_bytes(tar),
+            "parquet_sha256": sha256_bytes(pqb),
+            "seconds": round(seconds, 3),
+            "schema_version": schema.version,
+        }
+        self.write_json(paths["stats"], stats)
+        return stats
+
+    def shard_done(self, index: int) -> bool:
+        return self.exists(self.shard_paths(index)["stats"])
+
+    def shard_stats(self, index: int) -> dict:
+        return self.read_json(self.shard_paths(index)["stats"])
+
+    def shard_indices(self) -> list[int]:
+        """Indices of shards whose completion marker exists."""
+        d = self.path("stats")
+        if not self.exists(d):
+            return []
+        names = [p.rsplit("/", 1)[1] for p in self.fs.ls(d, detail=False)]
+        return sorted(int(n.split(".")[0]) for n in names if n.endswith(".json") and n[0].isdigit())
+
+    def read_manifest(self, index: int | None = None) -> pa.Table:
+        """One shard's manifest, or all shards' concatenated in shard order."""
+        indices = [index] if index is not None else self.shard_indices()
+        tables = [pq.read_table(io.BytesIO(self.read_bytes(self.shard_paths(i)["parquet"]))) for i in indices]
+        if not tables:
+            raise FileNotFoundError(f"no finished shards in {self.url()}")
+        return pa.concat_tables(tables)
+
+    def iter_samples(self, index: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """Yield ``(key, {ext: bytes})`` from one shard or all finished shards, in order."""
+        for i in [index] if index is not None else self.shard_indices():
+            data = self.read_bytes(self.shard_paths(i)["tar"])
+            current: tuple[str, dict[str, bytes]] | None = None
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tf:
+                for member in tf:
+                    key, ext = member.name.split(".", 1)
+                    blob = tf.extractfile(member).read()
+                    if current and current[0] == key:
+                        current[1][ext] = blob
+                    else:
+                        if current:
+                            yield current
+                        current = (key, {ext: blob})
+            if current:
+                yield current
+
+    def load_samples(self, keys: set[str] | None = None) -> dict[str, dict[str, bytes]]:
+        return {k: f for k, f in self.iter_samples() if keys is None or k in keys}
+
+    # ------------------------------------------------------------ stage
+    def success_path(self) -> str:
+        return self.path(SUCCESS)
+
+    def is_complete(self) -> bool:
+        return self.exists(self.success_path())
+
+    def read_success(self) -> dict:
+        return self.read_json(self.success_path())
+
+    def write_success(self, info: dict) -> None:
+        self.write_json(self.success_path(), info)
+
+    def clear(self) -> None:
+        if self.exists(self.base):
+            self.fs.rm(self.base, recursive=True)
+
+    def verify(self, deep: bool = True) -> list[str]:
+        """Problems found, empty if consistent: missing files, hash mismatches, row counts."""
+        problems: list[str] = []
+        if not self.is_complete():
+            problems.append(f"{self.url()}: missing {SUCCESS}")
+            expected = None
+        else:
+            expected = self.read_success().get("shards")
+        done = self.shard_indices()
+        if expected is not None and done != list(range(expected)):
+            missing = sorted(set(range(expected)) - set(done))
+            problems.append(f"{self.url()}: shards without stats marker: {missing}")
+        for i in done:
+            paths = self.shard_paths(i)
+            stats = self.shard_stats(i)
+            for kind in ("tar", "parquet"):
+                name = paths[kind].rsplit("/", 2)
+                label = f"{self.url()}/{name[-2]}/{name[-1]}"
+                if not self.exists(paths[kind]):
+                    problems.append(f"{label}: missing")
+                    continue
+                if deep and sha256_bytes(self.read_bytes(paths[kind])) != stats[f"{kind}_sha256"]:
+                    problems.append(f"{label}: sha256 differs from stats/{i:06d}.json (corrupted or rewritten)")
+            if deep and not any(p.startswith(f"{self.url()}/manifests/{i:06d}") for p in problems):
+                n = pq.read_metadata(io.BytesIO(self.read_bytes(paths["parquet"]))).num_rows
+                if n != stats["rows"]:
+                    problems.append(f"{self.url()}/manifests/{i:06d}.parquet: {n} rows, stats say {stats['rows']}")
+            if deep and not any(p.startswith(f"{self.url()}/shards/{i:06d}") for p in problems):
+                try:
+                    n_samples = len({k for k, _ in self.iter_samples(i)})
+                except (tarfile.TarError, ValueError) as err:
+                    problems.append(f"{self.url()}/shards/{i:06d}.tar: unreadable ({err})")
+                else:
+                    if n_samples != stats["samples"]:
+                        problems.append(
+                            f"{self.url()}/shards/{i:06d}.tar: {n_samples} samples, stats say {stats['samples']}"
+                        )
+        return problems
+
+
+def count_by_status(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """``{status: {reason: n}}``."""
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        by_reason = out.setdefault(r["status"], {})
+        by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
+    return out
+
+
+def merge_counts(parts: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for status, reasons in part.items():
+            for reason, n in reasons.items():
+                out.setdefault(status, {})[reason] = out.setdefault(status, {}).get(reason, 0) + n
+    return out
+
+
+def list_stage_runs(root: str, stage: str) -> list[StageStore]:
+    """Every key folder under ``<root>/<stage>``, newest first."""
+    fs, base = fsspec.core.url_to_fs(root.rstrip("/"))
+    d = f"{base.rstrip('/')}/{stage}"
+    if not fs.exists(d):
+        return []
+    stores = []
+    for info in fs.ls(d, detail=True):
+        if info["type"] == "directory":
+            stores.append((info.get("mtime") or info.get("LastModified") or 0, info["name"].rsplit("/", 1)[1]))
+    stores.sort(key=lambda t: (_as_time(t[0]), t[1]), reverse=True)
+    return [StageStore(root, stage, k) for _, k in stores]
+
+
+def _as_time(value: Any) -> float:
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)

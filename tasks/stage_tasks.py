@@ -1,0 +1,107 @@
+"""Prefect tasks for the pipeline steps.
+
+Cache keys come from the content-addressed stage key (plus the output root), never the run id,
+so a new flow run reuses every finished shard and stage. A cache key is offered only when the
+shard's stats marker (or the stage's ``_SUCCESS.json``) exists in storage: storage stays the
+source of truth, and deleting a marker makes exactly that shard run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from ood_core.config import validate_config
+from ood_core.pipeline import (
+    finalize_stage,
+    make_context,
+    plan_stage,
+    resolve_keys,
+    run_shard,
+    selected_stages,
+    stage_store,
+    write_run_record,
+)
+
+
+def _root_tag(root: str) -> str:
+    return hashlib.sha256(root.encode()).hexdigest()[:8]
+
+
+def _shard_cache_key(_ctx: Any, p: dict[str, Any]) -> str | None:
+    store = stage_store(p["root"], p["stage"], p["keys"])
+    if not store.shard_done(p["index"]):
+        return None
+    return f"synth-ood/{p['stage']}/{store.key}/shard-{p['index']:06d}@{_root_tag(p['root'])}"
+
+
+def _stage_cache_key(_ctx: Any, p: dict[str, Any]) -> str | None:
+    store = stage_store(p["root"], p["stage"], p["keys"])
+    if not store.is_complete():
+        return None
+    return f"synth-ood/{p['stage']}/{store.key}/success@{_root_tag(p['root'])}"
+
+
+def _logger():
+    log = get_run_logger()
+    return log.info
+
+
+@task(name="prepare-run", cache_policy=NO_CACHE)
+def prepare_run_task(
+    cfg: dict, root: str, only: list[str] | None, force: list[str] | None
+) -> tuple[dict[str, str], list[str], list[str]]:
+    """Validate the config, compute every stage key, record the run; returns (keys, stages, forced)."""
+    config = validate_config(cfg)
+    run, forced = selected_stages(only, force)
+    keys = resolve_keys(config)
+    write_run_record(root, config, keys)
+    for name in run:
+        get_run_logger().info(f"{name}: {stage_store(root, name, keys).url()}")
+    return keys, run, sorted(forced)
+
+
+@task(name="plan-stage", task_run_name="plan-{stage}", cache_policy=NO_CACHE, retries=1)
+def plan_task(stage: str, cfg: dict, root: str, keys: dict[str, str], force: bool = False) -> int:
+    """Freeze the stage's shard plan; ``force`` first deletes the stage folder."""
+    config = validate_config(cfg)
+    store = stage_store(root, stage, keys)
+    if force:
+        get_run_logger().info(f"{stage}: --force, removing {store.url()}")
+        store.clear()
+    ctx = make_context(config, root, stage, keys, _logger())
+    plans = plan_stage(ctx, stage)
+    done = sum(store.shard_done(p.index) for p in plans)
+    get_run_logger().info(f"{stage}: {len(plans)} shards, {done} already done")
+    return len(plans)
+
+
+@task(
+    name="run-shard",
+    task_run_name="{stage}-shard-{index:06d}",
+    cache_key_fn=_shard_cache_key,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=5,
+)
+def shard_task(stage: str, cfg: dict, root: str, keys: dict[str, str], index: int, n_shards: int) -> dict:
+    """Run one shard of one stage (skipped when its stats marker exists)."""
+    config = validate_config(cfg)
+    ctx = make_context(config, root, stage, keys, _logger())
+    stats = run_shard(ctx, stage, index)
+    verb = "reused" if stats["reused"] else f"done in {stats['seconds']:.1f}s"
+    get_run_logger().info(f"{stage} shard {index + 1}/{n_shards} {verb}: {stats['rows']} rows {stats['counts']}")
+    return stats
+
+
+@task(name="finalize-stage", task_run_name="finalize-{stage}", cache_key_fn=_stage_cache_key, persist_result=True)
+def finalize_task(stage: str, cfg: dict, root: str, keys: dict[str, str], n_shards: int, started: float) -> dict:
+    """The stage-level step (training, report), then ``_SUCCESS.json``."""
+    config = validate_config(cfg)
+    ctx = make_context(config, root, stage, keys, _logger())
+    info = finalize_stage(ctx, stage, keys, n_shards, started)
+    get_run_logger().info(f"{stage}: complete -> {ctx.store.url()} ({info['rows']} rows, {info['counts']})")
+    return info

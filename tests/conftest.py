@@ -1,0 +1,14 @@
+"""Shared test set-up: offline, temporary Prefect home and result storage, tiny models built once."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+_PREFECT_TMP = tempfile.mkdtemp(prefix="synth-ood-prefect-")
+# set before anything imports prefect or transformers
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["PREFECT_HOME"] = os.path.join(_PREFECT_TMP, "home")
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_TMP, "results")
+os.environ.pop("PREFECT_API_URL", None)

@@ -1,0 +1,41 @@
+import pytest
+
+from ood_core.config import ConfigError, available_presets, load_config
+
+
+def test_presets_validate():
+    assert {"tiny", "imagenet", "food101"} <= set(available_presets())
+    for name in ("tiny", "imagenet", "food101"):
+        cfg = load_config(name)
+        assert cfg.preset == name
+
+
+def test_set_overrides_any_field_with_typed_values():
+    cfg = load_config("tiny", ["generate.rounds=1", "elaborate.energy_band=[-3, 5]", "models.device=cpu"])
+    assert cfg.generate.rounds == 1
+    assert cfg.elaborate.energy_band == (-3.0, 5.0)
+
+
+def test_unknown_key_names_key_and_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["generate.roundz=2"])
+    msg = str(err.value)
+    assert "generate.roundz" in msg and "rounds" in msg and "strength" in msg
+
+
+def test_bad_value_names_key_and_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["models.device=tpu"])
+    assert "models.device" in str(err.value) and "'cuda'" in str(err.value)
+    with pytest.raises(ConfigError, match="generate.rounds"):
+        load_config("tiny", ["generate.rounds=0"])
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match="tiny"):
+        load_config("nope")
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config("tiny", ["generate.rounds"])

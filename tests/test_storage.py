@@ -1,0 +1,92 @@
+import io
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from ood_core.storage import Sample, StageStore, stage_key
+from schemas import GENERATE
+
+
+def _write(store: StageStore, index: int, n: int = 3) -> dict:
+    samples = [Sample(f"s{index}x{i}", {"json": b'{"a": 1}', "txt": f"hello {i}".encode()}) for i in range(n)]
+    rows = [{"key": s.key, "status": "ok", "reason": "ok", "prompt": "p"} for s in samples]
+    rows.append({"key": f"s{index}fail", "status": "failed", "reason": "ValueError", "error": "boom"})
+    return store.write_shard(index, samples, rows, GENERATE, seconds=0.1)
+
+
+def test_stage_key_depends_on_config_and_upstream():
+    a = stage_key("generate", 1, {"x": 1}, {"sketch": "k1"})
+    assert a == stage_key("generate", 1, {"x": 1}, {"sketch": "k1"})
+    assert a != stage_key("generate", 1, {"x": 2}, {"sketch": "k1"})
+    assert a != stage_key("generate", 1, {"x": 1}, {"sketch": "k2"})
+    assert a != stage_key("generate", 2, {"x": 1}, {"sketch": "k1"})
+
+
+def test_shard_layout_readable_by_webdataset_tarfile_and_pyarrow(tmp_path):
+    store = StageStore(str(tmp_path), "generate", "abc")
+    stats = _write(store, 0)
+    paths = store.shard_paths(0)
+    assert stats["rows"] == 4 and stats["samples"] == 3
+    assert stats["counts"] == {"ok": {"ok": 3}, "failed": {"ValueError": 1}}
+    with tarfile.open(paths["tar"]) as tf:
+        assert sorted(tf.getnames())[:2] == ["s0x0.json", "s0x0.txt"]
+    keys = [s["__key__"] for s in wds.WebDataset(paths["tar"], shardshuffle=False)]
+    assert keys == ["s0x0", "s0x1", "s0x2"]
+    table = pq.read_table(paths["parquet"])
+    assert table.num_rows == 4 and table.schema.metadata[b"synth_ood.stage"] == b"generate"
+    assert table.column("error").to_pylist()[-1] == "boom"
+    assert not list(tmp_path.rglob(".tmp-*")), "temporary files must be renamed away"
+
+
+def test_same_content_same_bytes(tmp_path):
+    a, b = StageStore(str(tmp_path / "a"), "generate", "k"), StageStore(str(tmp_path / "b"), "generate", "k")
+    assert _write(a, 0)["tar_sha256"] == _write(b, 0)["tar_sha256"]
+    assert a.shard_stats(0)["parquet_sha256"] == b.shard_stats(0)["parquet_sha256"]
+
+
+def test_verify_names_corrupted_shard(tmp_path):
+    store = StageStore(str(tmp_path), "generate", "abc")
+    _write(store, 0)
+    _write(store, 1)
+    store.write_success({"shards": 2})
+    assert store.verify() == []
+    path = store.shard_paths(1)["tar"]
+    data = bytearray(open(path, "rb").read())
+    data[600] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    problems = store.verify()
+    assert len(problems) == 1 and "shards/000001.tar" in problems[0] and "sha256" in problems[0]
+
+
+def test_verify_reports_missing_marker_and_success(tmp_path):
+    store = StageStore(str(tmp_path), "generate", "abc")
+    _write(store, 0)
+    _write(store, 1)
+    assert any("_SUCCESS" in p for p in store.verify())
+    store.write_success({"shards": 2})
+    store.fs.rm(store.shard_paths(0)["stats"])
+    assert any("[0]" in p for p in store.verify())
+
+
+def test_iter_samples_groups_files_by_key(tmp_path):
+    store = StageStore(str(tmp_path), "generate", "abc")
+    _write(store, 0, n=2)
+    _write(store, 1, n=1)
+    got = dict(store.iter_samples())
+    assert set(got) == {"s0x0", "s0x1", "s1x0"}
+    assert got["s0x1"]["txt"] == b"hello 1"
+    assert store.read_manifest().num_rows == 5
+
+
+def test_sample_keys_must_not_contain_dots():
+    with pytest.raises(ValueError, match="no '.'"):
+        Sample("a.b", {})
+
+
+def test_memory_filesystem_root():
+    store = StageStore("memory://synth-ood-test", "sketch", "k")
+    _write(store, 0)
+    assert store.shard_done(0) and store.verify()[0].endswith("missing _SUCCESS.json")
+    assert io.BytesIO(store.read_bytes(store.shard_paths(0)["tar"])).getbuffer().nbytes > 0
