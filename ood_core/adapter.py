@@ -47,7 +47,9 @@ class ResidualAdapter(nn.Module):
     half of the ReLUs are active and all parameters get gradients.
     """
 
-    def __init__(self, dim: int, init_gain: float = ADAPTER_INIT_GAIN, generator: torch.Generator | None = None):
+    def __init__(
+        self, dim: int, init_gain: float = ADAPTER_INIT_GAIN, generator: torch.Generator | None = None
+    ):
         super().__init__()
         self.linear = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim)
@@ -147,7 +149,9 @@ def _run_epochs(
     return history
 
 
-def _cosine(optimizer: torch.optim.Optimizer, lr: float, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def _cosine(
+    optimizer: torch.optim.Optimizer, lr: float, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     return torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=max(1, total_steps), eta_min=min(ETA_MIN, lr)
     )
@@ -215,7 +219,8 @@ def train_negative_text(
 
     SGD(``cfg.text_lr``, momentum 0.9, weight decay 1e-5), cosine annealing over all steps,
     ``cfg.text_epochs`` epochs. Pass adapted image features to tune against the adapter.
-    Returns ``(L2-normalised tuned negatives as float32 numpy, per-epoch mean losses)``.
+    Returns ``(L2-normalised tuned negatives, per-epoch mean losses)``; the negatives are a float32
+    ``torch.Tensor`` if ``neg_text_feats`` was one, else a float32 numpy array.
     """
     x = _tensor(image_feats)
     y = _tensor(labels, torch.long).reshape(-1)
@@ -227,8 +232,9 @@ def train_negative_text(
             f"negatives {tuple(neg0.shape)}"
         )
     _check_labels(y, idt.shape[0] + neg0.shape[0], x.shape[0])
+    as_input = (lambda t: t) if isinstance(neg_text_feats, torch.Tensor) else (lambda t: t.numpy())
     if cfg.text_epochs == 0:
-        return F.normalize(neg0, dim=-1).numpy(), []
+        return as_input(F.normalize(neg0, dim=-1)), []
 
     gen = torch.Generator().manual_seed(int(seed))
     neg = nn.Parameter(neg0.clone())
@@ -244,5 +250,5 @@ def train_negative_text(
 
     history = _run_epochs(x.shape[0], cfg.text_epochs, cfg.batch_size, gen, step, opt, sched, progress)
     with torch.no_grad():
-        tuned = F.normalize(neg.detach(), dim=-1).numpy().copy()
-    return tuned, history
+        tuned = F.normalize(neg.detach(), dim=-1).clone()
+    return as_input(tuned), history

@@ -116,6 +116,7 @@ class FinetuneConfig(_Strict):
     neglabel_tau: float = Field(0.01, gt=0.0)
     mcm_temperature: float = Field(1.0, gt=0.0)
     fpr_convention: Literal["openood", "mcm"] = "openood"
+    loss: Literal["ce", "ce+contrastive"] = "ce"  # ce+contrastive: the Multi-OS objective
 
 
 class RunConfig(_Strict):

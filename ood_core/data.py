@@ -420,7 +420,8 @@ def _folder_ood(name: str, folder: Path) -> list[ImageRecord]:
     files = _list_images(folder, recursive=True)
     if not files:
         raise DataError(f"OOD set '{name}': no images ({', '.join(IMAGE_EXTENSIONS)}) below {folder}")
-    s = slug(name)
+    # Keys from the folder's own name: "folder:/long/path/to/iNaturalist" -> "inaturalist_000000".
+    s = slug(folder.name if name.startswith("folder:") else name)
     return [ImageRecord(f"{s}_{i:06d}", -1, name, "test", str(p)) for i, p in enumerate(files)]
 
 

@@ -27,7 +27,7 @@ STOP_WORDS = frozenset(
 _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u00a0": " "})
 _TRIM = " \t\"'`.,;:!?-\u2013\u2014[]{}()<>*_#"
 # List markers: bullets, "1." "1)" "(1)" "1:" and "a)".
-_MARKER = re.compile(r"^\s*(?:[-*\u2022+\u00b7\u2013\u2014>]+|\(?\d{1,3}[.):]|\(?\d{1,3}\s+-|[a-z]\))\s*")
+_MARKER = re.compile(r"^\s*(?:[-*\u2022+\u00b7\u2013\u2014>]+(?=\s)|\(?\d{1,3}[.):]|\(?\d{1,3}\s+-|[a-z]\))\s*")
 # A description after the label inside a list item: "Toaster: a kitchen ...", "Toaster - a ...".
 _DESC = re.compile(r":\s|:$|\s[-\u2013\u2014]\s|,")
 _PREAMBLE = re.compile(

@@ -39,7 +39,9 @@ def _as_scores(x: Any, name: str) -> np.ndarray:
     if arr.size == 0:
         raise ValueError(f"{name} is empty: need at least one score")
     if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or inf scores ({int((~np.isfinite(arr)).sum())} of {arr.size})")
+        raise ValueError(
+            f"{name} contains NaN or inf scores ({int((~np.isfinite(arr)).sum())} of {arr.size})"
+        )
     return arr
 
 

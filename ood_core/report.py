@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+AVERAGE = "average"
 CONVENTION_TEXT = {
     "openood": "OpenOOD v1.5: OOD positive, FPR at the first threshold with TPR >= 95%",
     "mcm": "MCM/EOE: ID positive, FPR at the threshold with ID recall nearest 95%",
@@ -28,7 +29,8 @@ def _ordered_sets(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
     seen: dict[str, None] = {}
     for per_set in results.values():
         for name in per_set:
-            seen.setdefault(name, None)
+            if name != AVERAGE:
+                seen.setdefault(name, None)
     return list(seen)
 
 
@@ -45,12 +47,13 @@ def metrics_table_markdown(
 
     ``results[method][ood_set]`` is an :func:`ood_core.metrics.ood_metrics` dict. The first line is
     a caption naming the FPR95 convention. ``id_accuracy[method]`` (fraction) adds an "ID acc." column.
-    A method missing an OOD set shows "–" there and averages over the sets it has.
+    A method missing an OOD set shows "–" there and averages over the sets it has. An entry named
+    "average" in ``results[method]`` is ignored: the average columns are recomputed from the sets.
     """
     if convention not in CONVENTION_TEXT:
         raise ValueError(f"unknown FPR convention {convention!r}: use one of {', '.join(CONVENTION_TEXT)}")
     sets = _ordered_sets(results)
-    groups = [*sets, "average"]
+    groups = [*sets, AVERAGE]
     caption = (
         f"FPR95 (lower is better) and AUROC (higher is better) in %; "
         f"FPR95 convention: {convention} ({CONVENTION_TEXT[convention]})."
@@ -60,7 +63,12 @@ def metrics_table_markdown(
         head += [f"{g} FPR95↓", f"{g} AUROC↑"]
     if id_accuracy is not None:
         head.append("ID acc.")
-    lines = [caption, "", "| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
+    lines = [
+        caption,
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|",
+    ]
     for method, per_set in results.items():
         row = [str(method)]
         fprs, aurocs = [], []
@@ -153,7 +161,9 @@ def plot_score_histograms(scores: Mapping[str, Mapping[str, Any]], path: str | o
     return _save(fig, path)
 
 
-def image_grid(images: Sequence[Any], captions: Sequence[str], path: str | os.PathLike, cols: int = 8) -> Path:
+def image_grid(
+    images: Sequence[Any], captions: Sequence[str], path: str | os.PathLike, cols: int = 8
+) -> Path:
     """A grid of PIL images with a (wrapped) caption under each; ``captions`` pairs with ``images``."""
     if len(captions) != len(images):
         raise ValueError(f"image_grid: {len(images)} images but {len(captions)} captions")

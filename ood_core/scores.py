@@ -18,7 +18,7 @@ from ood_core.registry import Registry
 
 # Rows per chunk when an (images x labels) similarity matrix could be large
 # (ImageNet: 50k images x 10k negative labels would be 2 GB in float32).
-_CHUNK = 4096
+_CHUNK = 1024
 
 EOE_BETA = 0.25
 
@@ -35,9 +35,7 @@ def _np(x: Any, name: str, dtype: type = np.float32) -> np.ndarray:
 def _check_dims(image_feats: np.ndarray, **texts: np.ndarray) -> None:
     for name, t in texts.items():
         if t.shape[1] != image_feats.shape[1]:
-            raise ValueError(
-                f"{name} has dim {t.shape[1]} but image_feats has dim {image_feats.shape[1]}"
-            )
+            raise ValueError(f"{name} has dim {t.shape[1]} but image_feats has dim {image_feats.shape[1]}")
         if t.shape[0] == 0:
             raise ValueError(f"{name} is empty: need at least one label")
 
@@ -55,9 +53,7 @@ def _softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 def _chunked(image_feats: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     if image_feats.shape[0] == 0:
         return np.zeros(0, dtype=np.float64)
-    return np.concatenate(
-        [fn(image_feats[i : i + _CHUNK]) for i in range(0, image_feats.shape[0], _CHUNK)]
-    )
+    return np.concatenate([fn(image_feats[i : i + _CHUNK]) for i in range(0, image_feats.shape[0], _CHUNK)])
 
 
 # ----------------------------------------------------------------- plain functions
@@ -91,7 +87,9 @@ def max_logit(logits: Any) -> np.ndarray:
     return _np(logits, "logits", np.float64).max(axis=1)
 
 
-def id_softmax_mass(image_feats: Any, id_text_feats: Any, other_text_feats: Any, logit_scale: float) -> np.ndarray:
+def id_softmax_mass(
+    image_feats: Any, id_text_feats: Any, other_text_feats: Any, logit_scale: float
+) -> np.ndarray:
     """Total softmax probability of the ID labels among ``[ID + other]`` at ``logit_scale * cos``."""
     img = _np(image_feats, "image_feats")
     idt = _np(id_text_feats, "id_text_feats").astype(np.float64)

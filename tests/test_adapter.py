@@ -46,7 +46,15 @@ def problem():
     x = np.concatenate([x_id, x_ood])
     y = np.concatenate([y_id, N_ID + rng.integers(0, N_NEG, len(x_ood))])
     _, _, t_id, _, t_ood = _toy(5)  # held-out draw from the same distributions
-    return {"idt": idt, "neg": neg, "x": x, "y": y, "text": np.concatenate([idt, neg]), "t_id": t_id, "t_ood": t_ood}
+    return {
+        "idt": idt,
+        "neg": neg,
+        "x": x,
+        "y": y,
+        "text": np.concatenate([idt, neg]),
+        "t_id": t_id,
+        "t_ood": t_ood,
+    }
 
 
 CFG = FinetuneConfig(epochs=8, batch_size=32, lr=1e-2, text_epochs=4)
@@ -74,7 +82,14 @@ def test_adapter_training_reduces_loss_and_improves_auroc(problem, loss):
     assert before < 0.65  # the toy really is inseparable for zero-shot features
     seen = []
     ad, hist = train_image_adapter(
-        p["x"], p["y"], p["text"], CFG, seed=0, loss=loss, num_id=N_ID, progress=lambda e, v: seen.append((e, v))
+        p["x"],
+        p["y"],
+        p["text"],
+        CFG,
+        seed=0,
+        loss=loss,
+        num_id=N_ID,
+        progress=lambda e, v: seen.append((e, v)),
     )
     assert len(hist) == CFG.epochs and seen == list(enumerate(hist))
     assert hist[-1] < 0.3 * hist[0]
@@ -106,8 +121,21 @@ def test_negative_text_training(problem):
     assert not np.allclose(tuned, p["neg"])
     after = _auroc(p, apply_adapter(ad, p["t_id"]), apply_adapter(ad, p["t_ood"]), tuned)
     assert after > 0.9
+    # Torch in, torch out (the finetune stage passes tensors).
+    tuned_t, _ = train_negative_text(
+        torch.from_numpy(xa),
+        torch.from_numpy(p["y"]),
+        torch.from_numpy(p["idt"]),
+        torch.from_numpy(p["neg"]),
+        CFG,
+        seed=0,
+    )
+    assert isinstance(tuned_t, torch.Tensor)
+    np.testing.assert_array_equal(tuned_t.numpy(), tuned)
     # text_epochs = 0 leaves the negatives as they were.
-    same, h0 = train_negative_text(xa, p["y"], p["idt"], p["neg"], CFG.model_copy(update={"text_epochs": 0}), 0)
+    same, h0 = train_negative_text(
+        xa, p["y"], p["idt"], p["neg"], CFG.model_copy(update={"text_epochs": 0}), 0
+    )
     np.testing.assert_allclose(same, p["neg"], atol=1e-6)
     assert h0 == []
 

@@ -177,7 +177,7 @@ def test_tiny_ood_sets():
 def test_folder_ood_sets(tmp_path):
     _tree(tmp_path / "ood", ["banded", "woven"], 2, split="images")
     recs = load_ood_set(f"folder:{tmp_path / 'ood'}", TINY, seed=0)
-    assert len(recs) == 4 and all("." not in r.key for r in recs)
+    assert len(recs) == 4 and recs[0].key == "ood_000000"
     assert all(r.class_idx == -1 and r.class_name == f"folder:{tmp_path / 'ood'}" for r in recs)
     cfg = DataConfig(ood_root=str(tmp_path))
     assert len(load_ood_set("ood", cfg, 0)) == 4

@@ -91,9 +91,14 @@ def test_eoe_and_mm_ood(feats):
     both = np.concatenate([feats["idt"], feats["out"]]).astype(np.float64)
     p = _softmax(100 * feats["img"].astype(np.float64) @ both.T)
     np.testing.assert_allclose(
-        eoe(feats["img"], feats["idt"], feats["out"]), p[:, :5].max(1) - 0.25 * p[:, 5:].max(1), rtol=1e-6, atol=1e-12
+        eoe(feats["img"], feats["idt"], feats["out"]),
+        p[:, :5].max(1) - 0.25 * p[:, 5:].max(1),
+        rtol=1e-6,
+        atol=1e-12,
     )
-    np.testing.assert_allclose(mm_ood(feats["img"], feats["idt"], feats["out"]), p[:, :5].sum(1), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(
+        mm_ood(feats["img"], feats["idt"], feats["out"]), p[:, :5].sum(1), rtol=1e-6, atol=1e-12
+    )
 
 
 def test_scores_rank_id_above_ood():

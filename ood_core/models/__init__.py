@@ -57,13 +57,17 @@ def resolve_name(name: str, cache_dir: str) -> str:
     return name
 
 
-def load_clip(spec: ClipSpec, device: Any = "auto", cache_dir: str = "~/.cache/synth-ood/models") -> ClipModel:
+def load_clip(
+    spec: ClipSpec, device: Any = "auto", cache_dir: str = "~/.cache/synth-ood/models"
+) -> ClipModel:
     """Load the CLIP model named by ``spec`` with the backend ``spec.backend``."""
     _ensure("clip")
     return CLIP_BACKENDS.get(spec.backend)(spec, resolve_device(device), os.path.expanduser(cache_dir))
 
 
-def load_mllm(spec: MLLMSpec, device: Any = "auto", cache_dir: str = "~/.cache/synth-ood/models") -> MLLMClient:
+def load_mllm(
+    spec: MLLMSpec, device: Any = "auto", cache_dir: str = "~/.cache/synth-ood/models"
+) -> MLLMClient:
     """Load the multimodal LLM client named by ``spec`` with the backend ``spec.backend``."""
     _ensure("mllm")
     return MLLM_BACKENDS.get(spec.backend)(spec, resolve_device(device), os.path.expanduser(cache_dir))

@@ -53,7 +53,9 @@ class Inpainter:
         self.scheduler = scheduler
         self.resolution = int(resolution)
         if getattr(unet.config, "in_channels", 9) != 9:
-            raise ValueError(f"expected an inpainting UNet with 9 input channels, got {unet.config.in_channels}")
+            raise ValueError(
+                f"expected an inpainting UNet with 9 input channels, got {unet.config.in_channels}"
+            )
 
     @property
     def vae_scale(self) -> float:

@@ -39,7 +39,9 @@ def _normalise(messages: list[dict]) -> list[dict]:
 class TransformersMLLM:
     """A local vision-language model (LLaVA-1.5, Qwen2-VL, ...) via AutoModelForImageTextToText."""
 
-    def __init__(self, model: Any, processor: Any, device: torch.device, max_new_tokens: int, temperature: float):
+    def __init__(
+        self, model: Any, processor: Any, device: torch.device, max_new_tokens: int, temperature: float
+    ):
         self.model = model.to(device).eval()
         self.processor = processor
         self.device = device
@@ -166,6 +168,8 @@ class OpenAIMLLM:
 def load_openai_mllm(spec, device: torch.device, cache_dir: str) -> OpenAIMLLM:
     """Client for ``spec.base_url``; the API key is read from env var ``spec.api_key_env`` if set."""
     if not spec.base_url:
-        raise ValueError("models.mllm.base_url is required for the 'openai' backend (e.g. http://host:8000/v1)")
+        raise ValueError(
+            "models.mllm.base_url is required for the 'openai' backend (e.g. http://host:8000/v1)"
+        )
     api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
     return OpenAIMLLM(spec.base_url, spec.name, api_key, spec.max_new_tokens, spec.temperature)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,8 @@ CLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 _BUILDERS: dict[str, Callable[[Path, int], None]] = {}
+# Builders seed torch's global RNG; serialising in-process builds keeps them deterministic.
+_BUILD_LOCK = threading.RLock()
 
 # A small built-in corpus for the tiny MLLM's byte-level BPE: enough to learn common merges.
 _CORPUS = """
@@ -69,6 +72,13 @@ def build(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     if kind not in _BUILDERS:
         raise KeyError(f"unknown tiny model kind '{kind}': known kinds are {', '.join(kinds())}")
     out = Path(out_dir)
+    if (out / "_COMPLETE").exists():
+        return out
+    with _BUILD_LOCK:
+        return _build_locked(kind, out, seed)
+
+
+def _build_locked(kind: str, out: Path, seed: int) -> Path:
     if (out / "_COMPLETE").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -135,9 +145,8 @@ def _clip_tokenizer():
 
 
 def _byte_bpe_tokenizer(specials: list[str], vocab_size: int = 1000):
-    """Train a byte-level BPE on the built-in corpus and wrap it as a transformers tokenizer."""
+    """Train a byte-level BPE on the built-in corpus (well under a second)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -303,5 +312,95 @@ def _build_llava(out: Path, seed: int) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+
+
+# ---------------------------------------------------------------- qwen2-vl
+_QWEN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@_register("qwen2-vl")
+def _build_qwen2_vl(out: Path, seed: int) -> None:
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    specials = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_byte_bpe_tokenizer(specials),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=2048,
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+    # 56x56 px -> 4x4 patches of 14 -> 2x2 merged = 4 image tokens: tiny but the real pipeline.
+    pixels = 56 * 56
+    size = {"shortest_edge": pixels, "longest_edge": pixels}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(size=size),
+        chat_template=_QWEN_TEMPLATE,
+    )
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            # head_dim 16 -> 8 rotary frequencies split over (time, height, width).
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": 64,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.save_pretrained(str(out))
     processor.save_pretrained(str(out))

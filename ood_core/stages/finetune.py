@@ -132,6 +132,7 @@ class FinetuneStage(Stage):
         log(f"[finetune] training adapter on {len(x_train)} cached features ({len(by_role['synthetic'])} synthetic)")
         adapter, img_hist = train_image_adapter(
             x_train, y_train, torch.cat([id_text, neg_text]), fc, seed=ctx.cfg.seed,
+            loss=fc.loss, num_id=len(id_text),
             progress=lambda e, loss: log(f"[finetune] adapter epoch {e + 1}/{fc.epochs} loss {loss:.4f}"),
         )
         with torch.no_grad():
@@ -165,7 +166,7 @@ class FinetuneStage(Stage):
             for role in eval_roles[1:]:
                 name = role.split(":", 1)[1]
                 results.setdefault(method, {})[name] = ood_metrics(per_role["id_test"], per_role[role], fc.fpr_convention)
-                curves.setdefault(method, {})[name] = roc_curve(per_role["id_test"], per_role[role])
+                curves.setdefault(method, {})[name] = roc_curve(per_role["id_test"], per_role[role], fc.fpr_convention)
             sets = list(results[method].values())
             results[method]["average"] = {k: float(np.mean([m[k] for m in sets])) for k in sets[0]}
         y_test = torch.tensor([r["class_idx"] for r in by_role["id_test"]])

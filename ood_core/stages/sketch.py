@@ -92,9 +92,14 @@ class SketchStage(Stage):
         return out
 
     def _hygiene(self, ctx: StageContext, out: ShardOutput, labels: list[str], kind: str, prefix: str, **cols):
+        from ood_core.data import ood_classnames
         from ood_core.labels import label_hygiene
 
         clip = ctx.models.clip()
+        # leakage is checked against the configured names and every evaluation set's class names
+        eval_names = list(ctx.cfg.sketch.eval_ood_names)
+        for name in ctx.cfg.data.ood_sets:
+            eval_names += ood_classnames(name, ctx.cfg.data)
         classnames = ctx.dataset.classnames
 
         def text_cosine(cands: list[str], ids: list[str]) -> np.ndarray:
@@ -105,7 +110,7 @@ class SketchStage(Stage):
         verdicts = label_hygiene(
             labels,
             classnames,
-            eval_ood_names=ctx.cfg.sketch.eval_ood_names,
+            eval_ood_names=eval_names,
             text_cosine=text_cosine,
             overlap_cosine=ctx.cfg.sketch.overlap_cosine,
         )

@@ -1,0 +1,171 @@
+"""End to end on the tiny preset through the real CLI and real Prefect (ephemeral API)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from ood_core.config import load_config
+from ood_core.pipeline import read_run_record, resolve_keys, run_local
+from ood_core.stages import STAGE_ORDER
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "flows.cli"]
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, env=os.environ.copy())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"synth-ood {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("models"))
+
+
+def tiny_args(out: Path, model_cache: str, *extra: str) -> list[str]:
+    return ["run", "--preset", "tiny", "--out", str(out), "--set", f"models.cache_dir={model_cache}", *extra]
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """(mtime_ns, inode) of every file under root: a rewrite changes both."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_ino)
+        for p in root.rglob("*")
+        if p.is_file() and "_runs" not in p.parts
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, model_cache):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    proc = cli(*tiny_args(out, model_cache))
+    return out, proc
+
+
+def test_first_run_leaves_four_complete_verified_stages(tiny_run):
+    out, proc = tiny_run
+    record = read_run_record(str(out))
+    for stage in STAGE_ORDER:
+        folder = out / stage / record["keys"][stage]
+        assert (folder / "_SUCCESS.json").exists(), stage
+        tars = sorted(folder.glob("shards/*.tar"))
+        assert tars, stage
+        for tar in tars:
+            with tarfile.open(tar) as tf:
+                names = tf.getnames()
+            assert all(n.count(".") >= 1 and "." not in n.split(".")[0] for n in names)
+            assert len(list(wds.WebDataset(str(tar), shardshuffle=False))) == len({n.split(".")[0] for n in names})
+        for parquet in folder.glob("manifests/*.parquet"):
+            table = pq.read_table(parquet)
+            assert {"key", "status", "reason", "error"} <= set(table.column_names)
+    assert cli("verify", str(out)).returncode == 0
+    assert "FPR95" in proc.stdout and "AUROC" in proc.stdout
+    art = out / "finetune" / record["keys"]["finetune"] / "artifacts"
+    for name in ("metrics.json", "report.md", "roc.png", "score_histograms.png", "adapter.pt"):
+        assert (art / name).stat().st_size > 0, name
+
+
+def test_second_run_recomputes_nothing(tiny_run, model_cache):
+    out, _ = tiny_run
+    before = snapshot(out)
+    proc = cli(*tiny_args(out, model_cache))
+    assert snapshot(out) == before
+    assert "done in" not in proc.stdout + proc.stderr  # no shard ran
+
+
+def test_status_reports_every_stage_done(tiny_run):
+    out, _ = tiny_run
+    proc = cli("status", str(out))
+    for stage in STAGE_ORDER:
+        assert f"{stage}" in proc.stdout
+    assert proc.stdout.count(" done ") == 4
+    assert "kept" in proc.stdout and "rejected" in proc.stdout
+
+
+def test_deleted_shard_marker_reruns_only_that_shard(tiny_run, model_cache):
+    out, _ = tiny_run
+    key = read_run_record(str(out))["keys"]["sketch"]
+    folder = out / "sketch" / key
+    (folder / "stats" / "000001.json").unlink()
+    (folder / "_SUCCESS.json").unlink()
+    before = snapshot(out)
+    cli(*tiny_args(out, model_cache))
+    after = snapshot(out)
+    changed = {p for p in after if before.get(p) != after[p]}
+    prefix = f"sketch/{key}/"
+    assert {p[len(prefix):] for p in changed if p.startswith(prefix)} == {
+        "shards/000001.tar", "manifests/000001.parquet", "stats/000001.json", "_SUCCESS.json",
+    }
+    # downstream keys did not change, so nothing downstream was recomputed
+    assert all(p.startswith(prefix) for p in changed), sorted(changed)
+    assert cli("verify", str(out)).returncode == 0
+
+
+def test_changed_generate_setting_reuses_sketch_only(tiny_run, model_cache):
+    out, _ = tiny_run
+    old = read_run_record(str(out))["keys"]
+    sketch_before = {p: v for p, v in snapshot(out).items() if p.startswith(f"sketch/{old['sketch']}/")}
+    cli(*tiny_args(out, model_cache, "--set", "generate.rounds=1"))
+    new = read_run_record(str(out))["keys"]
+    assert new["sketch"] == old["sketch"]
+    for stage in ("generate", "elaborate", "finetune"):
+        assert new[stage] != old[stage]
+        assert (out / stage / new[stage] / "_SUCCESS.json").exists()
+        assert (out / stage / old[stage] / "_SUCCESS.json").exists()  # old results are kept
+    after = {p: v for p, v in snapshot(out).items() if p.startswith(f"sketch/{old['sketch']}/")}
+    assert after == sketch_before
+
+
+def test_corrupted_byte_fails_verify_naming_the_shard(tiny_run, tmp_path):
+    out, _ = tiny_run
+    key = read_run_record(str(out))["keys"]["generate"]
+    tar = out / "generate" / key / "shards" / "000000.tar"
+    original = tar.read_bytes()
+    try:
+        data = bytearray(original)
+        data[len(data) // 2] ^= 0x01
+        tar.write_bytes(bytes(data))
+        proc = cli("verify", str(out), check=False)
+        assert proc.returncode == 1
+        assert f"generate/{key}/shards/000000.tar" in proc.stdout
+    finally:
+        tar.write_bytes(original)
+    assert cli("verify", str(out)).returncode == 0
+
+
+def test_bad_config_fails_before_any_work(tmp_path):
+    proc = cli("run", "--preset", "tiny", "--out", str(tmp_path / "x"), "--set", "generate.roundz=2", check=False)
+    assert proc.returncode == 2
+    assert "generate.roundz" in proc.stderr and "rounds" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def _manifest_hash(root: Path, stage: str, key: str) -> str:
+    h = hashlib.sha256()
+    for p in sorted((root / stage / key / "manifests").glob("*.parquet")):
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_sketch_manifest_hash(tmp_path, model_cache):
+    cfg = load_config("tiny", {"models.cache_dir": model_cache})
+    key = resolve_keys(cfg)["sketch"]
+    run_local(cfg, str(tmp_path / "a"), only=["sketch"], log=lambda m: None)
+    run_local(cfg, str(tmp_path / "b"), only=["sketch"], log=lambda m: None)
+    assert _manifest_hash(tmp_path / "a", "sketch", key) == _manifest_hash(tmp_path / "b", "sketch", key)
+    other = load_config("tiny", {"models.cache_dir": model_cache, "seed": "1"})
+    other_key = resolve_keys(other)["sketch"]
+    assert other_key != key
+    run_local(other, str(tmp_path / "c"), only=["sketch"], log=lambda m: None)
+    assert _manifest_hash(tmp_path / "c", "sketch", other_key) != _manifest_hash(tmp_path / "a", "sketch", key)

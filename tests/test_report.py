@@ -1,0 +1,91 @@
+"""Report artefacts: the Markdown table and the PNG writers."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ood_core.metrics import ood_metrics, roc_curve
+from ood_core.report import image_grid, metrics_table_markdown, plot_roc, plot_score_histograms
+
+RNG = np.random.default_rng(0)
+SCORES = {
+    "mcm": {"id": RNG.normal(1, 1, 50), "textures": RNG.normal(0, 1, 40), "objects": RNG.normal(0.5, 1, 30)},
+    "neglabel": {
+        "id": RNG.normal(2, 1, 50),
+        "textures": RNG.normal(0, 1, 40),
+        "objects": RNG.normal(0, 1, 30),
+    },
+}
+
+
+def _results(convention="openood"):
+    return {m: {s: ood_metrics(v["id"], v[s], convention) for s in v if s != "id"} for m, v in SCORES.items()}
+
+
+def _rows(table):
+    return [line for line in table.splitlines() if line.startswith("| ")]
+
+
+def test_table_rows_columns_values_and_caption():
+    res = _results()
+    table = metrics_table_markdown(res, "openood", id_accuracy={"mcm": 0.5, "neglabel": 0.75})
+    first = table.splitlines()[0]
+    assert "openood" in first and "OOD positive" in first
+    header, *rows = _rows(table)
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells[:5] == ["method", "textures FPR95↓", "textures AUROC↑", "objects FPR95↓", "objects AUROC↑"]
+    assert cells[5:] == ["average FPR95↓", "average AUROC↑", "ID acc."]
+    assert [r.split("|")[1].strip() for r in rows] == ["mcm", "neglabel"]
+    mcm_cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert mcm_cells[1] == f"{100 * res['mcm']['textures']['fpr95']:.2f}"
+    assert mcm_cells[2] == f"{100 * res['mcm']['textures']['auroc']:.2f}"
+    avg = (res["mcm"]["textures"]["auroc"] + res["mcm"]["objects"]["auroc"]) / 2
+    assert mcm_cells[6] == f"{100 * avg:.2f}"
+    assert mcm_cells[7] == "50.00"
+    assert "mcm" in metrics_table_markdown(_results("mcm"), "mcm").splitlines()[0]
+
+
+def test_table_ignores_a_precomputed_average_entry():
+    res = _results()
+    plain = metrics_table_markdown(res, "openood")
+    for per_set in res.values():
+        per_set["average"] = {
+            k: float(np.mean([m[k] for m in per_set.values()])) for k in per_set["textures"]
+        }
+    assert metrics_table_markdown(res, "openood") == plain
+
+
+def test_table_handles_missing_set_and_bad_convention():
+    res = _results()
+    del res["neglabel"]["objects"]
+    table = metrics_table_markdown(res, "openood")
+    row = [c.strip() for c in _rows(table)[2].strip("|").split("|")]
+    assert row[3:5] == ["–", "–"]
+    assert row[6] == f"{100 * res['neglabel']['textures']['auroc']:.2f}"
+    with pytest.raises(ValueError, match="convention"):
+        metrics_table_markdown(res, "sklearn")
+
+
+def _is_png(path):
+    data = path.read_bytes()
+    return len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_write_png_files(tmp_path):
+    curves = {m: {s: roc_curve(v["id"], v[s]) for s in v if s != "id"} for m, v in SCORES.items()}
+    roc = plot_roc(curves, tmp_path / "roc.png")
+    hist = plot_score_histograms(SCORES, tmp_path / "sub" / "hist.png")
+    imgs = [Image.new("RGB", (32, 24), (i * 40, 100, 200 - i * 30)) for i in range(5)]
+    grid = image_grid(
+        imgs, [f"kept: a long caption number {i}" for i in range(5)], tmp_path / "grid.png", cols=3
+    )
+    for p in (roc, hist, grid):
+        assert _is_png(p)
+    # No temporary files are left behind.
+    assert sorted(x.name for x in tmp_path.rglob("*") if x.is_file()) == ["grid.png", "hist.png", "roc.png"]
+
+
+def test_image_grid_checks_captions(tmp_path):
+    with pytest.raises(ValueError, match="captions"):
+        image_grid([Image.new("RGB", (8, 8))], [], tmp_path / "g.png")
+    assert _is_png(image_grid([], [], tmp_path / "empty.png"))
