@@ -37,9 +37,14 @@ _PREAMBLE = re.compile(
 )
 
 
+def printable(s: str) -> str:
+    """Control characters and U+FFFD (undecodable bytes from a model) become spaces."""
+    return "".join(" " if ch == "\ufffd" or unicodedata.category(ch).startswith("C") else ch for ch in s)
+
+
 def normalize_label(s: str) -> str:
     """Canonical label: NFKC, lower-case, no markdown/quotes/parentheticals/leading article, one space."""
-    s = unicodedata.normalize("NFKC", s).translate(_QUOTES)
+    s = printable(unicodedata.normalize("NFKC", s).translate(_QUOTES))
     s = s.replace("_", " ")
     s = re.sub(r"[*`#]+", "", s)
     s = re.sub(r"\([^)]*\)|\[[^\]]*\]", " ", s)
@@ -241,7 +246,7 @@ def context_prompt(context_text: str, max_chars: int = 73) -> str:
     The context is made one line, stripped of quotes and trailing punctuation, and cut to at most
     ``max_chars`` characters (at a word boundary when one exists). Raises ``ValueError`` when empty.
     """
-    s = unicodedata.normalize("NFKC", context_text).translate(_QUOTES)
+    s = printable(unicodedata.normalize("NFKC", context_text).translate(_QUOTES))
     s = re.sub(r"\s+", " ", s).strip().strip("\"'` ")
     s = s.rstrip(" .,;:!?")
     if len(s) > max_chars:

@@ -127,3 +127,12 @@ def test_context_prompt():
     assert len(context_prompt("word " * 40, max_chars=20)) <= len("A photo only remain .") + 20
     with pytest.raises(ValueError):
         context_prompt(" . ")
+
+
+def test_undecodable_bytes_and_control_characters_are_removed():
+    from ood_core.labels import context_prompt, normalize_label
+
+    assert normalize_label("ro\ufffd\ufffd\x10\x10 fox") == "ro fox"
+    prompt = context_prompt("ro\ufffd\x10 grass\x05 field")
+    assert "\ufffd" not in prompt and "\x10" not in prompt and "\x05" not in prompt
+    assert prompt == "A photo only remain ro grass field."

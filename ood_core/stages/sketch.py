@@ -165,6 +165,8 @@ class SketchStage(Stage):
         except Exception as err:  # noqa: BLE001 - the failure is recorded as a row
             out.add(row("far_conversation", "failed", type(err).__name__, f"{type(err).__name__}: {err}", kind="far"))
         out.samples.append(_transcript_sample("far_conversation", transcript))
+        if not labels and not out.rows:
+            out.add(row("far_conversation", "rejected", "no_labels_parsed", None, kind="far"))
         self._hygiene(ctx, out, labels[: sc.far_labels], "far", "far")
 
     def _near(self, ctx: StageContext, out: ShardOutput, class_idx: int) -> None:
