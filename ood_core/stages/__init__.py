@@ -1,5 +1,6 @@
 """The four stages; importing this package registers them in ``STAGES``."""
 
+from ood_core.stages import elaborate, finetune, generate, sketch  # noqa: F401  (registers)
 from ood_core.stages.base import (
     STAGE_ORDER,
     STAGES,
@@ -8,6 +9,5 @@ from ood_core.stages.base import (
     Stage,
     StageContext,
 )
-from ood_core.stages import elaborate, finetune, generate, sketch  # noqa: F401  (registers)
 
 __all__ = ["STAGE_ORDER", "STAGES", "ShardOutput", "ShardPlan", "Stage", "StageContext"]

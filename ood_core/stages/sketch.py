@@ -214,7 +214,7 @@ class SketchStage(Stage):
                     "content": [
                         {"type": "image", "image": image},
                         _text(
-                            f"Describe the surroundings and background of this image in one short phrase,",
+                            "Describe the surroundings and background of this image in one short phrase,",
                             f"without mentioning the {rec.class_name} or any other main subject.",
                         ),
                     ],
