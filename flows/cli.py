@@ -20,27 +20,36 @@ def _stages(values: list[str] | None) -> list[str] | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ood_core.pipeline import selected_stages
+    from ood_core.pipeline import StageNotReady, selected_stages
 
     try:
         overrides = parse_overrides(args.set)
-        load_config(args.preset, overrides)  # validate before any work or Prefect start-up
+        cfg = load_config(args.preset, overrides)  # validate before any work or Prefect start-up
         selected_stages(_stages(args.only), _stages(args.force))
     except (ConfigError, ValueError) as err:
         print(f"synth-ood: {err}", file=sys.stderr)
         return 2
     out = os.path.abspath(args.out) if "://" not in args.out else args.out
     if args.no_prefect:
-        from ood_core.config import load_config as _load
         from ood_core.pipeline import run_local
 
-        results = run_local(_load(args.preset, overrides), out, _stages(args.only), _stages(args.force))
+        try:
+            results = run_local(cfg, out, _stages(args.only), _stages(args.force))
+        except StageNotReady as err:
+            print(f"synth-ood: {err}", file=sys.stderr)
+            return 2
     else:
+        # the ephemeral server would otherwise try to send telemetry from an offline machine
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         from flows.synth_ood import synth_ood
 
-        results = synth_ood(
-            preset=args.preset, out=out, only=_stages(args.only), force=_stages(args.force), overrides=overrides
-        )
+        try:
+            results = synth_ood(
+                preset=args.preset, out=out, only=_stages(args.only), force=_stages(args.force), overrides=overrides
+            )
+        except StageNotReady as err:
+            print(f"synth-ood: {err}", file=sys.stderr)
+            return 2
     _print_summary(results, out)
     return 0
 

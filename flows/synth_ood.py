@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow
+from prefect import flow, tags
 
 from ood_core.config import load_config
 from tasks import finalize_task, plan_task, prepare_run_task, shard_task
@@ -23,9 +23,11 @@ def synth_ood(
     keys, stages, forced = prepare_run_task(cfg, out, only, force)
     results = {}
     for stage in stages:
-        started = time.time()
-        n_shards = plan_task(stage, cfg, out, keys, force=stage in forced)
-        for index in range(n_shards):
-            shard_task(stage, cfg, out, keys, index, n_shards)
-        results[stage] = finalize_task(stage, cfg, out, keys, n_shards, started)
+        # tag per stage, so a concurrency limit can bound e.g. `stage-generate` on a GPU pool
+        with tags("synth-ood", f"stage-{stage}"):
+            started = time.time()
+            n_shards = plan_task(stage, cfg, out, keys, force=stage in forced)
+            for index in range(n_shards):
+                shard_task(stage, cfg, out, keys, index, n_shards)
+            results[stage] = finalize_task(stage, cfg, out, keys, n_shards, started)
     return results

@@ -72,7 +72,11 @@ def load_shard_plan(ctx: StageContext, index: int) -> ShardPlan:
 def run_shard(ctx: StageContext, name: str, index: int) -> dict:
     """Run one shard unless its stats marker exists; returns its stats."""
     if ctx.store.shard_done(index):
-        return {**ctx.store.shard_stats(index), "reused": True}
+        problems = ctx.store.shard_problems(index)
+        if not problems:
+            return {**ctx.store.shard_stats(index), "reused": True}
+        ctx.log(f"[{name}] shard {index} is not intact ({problems[0]}); recomputing it")
+        ctx.store.invalidate_shard(index)
     stage = STAGES.get(name)()
     shard = load_shard_plan(ctx, index)
     t0 = time.perf_counter()
@@ -152,7 +156,7 @@ def run_local(
         store = stage_store(root, name, keys)
         if name in forced:
             store.clear()
-        if store.is_complete():
+        if store.is_valid():
             log(f"[{name}] reused {store.url()}")
             results[name] = store.read_success()
             continue

@@ -215,6 +215,45 @@ class StageStore:
         if self.exists(self.base):
             self.fs.rm(self.base, recursive=True)
 
+    def shard_problems(self, index: int, deep: bool = True) -> list[str]:
+        """Problems of one finished shard: missing files, sha256 mismatch, row/sample counts."""
+        paths = self.shard_paths(index)
+        stats = self.shard_stats(index)
+        problems: list[str] = []
+        for kind in ("tar", "parquet"):
+            folder, name = paths[kind].rsplit("/", 2)[-2:]
+            label = f"{self.url()}/{folder}/{name}"
+            if not self.exists(paths[kind]):
+                problems.append(f"{label}: missing")
+                continue
+            if not deep:
+                continue
+            data = self.read_bytes(paths[kind])
+            if sha256_bytes(data) != stats[f"{kind}_sha256"]:
+                problems.append(f"{label}: sha256 differs from stats/{index:06d}.json (corrupted or rewritten)")
+            elif kind == "parquet" and (n := pq.read_metadata(io.BytesIO(data)).num_rows) != stats["rows"]:
+                problems.append(f"{label}: {n} rows, stats say {stats['rows']}")
+            elif kind == "tar":
+                try:
+                    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tf:
+                        n = len({m.name.split(".", 1)[0] for m in tf})
+                except tarfile.TarError as err:
+                    problems.append(f"{label}: unreadable ({err})")
+                else:
+                    if n != stats["samples"]:
+                        problems.append(f"{label}: {n} samples, stats say {stats['samples']}")
+        return problems
+
+    def shard_valid(self, index: int) -> bool:
+        """Finished and intact: the only kind of shard a rerun may reuse."""
+        return self.shard_done(index) and not self.shard_problems(index)
+
+    def invalidate_shard(self, index: int) -> None:
+        """Drop a shard's marker (and the stage's, which no longer holds) so the shard reruns."""
+        for path in (self.shard_paths(index)["stats"], self.success_path()):
+            if self.exists(path):
+                self.fs.rm(path)
+
     def verify(self, deep: bool = True) -> list[str]:
         """Problems found, empty if consistent: missing files, hash mismatches, row counts."""
         problems: list[str] = []
@@ -228,31 +267,12 @@ class StageStore:
             missing = sorted(set(range(expected)) - set(done))
             problems.append(f"{self.url()}: shards without stats marker: {missing}")
         for i in done:
-            paths = self.shard_paths(i)
-            stats = self.shard_stats(i)
-            for kind in ("tar", "parquet"):
-                name = paths[kind].rsplit("/", 2)
-                label = f"{self.url()}/{name[-2]}/{name[-1]}"
-                if not self.exists(paths[kind]):
-                    problems.append(f"{label}: missing")
-                    continue
-                if deep and sha256_bytes(self.read_bytes(paths[kind])) != stats[f"{kind}_sha256"]:
-                    problems.append(f"{label}: sha256 differs from stats/{i:06d}.json (corrupted or rewritten)")
-            if deep and not any(p.startswith(f"{self.url()}/manifests/{i:06d}") for p in problems):
-                n = pq.read_metadata(io.BytesIO(self.read_bytes(paths["parquet"]))).num_rows
-                if n != stats["rows"]:
-                    problems.append(f"{self.url()}/manifests/{i:06d}.parquet: {n} rows, stats say {stats['rows']}")
-            if deep and not any(p.startswith(f"{self.url()}/shards/{i:06d}") for p in problems):
-                try:
-                    n_samples = len({k for k, _ in self.iter_samples(i)})
-                except (tarfile.TarError, ValueError) as err:
-                    problems.append(f"{self.url()}/shards/{i:06d}.tar: unreadable ({err})")
-                else:
-                    if n_samples != stats["samples"]:
-                        problems.append(
-                            f"{self.url()}/shards/{i:06d}.tar: {n_samples} samples, stats say {stats['samples']}"
-                        )
+            problems += self.shard_problems(i, deep)
         return problems
+
+    def is_valid(self) -> bool:
+        """Complete and every shard intact: the only kind of stage a rerun may reuse."""
+        return self.is_complete() and not self.verify()
 
 
 def count_by_status(rows: list[dict]) -> dict[str, dict[str, int]]:

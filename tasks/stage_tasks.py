@@ -33,14 +33,15 @@ def _root_tag(root: str) -> str:
 
 def _shard_cache_key(_ctx: Any, p: dict[str, Any]) -> str | None:
     store = stage_store(p["root"], p["stage"], p["keys"])
-    if not store.shard_done(p["index"]):
+    if not store.shard_valid(p["index"]):
         return None
     return f"synth-ood/{p['stage']}/{store.key}/shard-{p['index']:06d}@{_root_tag(p['root'])}"
 
 
 def _stage_cache_key(_ctx: Any, p: dict[str, Any]) -> str | None:
     store = stage_store(p["root"], p["stage"], p["keys"])
-    if not store.is_complete():
+    # the shard tasks just before have checked every shard's hashes; here the markers suffice
+    if not store.is_complete() or len(store.shard_indices()) != store.read_success()["shards"]:
         return None
     return f"synth-ood/{p['stage']}/{store.key}/success@{_root_tag(p['root'])}"
 
@@ -104,4 +105,18 @@ def finalize_task(stage: str, cfg: dict, root: str, keys: dict[str, str], n_shar
     ctx = make_context(config, root, stage, keys, _logger())
     info = finalize_stage(ctx, stage, keys, n_shards, started)
     get_run_logger().info(f"{stage}: complete -> {ctx.store.url()} ({info['rows']} rows, {info['counts']})")
+    _publish(stage, ctx.store, info)
     return info
+
+
+def _publish(stage: str, store, info: dict) -> None:
+    """The stage's counts (and, for finetune, the report) as a Prefect artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    lines = [f"## {stage} `{info['key']}`", "", f"{store.url()}", "", "| status | reason | count |", "|---|---|---|"]
+    for status, reasons in sorted(info["counts"].items()):
+        lines += [f"| {status} | {reason} | {n} |" for reason, n in sorted(reasons.items())]
+    report = store.path("artifacts", "report.md")
+    if store.exists(report):
+        lines += ["", store.read_bytes(report).decode()]
+    create_markdown_artifact("\n".join(lines), key=f"synth-ood-{stage}", description=f"synth-ood {stage} stage")

@@ -12,3 +12,4 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["PREFECT_HOME"] = os.path.join(_PREFECT_TMP, "home")
 os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_TMP, "results")
 os.environ.pop("PREFECT_API_URL", None)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"

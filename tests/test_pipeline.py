@@ -127,21 +127,46 @@ def test_changed_generate_setting_reuses_sketch_only(tiny_run, model_cache):
     assert after == sketch_before
 
 
-def test_corrupted_byte_fails_verify_naming_the_shard(tiny_run, tmp_path):
+def test_corrupted_byte_fails_verify_and_a_rerun_repairs_only_that_shard(tiny_run, model_cache):
     out, _ = tiny_run
-    key = read_run_record(str(out))["keys"]["generate"]
+    key = resolve_keys(load_config("tiny", {"models.cache_dir": model_cache}))["generate"]
     tar = out / "generate" / key / "shards" / "000000.tar"
     original = tar.read_bytes()
-    try:
-        data = bytearray(original)
-        data[len(data) // 2] ^= 0x01
-        tar.write_bytes(bytes(data))
-        proc = cli("verify", str(out), check=False)
-        assert proc.returncode == 1
-        assert f"generate/{key}/shards/000000.tar" in proc.stdout
-    finally:
-        tar.write_bytes(original)
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0x01
+    tar.write_bytes(bytes(data))
+    proc = cli("verify", str(out), check=False)
+    assert proc.returncode == 1
+    assert f"generate/{key}/shards/000000.tar" in proc.stdout and "sha256" in proc.stdout
+
+    before = snapshot(out)
+    cli(*tiny_args(out, model_cache))
+    after = snapshot(out)
+    changed = {p for p in after if before.get(p) != after[p]}
+    prefix = f"generate/{key}/"
+    assert {p[len(prefix):] for p in changed} == {
+        "shards/000000.tar", "manifests/000000.parquet", "stats/000000.json", "_SUCCESS.json",
+    }, sorted(changed)
+    assert tar.read_bytes() == original  # same seed, same bytes
     assert cli("verify", str(out)).returncode == 0
+
+
+def test_force_recomputes_only_that_stage(tiny_run, model_cache):
+    out, _ = tiny_run
+    keys = resolve_keys(load_config("tiny", {"models.cache_dir": model_cache}))
+    before = snapshot(out)
+    cli(*tiny_args(out, model_cache, "--force", "elaborate"))
+    after = snapshot(out)
+    changed = {p.split("/")[0] for p in after if before.get(p) != after[p]}
+    assert changed == {"elaborate"}
+    assert all(p.split("/")[1] == keys["elaborate"] for p in after if p.startswith("elaborate/") and p in changed)
+    assert cli("verify", str(out)).returncode == 0
+
+
+def test_only_a_stage_whose_upstream_is_missing_names_it(tmp_path, model_cache):
+    proc = cli(*tiny_args(tmp_path / "empty", model_cache, "--only", "generate"), check=False)
+    assert proc.returncode == 2
+    assert "'generate' needs 'sketch'" in proc.stderr and "--only" in proc.stderr
 
 
 def test_bad_config_fails_before_any_work(tmp_path):

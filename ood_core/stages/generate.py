@@ -120,5 +120,9 @@ class GenerateStage(Stage):
             score_before=result.score_before,
             score_after=result.score_after,
         )
+        ctx.log(
+            f"[generate] {key}: energy score {result.score_before:.2f} -> {result.score_after:.2f} "
+            f"(target {g.m_out}, {g.rounds} rounds)"
+        )
         meta = {**r, "round_scores": result.round_scores}
         out.add(r, {"png": png_bytes(result.image), "json": json.dumps(meta, sort_keys=True).encode()})
