@@ -157,9 +157,9 @@ def test_force_recomputes_only_that_stage(tiny_run, model_cache):
     before = snapshot(out)
     cli(*tiny_args(out, model_cache, "--force", "elaborate"))
     after = snapshot(out)
-    changed = {p.split("/")[0] for p in after if before.get(p) != after[p]}
-    assert changed == {"elaborate"}
-    assert all(p.split("/")[1] == keys["elaborate"] for p in after if p.startswith("elaborate/") and p in changed)
+    changed = {p for p in after if before.get(p) != after[p]}
+    assert changed and all(p.startswith(f"elaborate/{keys['elaborate']}/") for p in changed), sorted(changed)
+    assert f"elaborate/{keys['elaborate']}/shards/000000.tar" in changed
     assert cli("verify", str(out)).returncode == 0
 
 
