@@ -1,5 +1,13 @@
-"""Prefect flows: orchestration only; the work lives in ``ood_core`` behind ``tasks``."""
+"""Prefect flows: orchestration only; the work lives in ``ood_core`` behind ``tasks``.
 
-from flows.synth_ood import synth_ood
+The flow is ``flows.synth_ood.synth_ood`` (imported lazily so that ``synth-ood status`` and
+``synth-ood verify`` start without loading Prefect).
+"""
 
-__all__ = ["synth_ood"]
+
+def __getattr__(name: str):
+    if name == "synth_ood":
+        from flows.synth_ood import synth_ood
+
+        return synth_ood
+    raise AttributeError(name)

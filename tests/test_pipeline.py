@@ -194,3 +194,16 @@ def test_same_seed_same_sketch_manifest_hash(tmp_path, model_cache):
     assert other_key != key
     run_local(other, str(tmp_path / "c"), only=["sketch"], log=lambda m: None)
     assert _manifest_hash(tmp_path / "c", "sketch", other_key) != _manifest_hash(tmp_path / "a", "sketch", key)
+
+
+def test_stage_counts_and_report_published_as_prefect_artifacts(tiny_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    keys = [f"synth-ood-{s}" for s in STAGE_ORDER]
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    by_key = {a.key: a.data for a in arts}
+    assert set(by_key) == set(keys)
+    assert "| kept |" in by_key["synth-ood-sketch"]
+    assert "FPR95" in by_key["synth-ood-finetune"] and "AUROC" in by_key["synth-ood-finetune"]
