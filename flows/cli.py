@@ -75,7 +75,7 @@ def _fmt_counts(counts: dict) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ood_core.pipeline import read_run_record
+    from ood_core.pipeline import read_plan, read_run_record
     from ood_core.stages import STAGE_ORDER
     from ood_core.storage import StageStore, merge_counts
 
@@ -93,9 +93,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             done = store.shard_indices()
             counts = merge_counts([store.shard_stats(i)["counts"] for i in done])
-            plan = store.path("plan.json")
-            total = len(store.read_json(plan)) if store.exists(plan) else "?"
-            state = "partial" if done or store.exists(plan) else "missing"
+            plan = read_plan(store)
+            total = len(plan["shards"]) if plan else "?"
+            state = "partial" if done or plan else "missing"
             detail = f"{len(done)}/{total} shards"
         print(f"  {name:<10} {state:<8} {store.key}  {detail}")
         for status, reasons in sorted(counts.items()):

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from ood_core import __version__
 from ood_core.config import RunConfig
 from ood_core.stages import STAGE_ORDER, STAGES, ShardPlan, StageContext
-from ood_core.storage import StageStore, merge_counts, stage_key
+from ood_core.storage import StageStore, list_stage_runs, merge_counts, stage_key
 
 PLAN = "plan.json"
 
@@ -52,31 +52,72 @@ def make_context(cfg: RunConfig, root: str, name: str, keys: dict[str, str], log
     return StageContext(cfg=cfg, store=stage_store(root, name, keys), upstream=upstream, log=log)
 
 
-def plan_stage(ctx: StageContext, name: str) -> list[ShardPlan]:
+def shard_key(cfg: RunConfig, name: str, keys: dict[str, str]) -> str:
+    """What a stage's shards (not its stage-level step) depend on; equal keys mean shareable shards."""
+    stage = STAGES.get(name)()
+    sliced = stage.shard_slice(cfg)
+    if sliced is None:
+        return keys[name]
+    return stage_key(f"{name}/shards", stage.schema.version, sliced, {u: keys[u] for u in stage.upstream})
+
+
+def read_plan(store: StageStore) -> dict | None:
+    """``{"shard_key": str, "shards": [{"index", "items"}, ...]}`` or None before planning."""
+    path = store.path(PLAN)
+    return store.read_json(path) if store.exists(path) else None
+
+
+def plan_stage(ctx: StageContext, name: str, keys: dict[str, str]) -> list[ShardPlan]:
     """Plan once; the frozen ``plan.json`` keeps shard numbering stable across resumes."""
-    path = ctx.store.path(PLAN)
-    if ctx.store.exists(path):
-        return [ShardPlan(p["index"], p["items"]) for p in ctx.store.read_json(path)]
-    plans = STAGES.get(name)().plan(ctx)
-    ctx.store.write_json(path, [asdict(p) for p in plans])
-    return plans
+    plan = read_plan(ctx.store)
+    if plan is None:
+        shards = [asdict(p) for p in STAGES.get(name)().plan(ctx)]
+        plan = {"shard_key": shard_key(ctx.cfg, name, keys), "shards": shards}
+        ctx.store.write_json(ctx.store.path(PLAN), plan)
+    return [ShardPlan(p["index"], p["items"]) for p in plan["shards"]]
 
 
 def load_shard_plan(ctx: StageContext, index: int) -> ShardPlan:
-    for p in ctx.store.read_json(ctx.store.path(PLAN)):
+    for p in read_plan(ctx.store)["shards"]:
         if p["index"] == index:
             return ShardPlan(p["index"], p["items"])
     raise KeyError(f"shard {index} is not in {ctx.store.path(PLAN)}")
 
 
+def shard_donors(ctx: StageContext) -> list[StageStore]:
+    """Other folders of this stage planned with the same shard key and the same shards."""
+    cached = ctx.__dict__.get("_donors")
+    if cached is not None:
+        return cached
+    own = read_plan(ctx.store)
+    donors = []
+    if own["shard_key"] != ctx.store.key:  # the stage declares shards narrower than its config
+        for store in list_stage_runs(ctx.store.root, ctx.store.stage):
+            plan = read_plan(store) if store.key != ctx.store.key else None
+            if plan and plan["shard_key"] == own["shard_key"] and plan["shards"] == own["shards"]:
+                donors.append(store)
+    ctx.__dict__["_donors"] = donors
+    return donors
+
+
+def _copy_shard(src: StageStore, dst: StageStore, index: int) -> None:
+    a, b = src.shard_paths(index), dst.shard_paths(index)
+    for kind in ("tar", "parquet", "stats"):  # stats last: it marks the shard done
+        dst.write_bytes(b[kind], src.read_bytes(a[kind]))
+
+
 def run_shard(ctx: StageContext, name: str, index: int) -> dict:
-    """Run one shard unless its stats marker exists; returns its stats."""
+    """Run one shard unless it is done and intact here, or can be copied from an equal-keyed folder."""
     if ctx.store.shard_done(index):
         problems = ctx.store.shard_problems(index)
         if not problems:
             return {**ctx.store.shard_stats(index), "reused": True}
         ctx.log(f"[{name}] shard {index} is not intact ({problems[0]}); recomputing it")
         ctx.store.invalidate_shard(index)
+    for donor in shard_donors(ctx):
+        if donor.shard_valid(index):
+            _copy_shard(donor, ctx.store, index)
+            return {**ctx.store.shard_stats(index), "reused": True, "copied_from": donor.url()}
     stage = STAGES.get(name)()
     shard = load_shard_plan(ctx, index)
     t0 = time.perf_counter()
@@ -162,7 +203,7 @@ def run_local(
             continue
         started = time.time()
         ctx = make_context(cfg, root, name, keys, log)
-        plans = plan_stage(ctx, name)
+        plans = plan_stage(ctx, name, keys)
         for p in plans:
             stats = run_shard(ctx, name, p.index)
             log(f"[{name}] shard {p.index + 1}/{len(plans)}: {stats['rows']} rows {stats['counts']}")

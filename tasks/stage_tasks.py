@@ -74,7 +74,7 @@ def plan_task(stage: str, cfg: dict, root: str, keys: dict[str, str], force: boo
         get_run_logger().info(f"{stage}: --force, removing {store.url()}")
         store.clear()
     ctx = make_context(config, root, stage, keys, _logger())
-    plans = plan_stage(ctx, stage)
+    plans = plan_stage(ctx, stage, keys)
     done = sum(store.shard_done(p.index) for p in plans)
     get_run_logger().info(f"{stage}: {len(plans)} shards, {done} already done")
     return len(plans)
@@ -93,7 +93,9 @@ def shard_task(stage: str, cfg: dict, root: str, keys: dict[str, str], index: in
     config = validate_config(cfg)
     ctx = make_context(config, root, stage, keys, _logger())
     stats = run_shard(ctx, stage, index)
-    verb = "reused" if stats["reused"] else f"done in {stats['seconds']:.1f}s"
+    verb = f"done in {stats['seconds']:.1f}s"
+    if stats["reused"]:
+        verb = f"copied from {stats['copied_from']}" if "copied_from" in stats else "reused"
     get_run_logger().info(f"{stage} shard {index + 1}/{n_shards} {verb}: {stats['rows']} rows {stats['counts']}")
     return stats
 

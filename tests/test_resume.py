@@ -39,4 +39,33 @@ def test_crash_mid_stage_keeps_finished_shards_and_resumes(tmp_path, monkeypatch
     run_local(cfg, root, only=["sketch", "generate"], log=lambda m: None)
     assert store.is_valid()
     assert {k: (tmp_path / p).stat().st_mtime_ns for k, p in first.items()} == stamps
-    assert len(store.shard_indices()) == len(store.read_json(store.path("plan.json")))
+    assert len(store.shard_indices()) == len(store.read_json(store.path("plan.json"))["shards"])
+
+
+def test_new_training_setting_reuses_the_feature_cache(tmp_path, monkeypatch):
+    from ood_core.stages.finetune import FinetuneStage
+
+    models = str(tmp_path / "models")
+    root = str(tmp_path / "run")
+    cfg = load_config("tiny", {"models.cache_dir": models})
+    run_local(cfg, root, log=lambda m: None)
+
+    def no_feature_extraction(self, ctx, shard):
+        raise AssertionError("features were recomputed")
+
+    monkeypatch.setattr(FinetuneStage, "run_shard", no_feature_extraction)
+    new = load_config("tiny", {"models.cache_dir": models, "finetune.lr": "0.01"})
+    old_key, new_key = resolve_keys(cfg)["finetune"], resolve_keys(new)["finetune"]
+    assert old_key != new_key
+    logs: list[str] = []
+    results = run_local(new, root, log=logs.append)
+    old_store, new_store = StageStore(root, "finetune", old_key), StageStore(root, "finetune", new_key)
+    assert new_store.is_valid()
+    assert new_store.shard_stats(0)["tar_sha256"] == old_store.shard_stats(0)["tar_sha256"]
+    assert results["finetune"]["summary"]["train"]["adapter_loss"] != old_store.read_success()["summary"]["train"][
+        "adapter_loss"
+    ]
+    # a setting the features depend on is not shared
+    other = load_config("tiny", {"models.cache_dir": models, "data.image_size": "48"})
+    with pytest.raises(AssertionError, match="features were recomputed"):
+        run_local(other, str(tmp_path / "run"), only=None, log=lambda m: None)

@@ -157,6 +157,14 @@ class Stage:
         """The part of the config that determines this stage's output (goes into the key)."""
         raise NotImplementedError
 
+    def shard_slice(self, cfg: RunConfig) -> dict | None:
+        """The part of the config the shards depend on, when narrower than ``config_slice``.
+
+        Folders whose shard slices (and upstream keys) are equal share their finished shards:
+        e.g. finetune's CLIP feature cache does not depend on the training hyperparameters.
+        """
+        return None
+
     def plan(self, ctx: StageContext) -> list[ShardPlan]:
         raise NotImplementedError
 

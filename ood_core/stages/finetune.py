@@ -48,6 +48,15 @@ class FinetuneStage(Stage):
             "finetune": cfg.finetune.model_dump(mode="json"),
         }
 
+    def shard_slice(self, cfg: RunConfig) -> dict:
+        # the feature cache depends on the images and CLIP only: a new lr reuses the features
+        return {
+            "seed": cfg.seed,
+            "data": cfg.data.model_dump(mode="json"),
+            "clip": cfg.models.clip.model_dump(mode="json"),
+            "feature_shard": FEATURE_SHARD,
+        }
+
     # ------------------------------------------------------------ plan: feature cache
     def plan(self, ctx: StageContext) -> list[ShardPlan]:
         n_id = len(ctx.dataset.classnames)
