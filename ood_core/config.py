@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "deploy" / "presets"
 
@@ -40,6 +40,12 @@ class MLLMSpec(_Strict):
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0.0)
 
+    @model_validator(mode="after")
+    def _endpoint_needs_url(self) -> MLLMSpec:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend 'openai' needs models.mllm.base_url (e.g. http://host:8000/v1)")
+        return self
+
 
 class DiffusionSpec(_Strict):
     backend: Literal["sd-inpaint"] = "sd-inpaint"
@@ -66,6 +72,12 @@ class DataConfig(_Strict):
     image_size: int = Field(64, ge=16)
     ood_sets: list[str] = ["tiny-textures", "tiny-objects"]
     ood_root: str | None = None
+
+    @model_validator(mode="after")
+    def _folder_needs_root(self) -> DataConfig:
+        if self.id_source == "imagefolder" and not self.root:
+            raise ValueError("id_source 'imagefolder' needs data.root (a folder with train/<class>/ images)")
+        return self
 
 
 # ---------------------------------------------------------------- stages
@@ -168,6 +180,8 @@ def _explain(err: ValidationError, model: type[BaseModel]) -> str:
             parent = _section(model, e["loc"][:-1])
             allowed = ", ".join(sorted(parent.model_fields)) if parent else "?"
             lines.append(f"unknown key '{key}' (allowed here: {allowed})")
+        elif e["type"] == "value_error":
+            lines.append(f"bad combination in '{key}': {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"bad value for '{key}': {e['msg']} (got {e.get('input')!r})")
     return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -39,3 +39,12 @@ def test_unknown_preset_lists_presets():
 def test_malformed_override():
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config("tiny", ["generate.rounds"])
+
+
+def test_value_combinations_fail_before_any_work():
+    with pytest.raises(ConfigError, match="models.mllm.base_url"):
+        load_config("tiny", ["models.mllm.backend=openai"])
+    with pytest.raises(ConfigError, match="data.root"):
+        load_config("tiny", ["data.id_source=imagefolder"])
+    cfg = load_config("tiny", ["models.mllm.backend=openai", "models.mllm.base_url=http://127.0.0.1:8000/v1"])
+    assert cfg.models.mllm.base_url.endswith("/v1")
