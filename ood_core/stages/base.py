@@ -82,7 +82,14 @@ class ModelHub:
         device = resolve_device(self.cfg.models.device)
         key = (role, spec.model_dump_json(), str(device), self.cfg.models.cache_dir)
         if key not in self._cache:
-            self._cache[key] = loader(spec, device, self.cfg.models.cache_dir)
+            try:
+                self._cache[key] = loader(spec, device, self.cfg.models.cache_dir)
+            except (OSError, RuntimeError, ValueError) as err:
+                raise RuntimeError(
+                    f"could not load the {role} model {spec.model_dump()} on {device}: {err}\n"
+                    f"Check models.{role} in the preset, hub access (or weights already in "
+                    f"models.cache_dir={self.cfg.models.cache_dir}), and free GPU memory."
+                ) from err
         return self._cache[key]
 
     def clip(self):

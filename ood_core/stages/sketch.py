@@ -20,6 +20,7 @@ from ood_core.stages.base import (
     ShardPlan,
     Stage,
     StageContext,
+    check_not_all_failed,
     chunk,
     derive_seed,
     guarded,
@@ -89,6 +90,7 @@ class SketchStage(Stage):
                     source_key=item["source_key"],
                     class_idx=item["class_idx"],
                 )
+        check_not_all_failed(self.name, shard, out)
         return out
 
     def _hygiene(self, ctx: StageContext, out: ShardOutput, labels: list[str], kind: str, prefix: str, **cols):

@@ -1,0 +1,29 @@
+"""Errors name the bad input and what to check."""
+
+import pytest
+
+from ood_core.config import load_config
+from ood_core.pipeline import StageNotReady, run_local
+
+
+def test_unloadable_model_fails_the_stage_naming_the_model(tmp_path):
+    cfg = load_config("tiny", {"models.cache_dir": str(tmp_path / "m"), "models.mllm.name": str(tmp_path / "nope")})
+    with pytest.raises(RuntimeError) as err:
+        run_local(cfg, str(tmp_path / "run"), only=["sketch"], log=lambda m: None)
+    msg = str(err.value)
+    assert "mllm" in msg and str(tmp_path / "nope") in msg and "models.mllm" in msg
+    assert not list((tmp_path / "run").glob("sketch/*/_SUCCESS.json"))
+
+
+def test_only_downstream_stage_without_upstream_names_the_missing_stage(tmp_path):
+    cfg = load_config("tiny", {"models.cache_dir": str(tmp_path / "m")})
+    with pytest.raises(StageNotReady, match="'finetune' needs 'sketch'"):
+        run_local(cfg, str(tmp_path / "run"), only=["finetune"], log=lambda m: None)
+
+
+def test_missing_imagefolder_names_the_folder(tmp_path):
+    cfg = load_config("tiny", {"data.id_source": "imagefolder", "data.root": str(tmp_path / "imagenet")})
+    from ood_core.data import DataError
+
+    with pytest.raises(DataError, match=r"imagenet/train does not exist.*set data.root"):
+        run_local(cfg, str(tmp_path / "run"), only=["sketch"], log=lambda m: None)
