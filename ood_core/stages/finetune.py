@@ -233,8 +233,14 @@ class FinetuneStage(Stage):
             for name in sorted(os.listdir(tmp)):
                 with open(os.path.join(tmp, name), "rb") as f:
                     store.write_bytes(art(name), f.read())
+        m = ctx.cfg.models
+        sizes = ", ".join(f"{role}: {len(rows)}" for role, rows in sorted(by_role.items()))
         md = [
             f"# synth-ood report — preset `{ctx.cfg.preset}`",
+            "",
+            f"- CLIP `{m.clip.name}` ({m.clip.pretrained}), MLLM `{m.mllm.name}`, diffusion `{m.diffusion.name}`",
+            f"- cached features: {sizes}",
+            f"- synthetic images: {_elaborate_counts(ctx)}",
             "",
             report.metrics_table_markdown(results, ctx.cfg.finetune.fpr_convention),
             "",
@@ -245,6 +251,14 @@ class FinetuneStage(Stage):
             "![Kept and rejected synthetic images](synthetic_grid.png)",
         ]
         store.write_bytes(art("report.md"), "\n".join(md).encode())
+
+
+def _elaborate_counts(ctx: StageContext) -> str:
+    counts = ctx.upstream["elaborate"].read_success()["counts"]
+    return "; ".join(
+        f"{status} {sum(r.values())} ({', '.join(f'{k} {v}' for k, v in sorted(r.items()))})"
+        for status, r in sorted(counts.items())
+    )
 
 
 def _ood_sets(ctx: StageContext) -> dict[str, dict]:
