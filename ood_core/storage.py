@@ -195,8 +195,12 @@ class StageStore:
             if current:
                 yield current
 
-    def load_samples(self, keys: set[str] | None = None) -> dict[str, dict[str, bytes]]:
-        return {k: f for k, f in self.iter_samples() if keys is None or k in keys}
+    def load_samples(
+        self, keys: set[str] | None = None, shards: set[int] | None = None
+    ) -> dict[str, dict[str, bytes]]:
+        """Samples by key; naming the ``shards`` they are in avoids reading every tar of the stage."""
+        indices = sorted(shards) if shards is not None else self.shard_indices()
+        return {k: f for i in indices for k, f in self.iter_samples(i) if keys is None or k in keys}
 
     # ------------------------------------------------------------ stage
     def success_path(self) -> str:

@@ -44,7 +44,7 @@ class ElaborateStage(Stage):
                 "elaborate: sketch kept no negative labels; check sketch.lexicon and sketch.neg_keep_fraction"
             )
         items = [
-            {"key": r["key"], "source_key": r["source_key"], "class_idx": r["class_idx"]}
+            {"key": r["key"], "source_key": r["source_key"], "class_idx": r["class_idx"], "up_shard": r["shard"]}
             for r in ctx.upstream_rows("generate", status="ok")
         ]
         if not items:
@@ -62,7 +62,7 @@ class ElaborateStage(Stage):
         negatives = ctx.negatives[0]
         neg_feats = ctx.negative_text_features
         wanted = {it["key"] for it in shard.items}
-        files = ctx.upstream["generate"].load_samples(wanted)
+        files = ctx.upstream["generate"].load_samples(wanted, {it["up_shard"] for it in shard.items})
         out = ShardOutput()
 
         images, items = [], []

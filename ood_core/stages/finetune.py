@@ -73,7 +73,13 @@ class FinetuneStage(Stage):
                 "`synth-ood status` and loosen elaborate.max_id_confidence or elaborate.dedup_cosine"
             )
         items += [
-            {"key": r["key"], "role": "synthetic", "class_idx": r["class_idx"], "label_idx": n_id + r["neg_index"]}
+            {
+                "key": r["key"],
+                "role": "synthetic",
+                "class_idx": r["class_idx"],
+                "label_idx": n_id + r["neg_index"],
+                "up_shard": r["shard"],
+            }
             for r in kept
         ]
         return chunk(items, FEATURE_SHARD)
@@ -85,8 +91,12 @@ class FinetuneStage(Stage):
 
         size = ctx.cfg.data.image_size
         ood = {k: rec for recs in _ood_sets(ctx).values() for k, rec in recs.items()}
-        synthetic = {it["key"] for it in shard.items if it["role"] == "synthetic"}
-        syn_files = ctx.upstream["elaborate"].load_samples(synthetic) if synthetic else {}
+        synthetic = [it for it in shard.items if it["role"] == "synthetic"]
+        syn_files = (
+            ctx.upstream["elaborate"].load_samples({it["key"] for it in synthetic}, {it["up_shard"] for it in synthetic})
+            if synthetic
+            else {}
+        )
         out = ShardOutput()
         images, loaded = [], []
 
@@ -280,7 +290,7 @@ def _synthetic_grid(ctx: StageContext, per_status: int = 8):
     chosen += [r for r in rows if r["status"] == "rejected"][:per_status]
     if not chosen:
         return None
-    files = ctx.upstream["elaborate"].load_samples({r["key"] for r in chosen})
+    files = ctx.upstream["elaborate"].load_samples({r["key"] for r in chosen}, {r["shard"] for r in chosen})
     images, captions = [], []
     for r in chosen:
         if r["key"] in files and "png" in files[r["key"]]:
