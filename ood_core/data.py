@@ -350,7 +350,6 @@ def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
         slugs = [f"{s}_{i:04d}" for i, s in enumerate(slugs)]
     val_dir = root / "val"
     n = cfg.images_per_class
-    n_test = _n_test(n, cfg.test_fraction)
     records: list[ImageRecord] = []
     for idx, (folder, name, s) in enumerate(zip(folders, classnames, slugs, strict=True)):
         train_files = _list_images(train_dir / folder)
@@ -358,8 +357,9 @@ def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
         if not train_files:
             raise DataError(f"class folder {train_dir / folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
         if val_files:
-            tr = train_files[: n - n_test]
-            te = val_files[:n_test]
+            # a real val split is the evaluation set: keep all of it, and train on up to n images
+            tr = train_files[:n]
+            te = val_files
         else:
             pool = train_files[:n]
             k = _n_test(len(pool), cfg.test_fraction)

@@ -7,7 +7,7 @@ punctuation such as the ``[`` in the reference code's adjective list cannot reac
 Sources (registry ``LEXICONS``):
 
 * ``imagenet21k`` — first usable lemma of each of timm's 21,843 ImageNet-21k WordNet noun synsets
-  (offline); adjectives from WordNet when it is installed, else none.
+  (offline); no adjectives (the ``wordnet`` lexicon has both).
 * ``wordnet`` — WordNet 3.0 from Debian's ``wordnet-base`` (``data.noun``, ``data.adj``), or from the
   directory in ``$SYNTH_OOD_WORDNET_DIR``.
 """
@@ -183,10 +183,9 @@ def _imagenet21k_nouns() -> tuple[str, ...]:
 
 @LEXICONS.register("imagenet21k")
 def imagenet21k_lexicon() -> Lexicon:
-    """ImageNet-21k synset lemmas (shipped with timm); WordNet adjectives only if installed."""
-    d = wordnet_dir()
-    adjectives = list(_wordnet_words(str(d), "adj")) if d is not None else []
-    return Lexicon("imagenet21k", list(_imagenet21k_nouns()), adjectives)
+    """ImageNet-21k synset lemmas shipped with timm (nouns only; use ``wordnet`` for adjectives)."""
+    # no adjectives: whether WordNet happens to be installed must not change the labels under one key
+    return Lexicon("imagenet21k", list(_imagenet21k_nouns()), [])
 
 
 def load_lexicon(name: str, limit: int | None = None) -> Lexicon:

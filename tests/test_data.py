@@ -144,15 +144,16 @@ def test_imagefolder_with_val_and_imagenet_names(tmp_path):
     ds = load_id_dataset(cfg, seed=0)
     assert ds.classnames == ["tench", "goldfish"]
     test = ds.test()
-    assert len(test) == 2 and all("/val/" in r.source for r in test)
-    assert all("/train/" in r.source for r in ds.train())
+    # a real val split is kept whole for evaluation; training takes up to images_per_class
+    assert len(test) == 6 and all("/val/" in r.source for r in test)
+    assert len(ds.train()) == 8 and all("/train/" in r.source for r in ds.train())
 
 
 def test_imagefolder_errors(tmp_path):
     with pytest.raises(DataError, match="train/<class>"):
         load_id_dataset(DataConfig(id_source="imagefolder", root=str(tmp_path / "nope")), 0)
     with pytest.raises(DataError, match="data.root"):
-        load_id_dataset(DataConfig(id_source="imagefolder"), 0)
+        load_id_dataset(DataConfig.model_construct(id_source="imagefolder", root=None), 0)
     _tree(tmp_path, ["not_a_wnid"], 2)
     with pytest.raises(DataError, match="not ImageNet"):
         load_id_dataset(DataConfig(id_source="imagefolder", root=str(tmp_path), classnames="imagenet"), 0)

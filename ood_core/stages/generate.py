@@ -31,15 +31,6 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-def box_mask(size: int):
-    """A centred box over half the side: inpaint the middle, keep the border as context."""
-    from PIL import Image, ImageDraw
-
-    mask = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(mask).rectangle([size // 4, size // 4, size - size // 4 - 1, size - size // 4 - 1], fill=255)
-    return mask
-
-
 @STAGES.register("generate")
 class GenerateStage(Stage):
     name = "generate"
@@ -52,6 +43,8 @@ class GenerateStage(Stage):
             "diffusion": cfg.models.diffusion.model_dump(mode="json"),
             "clip": cfg.models.clip.model_dump(mode="json"),
             "generate": cfg.generate.model_dump(mode="json"),
+            # the energy scorer guiding the noise uses this scale
+            "logit_scale": cfg.finetune.logit_scale,
         }
 
     def plan(self, ctx: StageContext) -> list[ShardPlan]:
@@ -84,7 +77,7 @@ class GenerateStage(Stage):
 
     def _one(self, ctx: StageContext, out: ShardOutput, item: dict, key: str) -> None:
         from ood_core.data import load_image
-        from ood_core.models.diffusion import boundary_inpaint, energy_score_fn
+        from ood_core.models.diffusion import boundary_inpaint, center_box_mask, energy_score_fn
 
         g = ctx.cfg.generate
         pipe = ctx.models.inpainter()
@@ -97,7 +90,7 @@ class GenerateStage(Stage):
             item["prompt"],
             score_fn=score_fn,
             seed=seed,
-            mask=box_mask(pipe.resolution) if g.mask == "box" else None,
+            mask=center_box_mask(pipe.resolution) if g.mask == "box" else None,
             rounds=g.rounds,
             steps=g.steps,
             strength=g.strength,
@@ -115,7 +108,6 @@ class GenerateStage(Stage):
             class_idx=rec.class_idx,
             prompt=item["prompt"],
             seed=seed,
-            mask=box_mask(pipe.resolution) if g.mask == "box" else None,
             rounds=g.rounds,
             score_before=result.score_before,
             score_after=result.score_after,

@@ -1,0 +1,25 @@
+"""Stage options exercised through the stage code (plain runner, tiny models)."""
+
+import pytest
+
+from ood_core.config import load_config
+from ood_core.pipeline import resolve_keys, run_local
+from ood_core.storage import StageStore
+
+pytestmark = pytest.mark.slow
+
+
+def test_box_mask_generates_every_candidate(tmp_path):
+    cfg = load_config("tiny", {"models.cache_dir": str(tmp_path / "m"), "generate.mask": "box"})
+    results = run_local(cfg, str(tmp_path / "run"), only=["sketch", "generate"], log=lambda m: None)
+    assert results["generate"]["counts"] == {"ok": {"ok": results["generate"]["rows"]}}
+    store = StageStore(str(tmp_path / "run"), "generate", resolve_keys(cfg)["generate"])
+    assert store.read_manifest().num_rows == results["generate"]["rows"] > 0
+
+
+def test_energy_scale_is_part_of_the_generate_key():
+    a = resolve_keys(load_config("tiny"))
+    b = resolve_keys(load_config("tiny", {"finetune.logit_scale": "50"}))
+    assert a["sketch"] == b["sketch"] and a["generate"] != b["generate"]
+    c = resolve_keys(load_config("tiny", {"models.device": "cuda", "models.cache_dir": "/elsewhere"}))
+    assert c == a  # where models run and are cached does not change any output folder
