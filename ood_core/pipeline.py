@@ -15,6 +15,7 @@ from dataclasses import asdict
 from ood_core import __version__
 from ood_core.config import RunConfig
 from ood_core.stages import STAGE_ORDER, STAGES, ShardPlan, StageContext
+from ood_core.stages.base import ModelHub
 from ood_core.storage import StageStore, list_stage_runs, merge_counts, stage_key
 
 PLAN = "plan.json"
@@ -136,6 +137,7 @@ def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards:
     stage = STAGES.get(name)()
     t0 = time.perf_counter()
     summary = stage.finalize(ctx)
+    ModelHub.release()
     stats = [ctx.store.shard_stats(i) for i in range(n_shards)]
     info = {
         "stage": name,

@@ -27,3 +27,26 @@ def test_missing_imagefolder_names_the_folder(tmp_path):
 
     with pytest.raises(DataError, match=r"imagenet/train does not exist.*set data.root"):
         run_local(cfg, str(tmp_path / "run"), only=["sketch"], log=lambda m: None)
+
+
+def test_passing_failure_fails_the_shard_instead_of_recording_a_failed_row(tmp_path, monkeypatch):
+    from ood_core.models import RetryableError
+    from ood_core.stages.sketch import SketchStage
+    from ood_core.storage import StageStore
+
+    def endpoint_down(self, ctx, out, item, key):
+        raise RetryableError("MLLM endpoint http://127.0.0.1:9/v1 failed: ConnectError")
+
+    monkeypatch.setattr(SketchStage, "_context", endpoint_down)
+    cfg = load_config("tiny", {"models.cache_dir": str(tmp_path / "m")})
+    with pytest.raises(RetryableError, match="ConnectError"):
+        run_local(cfg, str(tmp_path / "run"), only=["sketch"], log=lambda m: None)
+    from ood_core.pipeline import resolve_keys
+
+    store = StageStore(str(tmp_path / "run"), "sketch", resolve_keys(cfg)["sketch"])
+    plan = store.read_json(store.path("plan.json"))["shards"]
+    context_shards = [p["index"] for p in plan if p["items"][0]["kind"] == "context"]
+    assert context_shards and not set(context_shards) & set(store.shard_indices())
+    monkeypatch.undo()
+    run_local(cfg, str(tmp_path / "run"), only=["sketch"], log=lambda m: None)
+    assert store.is_valid()

@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from ood_core.models.diffusion import Inpainter
     from ood_core.models.mllm import MLLMClient
 
+class RetryableError(RuntimeError):
+    """A passing failure (endpoint down, timeout, rate limit): the shard fails and is retried,
+    instead of recording the candidate as failed for good."""
+
+
 CLIP_BACKENDS: Registry = Registry("clip backend")
 MLLM_BACKENDS: Registry = Registry("mllm backend")
 DIFFUSION_BACKENDS: Registry = Registry("diffusion backend")

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from PIL import Image
 
-from ood_core.models import MLLM_BACKENDS, resolve_name
+from ood_core.models import MLLM_BACKENDS, RetryableError, resolve_name
 
 
 @runtime_checkable
@@ -152,11 +152,12 @@ class OpenAIMLLM:
             data = resp.json()
             return data["choices"][0]["message"]["content"] or ""
         except httpx.HTTPStatusError as err:
-            raise RuntimeError(
-                f"MLLM endpoint {self.url} returned HTTP {err.response.status_code}: {err.response.text[:500]}"
-            ) from err
+            code = err.response.status_code
+            # 429 and 5xx pass: retry the shard; other 4xx mean a bad request or model name
+            kind = RetryableError if code == 429 or code >= 500 else RuntimeError
+            raise kind(f"MLLM endpoint {self.url} returned HTTP {code}: {err.response.text[:500]}") from err
         except httpx.HTTPError as err:
-            raise RuntimeError(f"MLLM endpoint {self.url} failed: {type(err).__name__}: {err}") from err
+            raise RetryableError(f"MLLM endpoint {self.url} failed: {type(err).__name__}: {err}") from err
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise RuntimeError(f"MLLM endpoint {self.url} returned an unexpected response: {err!r}") from err
 

@@ -68,6 +68,18 @@ def npy_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded: a problem of the whole shard, never of one candidate."""
+
+
+def is_shard_error(err: BaseException) -> bool:
+    """Errors that must fail the shard (to be retried) rather than become a candidate's ``failed`` row."""
+    from ood_core.models import RetryableError
+
+    # CUDA out-of-memory is matched by name so that this check needs no torch import
+    return isinstance(err, ModelLoadError | RetryableError | MemoryError) or type(err).__name__ == "OutOfMemoryError"
+
+
 class ModelHub:
     """Loads each model once per process, on first use."""
 
@@ -85,12 +97,25 @@ class ModelHub:
             try:
                 self._cache[key] = loader(spec, device, self.cfg.models.cache_dir)
             except (OSError, RuntimeError, ValueError) as err:
-                raise RuntimeError(
+                raise ModelLoadError(
                     f"could not load the {role} model {spec.model_dump()} on {device}: {err}\n"
                     f"Check models.{role} in the preset, hub access (or weights already in "
                     f"models.cache_dir={self.cfg.models.cache_dir}), and free GPU memory."
                 ) from err
         return self._cache[key]
+
+    @classmethod
+    def release(cls) -> None:
+        """Drop every loaded model (between stages, so the next stage's models fit on the GPU)."""
+        cls._cache.clear()
+        import gc
+
+        gc.collect()
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def clip(self):
         from ood_core.models import load_clip
@@ -188,6 +213,8 @@ def guarded(out: ShardOutput, key: str, fn: Callable[[], None], **cols: Any) -> 
     try:
         fn()
     except Exception as err:  # noqa: BLE001 - every candidate gets a row, failures included
+        if is_shard_error(err):
+            raise
         out.add(row(key, "failed", type(err).__name__, f"{type(err).__name__}: {err}", **cols))
 
 

@@ -24,6 +24,7 @@ from ood_core.stages.base import (
     chunk,
     derive_seed,
     guarded,
+    is_shard_error,
     row,
 )
 from schemas import SKETCH
@@ -165,6 +166,8 @@ class SketchStage(Stage):
                     }
                 )
         except Exception as err:  # noqa: BLE001 - the failure is recorded as a row
+            if is_shard_error(err):
+                raise
             out.add(row("far_conversation", "failed", type(err).__name__, f"{type(err).__name__}: {err}", kind="far"))
         out.samples.append(_transcript_sample("far_conversation", transcript))
         if not labels and not out.rows:
@@ -193,6 +196,8 @@ class SketchStage(Stage):
                 [{"role": "user", "content": content}], seed=derive_seed(ctx.cfg.seed, "near", class_idx)
             )
         except Exception as err:  # noqa: BLE001 - the failure is recorded as a row
+            if is_shard_error(err):
+                raise
             out.add(row(prefix, "failed", type(err).__name__, f"{type(err).__name__}: {err}", kind="near",
                         class_idx=class_idx))
             return
