@@ -108,14 +108,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from ood_core.storage import list_stage_runs
 
     problems: list[str] = []
+    incomplete: list[str] = []
     checked = 0
     for name in STAGE_ORDER:
         for store in list_stage_runs(args.dir, name):
             checked += 1
-            problems += store.verify()
+            if store.is_complete():
+                problems += store.verify()
+            else:
+                # interrupted or in progress: not an inconsistency, but its finished shards must be intact
+                incomplete.append(store.url())
+                for i in store.shard_indices():
+                    problems += store.shard_problems(i)
     if checked == 0:
         print(f"synth-ood verify: no stage folders under {args.dir}", file=sys.stderr)
         return 1
+    if incomplete:
+        print(f"synth-ood verify: {len(incomplete)} incomplete stage folder(s) (finished shards checked):")
+        for url in incomplete:
+            print(f"  {url}")
     if problems:
         print(f"synth-ood verify: {len(problems)} problem(s) in {checked} stage folder(s):")
         for p in problems:

@@ -222,7 +222,10 @@ class StageStore:
     def shard_problems(self, index: int, deep: bool = True) -> list[str]:
         """Problems of one finished shard: missing files, sha256 mismatch, row/sample counts."""
         paths = self.shard_paths(index)
-        stats = self.shard_stats(index)
+        try:
+            stats = self.shard_stats(index)
+        except (OSError, ValueError) as err:
+            return [f"{self.url()}/stats/{index:06d}.json: unreadable ({err})"]
         problems: list[str] = []
         for kind in ("tar", "parquet"):
             folder, name = paths[kind].rsplit("/", 2)[-2:]

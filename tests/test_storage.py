@@ -90,3 +90,28 @@ def test_memory_filesystem_root():
     _write(store, 0)
     assert store.shard_done(0) and store.verify()[0].endswith("missing _SUCCESS.json")
     assert io.BytesIO(store.read_bytes(store.shard_paths(0)["tar"])).getbuffer().nbytes > 0
+
+
+def test_verify_cli_lists_incomplete_folders_but_fails_only_on_damage(tmp_path, capsys):
+    from flows.cli import main
+
+    done = StageStore(str(tmp_path), "generate", "done")
+    _write(done, 0)
+    done.write_success({"shards": 1})
+    partial = StageStore(str(tmp_path), "generate", "partial")
+    _write(partial, 0)
+    assert main(["verify", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 incomplete" in out and "generate/partial" in out
+    path = partial.shard_paths(0)["parquet"]
+    open(path, "ab").write(b"x")
+    assert main(["verify", str(tmp_path)]) == 1
+    assert "generate/partial/manifests/000000.parquet" in capsys.readouterr().out
+
+
+def test_unreadable_stats_is_a_problem_not_a_crash(tmp_path):
+    store = StageStore(str(tmp_path), "generate", "k")
+    _write(store, 0)
+    open(store.shard_paths(0)["stats"], "w").write("{not json")
+    assert not store.shard_valid(0)
+    assert "unreadable" in store.shard_problems(0)[0]

@@ -99,21 +99,27 @@ class SketchStage(Stage):
         from ood_core.labels import label_hygiene
 
         clip = ctx.models.clip()
-        # leakage is checked against the configured names and every evaluation set's class names
-        eval_names = list(ctx.cfg.sketch.eval_ood_names)
-        for name in ctx.cfg.data.ood_sets:
-            eval_names += ood_classnames(name, ctx.cfg.data)
+        cache = ctx.__dict__.setdefault("_eval_names", {})
+        if "names" not in cache:
+            # leakage is checked against the configured names and every evaluation set's class names
+            names = list(ctx.cfg.sketch.eval_ood_names)
+            for name in ctx.cfg.data.ood_sets:
+                found = ood_classnames(name, ctx.cfg.data)
+                if not found:
+                    ctx.log(f"[sketch] warning: no class names known for OOD set '{name}': label leakage "
+                            f"against it is not checked (add a classnames.txt to its folder)")
+                names += found
+            cache["names"] = names
         classnames = ctx.dataset.classnames
 
         def text_cosine(cands: list[str], ids: list[str]) -> np.ndarray:
-            a = clip.encode_texts([ID_PROMPT.format(c) for c in cands])
-            b = clip.encode_texts([ID_PROMPT.format(c) for c in ids])
-            return (a @ b.T).numpy()
+            # ids are always the ID class names, whose prompt features the context already holds
+            return (clip.encode_texts([ID_PROMPT.format(c) for c in cands]) @ ctx.id_text_features.T).numpy()
 
         verdicts = label_hygiene(
             labels,
             classnames,
-            eval_ood_names=eval_names,
+            eval_ood_names=cache["names"],
             text_cosine=text_cosine,
             overlap_cosine=ctx.cfg.sketch.overlap_cosine,
         )
