@@ -94,7 +94,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             done = store.shard_indices()
             counts = merge_counts([store.shard_stats(i)["counts"] for i in done])
             plan = read_plan(store)
-            total = len(plan["shards"]) if plan else "?"
+            total = plan["shards"] if plan else "?"
             state = "partial" if done or plan else "missing"
             detail = f"{len(done)}/{total} shards"
         print(f"  {name:<10} {state:<8} {store.key}  {detail}")

@@ -10,7 +10,6 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 
 from ood_core import __version__
 from ood_core.config import RunConfig
@@ -63,30 +62,40 @@ def shard_key(cfg: RunConfig, name: str, keys: dict[str, str]) -> str:
 
 
 def read_plan(store: StageStore) -> dict | None:
-    """``{"shard_key": str, "shards": [{"index", "items"}, ...]}`` or None before planning."""
+    """``{"shard_key": str, "shards": n}`` or None before planning (``plan.json`` is written last)."""
     path = store.path(PLAN)
     return store.read_json(path) if store.exists(path) else None
 
 
-def plan_stage(ctx: StageContext, name: str, keys: dict[str, str]) -> list[ShardPlan]:
-    """Plan once; the frozen ``plan.json`` keeps shard numbering stable across resumes."""
+def _shard_plan_path(store: StageStore, index: int) -> str:
+    return store.path("plans", f"{index:06d}.json")
+
+
+def plan_stage(ctx: StageContext, name: str, keys: dict[str, str]) -> int:
+    """Plan once and freeze it: one small file per shard, then ``plan.json``; returns the shard count.
+
+    A frozen plan keeps shard numbering stable across resumes, and a shard task reads only its own
+    items (a stage may have thousands of shards).
+    """
     plan = read_plan(ctx.store)
     if plan is None:
-        shards = [asdict(p) for p in STAGES.get(name)().plan(ctx)]
-        plan = {"shard_key": shard_key(ctx.cfg, name, keys), "shards": shards}
+        shards = STAGES.get(name)().plan(ctx)
+        for p in shards:
+            ctx.store.write_json(_shard_plan_path(ctx.store, p.index), p.items)
+        plan = {"shard_key": shard_key(ctx.cfg, name, keys), "shards": len(shards)}
         ctx.store.write_json(ctx.store.path(PLAN), plan)
-    return [ShardPlan(p["index"], p["items"]) for p in plan["shards"]]
+    return plan["shards"]
 
 
 def load_shard_plan(ctx: StageContext, index: int) -> ShardPlan:
-    for p in read_plan(ctx.store)["shards"]:
-        if p["index"] == index:
-            return ShardPlan(p["index"], p["items"])
-    raise KeyError(f"shard {index} is not in {ctx.store.path(PLAN)}")
+    path = _shard_plan_path(ctx.store, index)
+    if not ctx.store.exists(path):
+        raise KeyError(f"shard {index} is not planned in {ctx.store.url()} (no {path})")
+    return ShardPlan(index, ctx.store.read_json(path))
 
 
 def shard_donors(ctx: StageContext) -> list[StageStore]:
-    """Other folders of this stage planned with the same shard key and the same shards."""
+    """Other folders of this stage planned with the same shard key (e.g. only training differs)."""
     cached = ctx.__dict__.get("_donors")
     if cached is not None:
         return cached
@@ -95,7 +104,7 @@ def shard_donors(ctx: StageContext) -> list[StageStore]:
     if own["shard_key"] != ctx.store.key:  # the stage declares shards narrower than its config
         for store in list_stage_runs(ctx.store.root, ctx.store.stage):
             plan = read_plan(store) if store.key != ctx.store.key else None
-            if plan and plan["shard_key"] == own["shard_key"] and plan["shards"] == own["shards"]:
+            if plan and plan == own:
                 donors.append(store)
     ctx.__dict__["_donors"] = donors
     return donors
@@ -115,8 +124,10 @@ def run_shard(ctx: StageContext, name: str, index: int) -> dict:
             return {**ctx.store.shard_stats(index), "reused": True}
         ctx.log(f"[{name}] shard {index} is not intact ({problems[0]}); recomputing it")
         ctx.store.invalidate_shard(index)
+    own_items = ctx.store.read_bytes(_shard_plan_path(ctx.store, index))
     for donor in shard_donors(ctx):
-        if donor.shard_valid(index):
+        # same shard key means same items; comparing them costs one small read and guards the copy
+        if donor.read_bytes(_shard_plan_path(donor, index)) == own_items and donor.shard_valid(index):
             _copy_shard(donor, ctx.store, index)
             return {**ctx.store.shard_stats(index), "reused": True, "copied_from": donor.url()}
     stage = STAGES.get(name)()
@@ -205,10 +216,10 @@ def run_local(
             continue
         started = time.time()
         ctx = make_context(cfg, root, name, keys, log)
-        plans = plan_stage(ctx, name, keys)
-        for p in plans:
-            stats = run_shard(ctx, name, p.index)
-            log(f"[{name}] shard {p.index + 1}/{len(plans)}: {stats['rows']} rows {stats['counts']}")
-        results[name] = finalize_stage(ctx, name, keys, len(plans), started)
+        n_shards = plan_stage(ctx, name, keys)
+        for index in range(n_shards):
+            stats = run_shard(ctx, name, index)
+            log(f"[{name}] shard {index + 1}/{n_shards}: {stats['rows']} rows {stats['counts']}")
+        results[name] = finalize_stage(ctx, name, keys, n_shards, started)
         log(f"[{name}] done -> {store.url()}")
     return results

@@ -74,10 +74,10 @@ def plan_task(stage: str, cfg: dict, root: str, keys: dict[str, str], force: boo
         get_run_logger().info(f"{stage}: --force, removing {store.url()}")
         store.clear()
     ctx = make_context(config, root, stage, keys, _logger())
-    plans = plan_stage(ctx, stage, keys)
-    done = sum(store.shard_done(p.index) for p in plans)
-    get_run_logger().info(f"{stage}: {len(plans)} shards, {done} already done")
-    return len(plans)
+    n_shards = plan_stage(ctx, stage, keys)
+    done = sum(store.shard_done(i) for i in range(n_shards))
+    get_run_logger().info(f"{stage}: {n_shards} shards, {done} already done")
+    return n_shards
 
 
 @task(

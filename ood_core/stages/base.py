@@ -19,7 +19,7 @@ import numpy as np
 
 from ood_core.config import RunConfig
 from ood_core.registry import Registry
-from ood_core.storage import Sample, StageStore
+from ood_core.storage import Sample, StageStore, sha256_bytes
 from schemas import ManifestSchema
 
 STAGES: Registry[type[Stage]] = Registry("stage")
@@ -66,6 +66,17 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 def npy_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+# Per-process memo of what every shard task of a run would otherwise recompute: the dataset
+# listing, upstream manifests, text features. Prefect runs a flow's tasks in one process.
+_MEMO: dict[tuple, Any] = {}
+
+
+def memo(key: tuple, compute: Callable[[], Any]) -> Any:
+    if key not in _MEMO:
+        _MEMO[key] = compute()
+    return _MEMO[key]
 
 
 class ModelLoadError(RuntimeError):
@@ -148,19 +159,29 @@ class StageContext:
     def dataset(self):
         from ood_core.data import load_id_dataset
 
-        return load_id_dataset(self.cfg.data, self.cfg.seed)
+        key = ("dataset", self.cfg.data.model_dump_json(), self.cfg.seed)
+        return memo(key, lambda: load_id_dataset(self.cfg.data, self.cfg.seed))
 
     @cached_property
     def records(self) -> dict:
         return {r.key: r for r in self.dataset.records}
 
+    def text_features(self, texts: list[str]):
+        """CLIP text features, computed once per process for the same model and texts."""
+        digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+        key = ("text", self.cfg.models.clip.model_dump_json(), digest)
+        return memo(key, lambda: self.models.clip().encode_texts(texts))
+
     @cached_property
     def id_text_features(self):
-        return self.models.clip().encode_texts([ID_PROMPT.format(c) for c in self.dataset.classnames])
+        return self.text_features([ID_PROMPT.format(c) for c in self.dataset.classnames])
 
     def upstream_rows(self, stage: str, **where: Any) -> list[dict]:
         """Manifest rows of an upstream stage matching ``column=value`` filters, in shard order."""
-        rows = self.upstream[stage].read_manifest().to_pylist()
+        store = self.upstream[stage]
+        # a complete stage folder is immutable; its _SUCCESS bytes identify this version of it
+        key = ("manifest", store.url(), sha256_bytes(store.read_bytes(store.success_path())))
+        rows = memo(key, lambda: store.read_manifest().to_pylist())
         return [r for r in rows if all(r.get(k) == v for k, v in where.items())]
 
     @cached_property
@@ -175,7 +196,7 @@ class StageContext:
 
     @cached_property
     def negative_text_features(self):
-        return self.models.clip().encode_texts(self.negatives[1])
+        return self.text_features(self.negatives[1])
 
 
 class Stage:
