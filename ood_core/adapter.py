@@ -167,12 +167,14 @@ def train_image_adapter(
     loss: str = "ce",
     num_id: int | None = None,
     contrastive_weight: float = 1.0,
+    device: str | torch.device = "cpu",
 ) -> tuple[ResidualAdapter, list[float]]:
     """Train a :class:`ResidualAdapter` with CE at ``cfg.logit_scale`` over ``text_feats``.
 
     ``text_feats`` = [ID prompts + negative labels] (fixed). Adam(lr, weight_decay), cosine
     annealing to 1e-5 over all steps, ``cfg.epochs`` x batches of ``cfg.batch_size``, shuffled by a
-    generator seeded with ``seed``. ``loss="ce+contrastive"`` adds ``contrastive_weight *``
+    generator seeded with ``seed``; trains on ``device``, returns the adapter on the CPU.
+    ``loss="ce+contrastive"`` adds ``contrastive_weight *``
     :func:`contrastive_loss` and needs ``num_id``. Returns ``(adapter, per-epoch mean losses)``.
     """
     if loss not in LOSSES:
@@ -185,9 +187,10 @@ def train_image_adapter(
     if x.ndim != 2 or t.ndim != 2 or x.shape[1] != t.shape[1]:
         raise ValueError(f"feature shapes do not match: images {tuple(x.shape)}, texts {tuple(t.shape)}")
     _check_labels(y, t.shape[0], x.shape[0])
+    x, y, t = x.to(device), y.to(device), t.to(device)
 
     gen = torch.Generator().manual_seed(int(seed))
-    adapter = ResidualAdapter(x.shape[1], generator=gen)
+    adapter = ResidualAdapter(x.shape[1], generator=gen).to(device)
     adapter.train()
     opt = torch.optim.Adam(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(x.shape[0] / cfg.batch_size)
@@ -203,7 +206,7 @@ def train_image_adapter(
 
     history = _run_epochs(x.shape[0], cfg.epochs, cfg.batch_size, gen, step, opt, sched, progress)
     adapter.eval()
-    return adapter, history
+    return adapter.cpu(), history
 
 
 def train_negative_text(
@@ -214,6 +217,7 @@ def train_negative_text(
     cfg: FinetuneConfig,
     seed: int,
     progress: Progress = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, list[float]]:
     """Tune the negative labels' text embeddings (ID text and images fixed) with the same CE.
 
@@ -236,8 +240,9 @@ def train_negative_text(
     if cfg.text_epochs == 0:
         return as_input(F.normalize(neg0, dim=-1)), []
 
+    x, y, idt = x.to(device), y.to(device), idt.to(device)
     gen = torch.Generator().manual_seed(int(seed))
-    neg = nn.Parameter(neg0.clone())
+    neg = nn.Parameter(neg0.clone().to(device))
     opt = torch.optim.SGD([neg], lr=cfg.text_lr, momentum=0.9, weight_decay=1e-5)
     steps = cfg.text_epochs * math.ceil(x.shape[0] / cfg.batch_size)
     sched = _cosine(opt, cfg.text_lr, steps)
@@ -250,5 +255,5 @@ def train_negative_text(
 
     history = _run_epochs(x.shape[0], cfg.text_epochs, cfg.batch_size, gen, step, opt, sched, progress)
     with torch.no_grad():
-        tuned = F.normalize(neg.detach(), dim=-1).clone()
+        tuned = F.normalize(neg.detach(), dim=-1).cpu().clone()
     return as_input(tuned), history

@@ -124,10 +124,12 @@ class FinetuneStage(Stage):
 
         from ood_core.adapter import train_image_adapter, train_negative_text
         from ood_core.metrics import id_accuracy, ood_metrics, roc_curve
+        from ood_core.models import resolve_device
         from ood_core.scores import SCORES, ScoreContext
 
         fc = ctx.cfg.finetune
         log = ctx.log
+        device = resolve_device(ctx.cfg.models.device)
         # 1. cached features and their roles
         feats = {k: npy_load(f["npy"]) for k, f in ctx.store.iter_samples()}
         rows = [r for r in ctx.store.read_manifest().to_pylist() if r["status"] == "ok"]
@@ -151,7 +153,7 @@ class FinetuneStage(Stage):
         log(f"[finetune] training adapter on {len(x_train)} cached features ({len(by_role['synthetic'])} synthetic)")
         adapter, img_hist = train_image_adapter(
             x_train, y_train, torch.cat([id_text, neg_text]), fc, seed=ctx.cfg.seed,
-            loss=fc.loss, num_id=len(id_text),
+            loss=fc.loss, num_id=len(id_text), device=device,
             progress=lambda e, loss: log(f"[finetune] adapter epoch {e + 1}/{fc.epochs} loss {loss:.4f}"),
         )
         with torch.no_grad():
@@ -159,6 +161,7 @@ class FinetuneStage(Stage):
         tuned_neg, txt_hist = train_negative_text(
             x_train_adapted, y_train, id_text, neg_text, fc, seed=ctx.cfg.seed,
             progress=lambda e, loss: log(f"[finetune] negatives epoch {e + 1}/{fc.text_epochs} loss {loss:.4f}"),
+            device=device,
         )
 
         # 4. score every method on the same features
