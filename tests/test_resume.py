@@ -54,7 +54,8 @@ def test_new_training_setting_reuses_the_feature_cache(tmp_path, monkeypatch):
         raise AssertionError("features were recomputed")
 
     monkeypatch.setattr(FinetuneStage, "run_shard", no_feature_extraction)
-    new = load_config("tiny", {"models.cache_dir": models, "finetune.lr": "0.01"})
+    # the Multi-OS objective: a training setting, so the CLIP feature cache is reused
+    new = load_config("tiny", {"models.cache_dir": models, "finetune.loss": "ce+contrastive"})
     old_key, new_key = resolve_keys(cfg)["finetune"], resolve_keys(new)["finetune"]
     assert old_key != new_key
     logs: list[str] = []
