@@ -55,9 +55,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(results: dict, out: str) -> None:
+    from ood_core.storage import format_counts
+
     print(f"\nsynth-ood: outputs in {out}")
     for name, info in results.items():
-        print(f"  {name:<10} {info['rows']:>6} rows  {_fmt_counts(info['counts'])}")
+        print(f"  {name:<10} {info['rows']:>6} rows  {format_counts(info['counts'])}")
     fin = results.get("finetune", {}).get("summary", {})
     if fin.get("metrics"):
         print(f"\n  OOD detection (average over OOD sets, convention: {fin['convention']})")
@@ -65,13 +67,6 @@ def _print_summary(results: dict, out: str) -> None:
             avg = per_set["average"]
             print(f"    {method:<10} FPR95 {100 * avg['fpr95']:6.2f}   AUROC {100 * avg['auroc']:6.2f}")
         print(f"  report: {fin['artifacts']}/report.md")
-
-
-def _fmt_counts(counts: dict) -> str:
-    return ", ".join(
-        f"{status}: {sum(r.values())} ({', '.join(f'{k} {v}' for k, v in sorted(r.items()))})"
-        for status, r in sorted(counts.items())
-    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:

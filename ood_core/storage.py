@@ -291,6 +291,14 @@ def count_by_status(rows: list[dict]) -> dict[str, dict[str, int]]:
     return out
 
 
+def format_counts(counts: dict[str, dict[str, int]], sep: str = ", ") -> str:
+    """``kept: 20 (ok 20), rejected: 3 (blank 1, near_duplicate 2)``."""
+    return sep.join(
+        f"{status}: {sum(r.values())} ({', '.join(f'{k} {v}' for k, v in sorted(r.items()))})"
+        for status, r in sorted(counts.items())
+    )
+
+
 def merge_counts(parts: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for part in parts:

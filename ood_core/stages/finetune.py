@@ -24,6 +24,7 @@ from ood_core.stages.base import (
     check_not_all_failed,
     chunk,
     guarded,
+    memo,
     npy_bytes,
     npy_load,
     row,
@@ -217,7 +218,7 @@ class FinetuneStage(Stage):
         import torch
 
         from ood_core import report
-        from ood_core.storage import parquet_bytes
+        from ood_core.storage import format_counts, parquet_bytes
 
         store = ctx.store
         art = lambda name: store.path("artifacts", name)  # noqa: E731
@@ -253,7 +254,7 @@ class FinetuneStage(Stage):
             "",
             f"- CLIP `{m.clip.name}` ({m.clip.pretrained}), MLLM `{m.mllm.name}`, diffusion `{m.diffusion.name}`",
             f"- cached features: {sizes}",
-            f"- synthetic images: {_elaborate_counts(ctx)}",
+            f"- synthetic images: {format_counts(ctx.upstream['elaborate'].read_success()['counts'], '; ')}",
             "",
             report.metrics_table_markdown(results, ctx.cfg.finetune.fpr_convention),
             "",
@@ -266,22 +267,16 @@ class FinetuneStage(Stage):
         store.write_bytes(art("report.md"), "\n".join(md).encode())
 
 
-def _elaborate_counts(ctx: StageContext) -> str:
-    counts = ctx.upstream["elaborate"].read_success()["counts"]
-    return "; ".join(
-        f"{status} {sum(r.values())} ({', '.join(f'{k} {v}' for k, v in sorted(r.items()))})"
-        for status, r in sorted(counts.items())
-    )
-
-
 def _ood_sets(ctx: StageContext) -> dict[str, dict]:
     from ood_core.data import load_ood_set
 
-    cache = ctx.__dict__.setdefault("_ood_sets", {})
-    if not cache:
-        for name in ctx.cfg.data.ood_sets:
-            cache[name] = {r.key: r for r in load_ood_set(name, ctx.cfg.data, ctx.cfg.seed)}
-    return cache
+    # every feature shard task needs the listing: list the (possibly large) folders once per process
+    return memo(
+        ("ood_sets", ctx.cfg.data.model_dump_json(), ctx.cfg.seed),
+        lambda: {
+            name: {r.key: r for r in load_ood_set(name, ctx.cfg.data, ctx.cfg.seed)} for name in ctx.cfg.data.ood_sets
+        },
+    )
 
 
 def _synthetic_grid(ctx: StageContext, per_status: int = 8):
