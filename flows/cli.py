@@ -39,8 +39,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"synth-ood: {err}", file=sys.stderr)
             return 2
     else:
-        # the ephemeral server would otherwise try to send telemetry from an offline machine
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        from flows.local_api import configure_local_api, local_api_notice, uses_local_api
+
+        configure_local_api()
+        if uses_local_api():
+            print(local_api_notice(), flush=True)
         from flows.synth_ood import synth_ood
 
         try:

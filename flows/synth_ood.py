@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, tags
+from flows.local_api import configure_local_api
 
-from ood_core.config import load_config
-from tasks import finalize_task, plan_task, prepare_run_task, shard_task
+configure_local_api()  # before Prefect reads its settings
+
+from prefect import flow, tags  # noqa: E402
+
+from ood_core.config import load_config  # noqa: E402
+from tasks import finalize_task, plan_task, prepare_run_task, shard_task  # noqa: E402
 
 
 @flow(name="synth-ood", log_prints=True)

@@ -13,3 +13,5 @@ os.environ["PREFECT_HOME"] = os.path.join(_PREFECT_TMP, "home")
 os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_TMP, "results")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# a fresh PREFECT_HOME means the local API creates its database first: slow on a busy 2-core machine
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")

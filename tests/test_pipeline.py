@@ -71,6 +71,7 @@ def test_first_run_leaves_four_complete_verified_stages(tiny_run):
             assert {"key", "status", "reason", "error"} <= set(table.column_names)
     assert cli("verify", str(out)).returncode == 0
     assert "FPR95" in proc.stdout and "AUROC" in proc.stdout
+    assert proc.stdout.count("starting Prefect's local API") == 1
     art = out / "finetune" / record["keys"]["finetune"] / "artifacts"
     for name in ("metrics.json", "report.md", "roc.png", "score_histograms.png", "adapter.pt"):
         assert (art / name).stat().st_size > 0, name
