@@ -200,7 +200,7 @@ def test_elaborate_through_scripted_endpoint_keeps_rejects_and_flags_exactly(ups
     assert out[d_garbage]["answer_id_visible"] == "#$%@ ~~"  # the raw answer is kept
 
     # every row: raw answers, parsed fields, prompt ids, model id; boundary images get two rounds
-    for key, r in out.items():
+    for r in out.values():
         assert r["mllm_model"] == "scripted-vlm" and r["answer_describe"] and r["answer_id_visible"] is not None
         n_rounds = 3 if r["kind"] == "far" else 2
         assert len(json.loads(r["prompt_ids"])) == n_rounds
