@@ -75,7 +75,7 @@ def _print_summary(results: dict, out: str) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from ood_core.pipeline import read_plan, read_run_record
     from ood_core.stages import STAGE_ORDER
-    from ood_core.storage import StageStore, merge_counts
+    from ood_core.storage import StageStore, count_by_kind, merge_counts
 
     record = read_run_record(args.dir)
     if record is None:
@@ -98,6 +98,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {name:<10} {state:<8} {store.key}  {detail}")
         for status, reasons in sorted(counts.items()):
             print(f"      {status:<9} {sum(reasons.values()):>6}  " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
+        for kind, by_status in sorted(count_by_kind(store).items()):
+            parts = [f"{st} {sum(r.values())} (" + ", ".join(f"{k}={v}" for k, v in sorted(r.items())) + ")"
+                     for st, r in sorted(by_status.items())]
+            print(f"      kind {kind}: " + "; ".join(parts))
     return 0
 
 

@@ -53,12 +53,21 @@ class DiffusionSpec(_Strict):
     resolution: int = Field(512, ge=16)
 
 
+class TextToImageSpec(_Strict):
+    """The text-to-image model of MM-OOD's far branch (MM-OOD used SD 1.5)."""
+
+    backend: Literal["sd-t2i"] = "sd-t2i"
+    name: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    resolution: int = Field(512, ge=16)
+
+
 class ModelsConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cache_dir: str = "~/.cache/synth-ood/models"
     clip: ClipSpec = ClipSpec()
     mllm: MLLMSpec = MLLMSpec()
     diffusion: DiffusionSpec = DiffusionSpec()
+    t2i: TextToImageSpec = TextToImageSpec()
 
 
 # ---------------------------------------------------------------- data
@@ -84,6 +93,8 @@ class DataConfig(_Strict):
 class SketchConfig(_Strict):
     far_labels: int = Field(100, ge=0)
     far_per_turn: int = Field(50, ge=1)
+    # outlier labels given by the user, added to the MLLM's far labels (same hygiene, same rows)
+    far_extra_labels: list[str] = []
     near_per_class: int = Field(3, ge=0)
     near_images: int = Field(0, ge=0)
     max_label_words: int = Field(3, ge=1)
@@ -107,6 +118,21 @@ class GenerateConfig(_Strict):
     m_out: float = -5.0
     mask: Literal["full", "box"] = "full"
     shard_size: int = Field(16, ge=1)
+    # MM-OOD far branch: text-to-image samples of sketched outlier labels (kinds from sketch)
+    t2i_kinds: list[Literal["far", "near"]] = ["far"]
+    images_per_label: int = Field(4, ge=0)
+    t2i_steps: int = Field(25, ge=1)
+    t2i_guidance: float = Field(7.5, ge=0.0)
+    t2i_template: str = "photo"  # id in ood_core.prompts.T2I_TEMPLATES
+    t2i_batch: int = Field(4, ge=1)
+    t2i_shard_size: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _known_template(self) -> GenerateConfig:
+        from ood_core.prompts import T2I_TEMPLATES, check_prompt_id
+
+        check_prompt_id(T2I_TEMPLATES, self.t2i_template, "generate.t2i_template")
+        return self
 
 
 class ElaborateConfig(_Strict):
@@ -114,6 +140,25 @@ class ElaborateConfig(_Strict):
     energy_band: tuple[float, float] | None = None
     dedup_cosine: float = Field(0.98, ge=0.0, le=1.0)
     shard_size: int = Field(64, ge=1)
+    # multi-round MLLM elaboration (prompt ids from ood_core.prompts.ELABORATE_PROMPTS)
+    mllm: MLLMSpec | None = None  # None: models.mllm
+    describe_prompt: str = "describe_v1"
+    id_visible_source_prompt: str = "id_visible_source_v1"
+    id_visible_any_prompt: str = "id_visible_any_v1"
+    label_prompt: str = "label_v1"
+    id_topk: int = Field(5, ge=1)  # far images: ask about the CLIP top-k ID classes
+    unclear: Literal["keep", "reject", "clip"] = "clip"
+    # policy 'clip': an unclear answer is decided by this (stricter) CLIP ID-confidence bound
+    unclear_max_id_confidence: float = Field(0.5, ge=0.0, le=1.0)
+    max_label_words: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _known_prompts(self) -> ElaborateConfig:
+        from ood_core.prompts import ELABORATE_PROMPTS, check_prompt_id
+
+        for name in ("describe_prompt", "id_visible_source_prompt", "id_visible_any_prompt", "label_prompt"):
+            check_prompt_id(ELABORATE_PROMPTS, getattr(self, name), f"elaborate.{name}")
+        return self
 
 
 class FinetuneConfig(_Strict):
@@ -129,6 +174,10 @@ class FinetuneConfig(_Strict):
     mcm_temperature: float = Field(1.0, gt=0.0)
     fpr_convention: Literal["openood", "mcm"] = "openood"
     loss: Literal["ce", "ce+contrastive"] = "ce"  # ce+contrastive: the Multi-OS objective
+    # MM-OOD: share of near-OOD labels in the mixed outlier label set (OOD type unknown)
+    mm_ood_near_ratio: float = Field(0.5, ge=0.0, le=1.0)
+    # which kinds of kept synthetic images train the adapter (boundary = SynOOD, far = MM-OOD)
+    synthetic_kinds: list[Literal["boundary", "far", "near"]] = ["boundary"]
 
 
 class RunConfig(_Strict):

@@ -83,6 +83,9 @@ def plan_stage(ctx: StageContext, name: str, keys: dict[str, str]) -> int:
         for p in shards:
             ctx.store.write_json(_shard_plan_path(ctx.store, p.index), p.items)
         plan = {"shard_key": shard_key(ctx.cfg, name, keys), "shards": len(shards)}
+        content = content_keys(ctx.cfg, name, keys, shards)
+        if content:
+            plan["content_keys"] = content
         ctx.store.write_json(ctx.store.path(PLAN), plan)
     return plan["shards"]
 
@@ -110,6 +113,46 @@ def shard_donors(ctx: StageContext) -> list[StageStore]:
     return donors
 
 
+def content_keys(cfg: RunConfig, name: str, keys: dict[str, str], shards: list[ShardPlan]) -> list[str | None]:
+    """Per-shard content keys for stages whose shards depend on less than the whole config.
+
+    A stage opts in with ``shard_content_slice(cfg, items)``; the key hashes that slice, the
+    shard's items and the upstream keys, so a shard is reusable from any folder of the same stage
+    where the same index has the same content key (e.g. generate's boundary shards when only the
+    number of far images per label changed). Empty when the stage does not opt in.
+    """
+    stage = STAGES.get(name)()
+    if not hasattr(stage, "shard_content_slice"):
+        return []
+    up = {u: keys[u] for u in stage.upstream}
+    out: list[str | None] = []
+    for p in shards:
+        sliced = stage.shard_content_slice(cfg, p.items)
+        out.append(None if sliced is None else stage_key(f"{name}/content", stage.schema.version,
+                                                         {"config": sliced, "items": p.items}, up))
+    return out
+
+
+def content_donor(ctx: StageContext, index: int) -> StageStore | None:
+    """A folder of this stage whose shard ``index`` has this shard's content key and is intact."""
+    own = read_plan(ctx.store)
+    wanted = (own.get("content_keys") or [None] * (index + 1))[index]
+    if wanted is None:
+        return None
+    plans = ctx.__dict__.get("_content_plans")
+    if plans is None:
+        plans = []
+        for store in list_stage_runs(ctx.store.root, ctx.store.stage):
+            plan = read_plan(store) if store.key != ctx.store.key else None
+            if plan and plan.get("content_keys"):
+                plans.append((store, plan["content_keys"]))
+        ctx.__dict__["_content_plans"] = plans
+    for store, ck in plans:
+        if index < len(ck) and ck[index] == wanted and store.shard_valid(index):
+            return store
+    return None
+
+
 def _copy_shard(src: StageStore, dst: StageStore, index: int) -> None:
     a, b = src.shard_paths(index), dst.shard_paths(index)
     for kind in ("tar", "parquet", "stats"):  # stats last: it marks the shard done
@@ -130,6 +173,10 @@ def run_shard(ctx: StageContext, name: str, index: int) -> dict:
         if donor.read_bytes(_shard_plan_path(donor, index)) == own_items and donor.shard_valid(index):
             _copy_shard(donor, ctx.store, index)
             return {**ctx.store.shard_stats(index), "reused": True, "copied_from": donor.url()}
+    donor = content_donor(ctx, index)
+    if donor is not None:
+        _copy_shard(donor, ctx.store, index)
+        return {**ctx.store.shard_stats(index), "reused": True, "copied_from": donor.url()}
     stage = STAGES.get(name)()
     shard = load_shard_plan(ctx, index)
     t0 = time.perf_counter()
@@ -219,7 +266,8 @@ def run_local(
         n_shards = plan_stage(ctx, name, keys)
         for index in range(n_shards):
             stats = run_shard(ctx, name, index)
-            log(f"[{name}] shard {index + 1}/{n_shards}: {stats['rows']} rows {stats['counts']}")
+            copied = f" (copied from {stats['copied_from']})" if stats.get("copied_from") else ""
+            log(f"[{name}] shard {index + 1}/{n_shards}: {stats['rows']} rows {stats['counts']}{copied}")
         results[name] = finalize_stage(ctx, name, keys, n_shards, started)
         log(f"[{name}] done -> {store.url()}")
     return results

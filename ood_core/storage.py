@@ -291,6 +291,20 @@ def count_by_status(rows: list[dict]) -> dict[str, dict[str, int]]:
     return out
 
 
+def count_by_kind(store: StageStore) -> dict[str, dict[str, dict[str, int]]]:
+    """``{kind: {status: {reason: n}}}`` over the finished shards of a stage whose rows have a ``kind``."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for i in store.shard_indices():
+        table = store.read_manifest(i)
+        if "kind" not in table.column_names:
+            return {}
+        cols = table.select(["kind", "status", "reason"]).to_pydict()
+        for kind, status, reason in zip(cols["kind"], cols["status"], cols["reason"], strict=True):
+            by_reason = out.setdefault(kind or "-", {}).setdefault(status, {})
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+    return out
+
+
 def format_counts(counts: dict[str, dict[str, int]], sep: str = ", ") -> str:
     """``kept: 20 (ok 20), rejected: 3 (blank 1, near_duplicate 2)``."""
     return sep.join(

@@ -55,9 +55,9 @@ SKETCH = _schema(
 
 GENERATE = _schema(
     "generate",
-    1,
+    2,
     [
-        pa.field("kind", pa.string()),  # boundary | far
+        pa.field("kind", pa.string()),  # boundary | far | near
         pa.field("source_key", pa.string()),
         pa.field("class_idx", pa.int32()),
         pa.field("prompt", pa.string()),
@@ -65,12 +65,18 @@ GENERATE = _schema(
         pa.field("rounds", pa.int32()),
         pa.field("score_before", pa.float64()),
         pa.field("score_after", pa.float64()),
+        # text-to-image samples (far / near): the sketched label they show and how they were made
+        pa.field("label", pa.string()),
+        pa.field("label_key", pa.string()),
+        pa.field("prompt_id", pa.string()),
+        pa.field("model_id", pa.string()),
+        pa.field("seconds", pa.float64()),
     ],
 )
 
 ELABORATE = _schema(
     "elaborate",
-    1,
+    2,
     [
         pa.field("source_key", pa.string()),
         pa.field("class_idx", pa.int32()),
@@ -79,6 +85,20 @@ ELABORATE = _schema(
         pa.field("max_dup_cosine", pa.float64()),
         pa.field("neg_label", pa.string()),
         pa.field("neg_index", pa.int32()),
+        # multi-round MLLM elaboration: raw answers, parsed fields, prompt ids, model id
+        pa.field("kind", pa.string()),  # boundary | far | near
+        pa.field("label", pa.string()),  # the sketched label a far / near image was generated from
+        pa.field("mllm_model", pa.string()),
+        pa.field("prompt_ids", pa.string()),  # JSON list, one id per round
+        pa.field("asked_classes", pa.string()),  # JSON list of the ID classes asked about in round 2
+        pa.field("answer_describe", pa.string()),
+        pa.field("answer_id_visible", pa.string()),
+        pa.field("answer_label", pa.string()),
+        pa.field("id_visible", pa.string()),  # yes | no | unclear
+        pa.field("elaborated_label", pa.string()),
+        pa.field("label_status", pa.string()),  # kept | rejected (label hygiene of the round-3 label)
+        pa.field("label_reason", pa.string()),
+        pa.field("leakage", pa.bool_()),
     ],
 )
 

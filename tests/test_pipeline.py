@@ -77,6 +77,36 @@ def test_first_run_leaves_four_complete_verified_stages(tiny_run):
         assert (art / name).stat().st_size > 0, name
 
 
+def test_tiny_run_has_the_mm_ood_far_branch_end_to_end(tiny_run):
+    import json
+
+    from ood_core.stages.elaborate import read_outlier_table
+    from ood_core.storage import StageStore
+
+    out, _ = tiny_run
+    keys = read_run_record(str(out))["keys"]
+    gen = StageStore(str(out), "generate", keys["generate"]).read_manifest().to_pylist()
+    assert {r["kind"] for r in gen} == {"boundary", "far"}
+    assert all(r["model_id"] == "tiny://sd-t2i" and r["prompt_id"] == "photo" for r in gen if r["kind"] == "far")
+    elab_store = StageStore(str(out), "elaborate", keys["elaborate"])
+    elab = elab_store.read_manifest().to_pylist()
+    assert len(elab) == len(gen)
+    for r in elab:  # the MLLM fields of every image
+        assert r["mllm_model"] == "tiny://llava" and r["answer_describe"] is not None
+        assert r["id_visible"] in ("yes", "no", "unclear") and json.loads(r["prompt_ids"])[0] == "describe_v1"
+    table = read_outlier_table(elab_store)
+    assert {r["image_key"] for r in table if r["origin"] == "elaborate"} == {r["key"] for r in elab if r["kind"] == "far"}
+    fin = StageStore(str(out), "finetune", keys["finetune"]).read_success()["summary"]
+    assert {"eoe", "mm_ood"} <= set(fin["metrics"])
+    assert fin["outlier_labels"]["eoe"] != fin["outlier_labels"]["mm_ood"]  # different label sets
+
+
+def test_status_shows_counts_by_kind(tiny_run):
+    out, _ = tiny_run
+    proc = cli("status", str(out))
+    assert "kind boundary:" in proc.stdout and "kind far:" in proc.stdout
+
+
 def test_second_run_recomputes_nothing(tiny_run, model_cache):
     out, _ = tiny_run
     before = snapshot(out)

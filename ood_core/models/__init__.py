@@ -16,9 +16,9 @@ from ood_core.registry import Registry
 if TYPE_CHECKING:
     import torch
 
-    from ood_core.config import ClipSpec, DiffusionSpec, MLLMSpec
+    from ood_core.config import ClipSpec, DiffusionSpec, MLLMSpec, TextToImageSpec
     from ood_core.models.clip import ClipModel
-    from ood_core.models.diffusion import Inpainter
+    from ood_core.models.diffusion import Inpainter, TextToImage
     from ood_core.models.mllm import MLLMClient
 
 class RetryableError(RuntimeError):
@@ -86,6 +86,14 @@ def load_inpainter(
     return DIFFUSION_BACKENDS.get(spec.backend)(spec, resolve_device(device), os.path.expanduser(cache_dir))
 
 
+def load_text_to_image(
+    spec: TextToImageSpec, device: Any = "auto", cache_dir: str = "~/.cache/synth-ood/models"
+) -> TextToImage:
+    """Load the text-to-image pipeline named by ``spec`` with the backend ``spec.backend``."""
+    _ensure("diffusion")
+    return DIFFUSION_BACKENDS.get(spec.backend)(spec, resolve_device(device), os.path.expanduser(cache_dir))
+
+
 __all__ = [
     "CLIP_BACKENDS",
     "MLLM_BACKENDS",
@@ -95,4 +103,5 @@ __all__ = [
     "load_clip",
     "load_mllm",
     "load_inpainter",
+    "load_text_to_image",
 ]

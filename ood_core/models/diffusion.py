@@ -246,3 +246,63 @@ def boundary_inpaint(
     with torch.no_grad():
         score_after = float(score_fn(pil_to_tensor(out_image).to(dev)).float().mean())
     return InpaintResult(out_image, score_before, score_after, round_scores, updates)
+
+
+# ---------------------------------------------------------------- text-to-image (MM-OOD far branch)
+class TextToImage:
+    """A Stable-Diffusion text-to-image pipeline (4-channel UNet, VAE, CLIP text encoder)."""
+
+    def __init__(self, pipe: Any, resolution: int, device: torch.device, dtype: torch.dtype = torch.float32):
+        unet = pipe.unet
+        if getattr(unet.config, "in_channels", 4) != 4:
+            raise ValueError(
+                f"expected a text-to-image UNet with 4 input channels, got {unet.config.in_channels} "
+                "(an inpainting checkpoint? use it as models.diffusion, not models.t2i)"
+            )
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.resolution = int(resolution)
+        self.pipe = pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], *, steps: int, guidance: float) -> list[Image.Image]:
+        """One image per prompt, all in one batch; image i depends only on (prompt i, seed i)."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        # one CPU generator per sample: the same sample gives the same image at any batch size
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        shape = (1, self.pipe.unet.config.in_channels, self.resolution // self.pipe.vae_scale_factor,
+                 self.resolution // self.pipe.vae_scale_factor)
+        latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
+        out = self.pipe(
+            prompt=list(prompts),
+            height=self.resolution,
+            width=self.resolution,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            latents=latents.to(self.device, self.dtype),
+            output_type="pil",
+        )
+        return list(out.images)
+
+
+@DIFFUSION_BACKENDS.register("sd-t2i")
+def load_sd_text_to_image(spec, device: torch.device, cache_dir: str) -> TextToImage:
+    """Load an SD text-to-image pipeline from ``spec.name`` (hub id, local dir or ``tiny://sd-t2i``)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    path = resolve_name(spec.name, cache_dir)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    kw: dict[str, Any] = {"cache_dir": cache_dir}
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        kw["low_cpu_mem_usage"] = False
+    # no safety checker: generated outliers are filtered by elaborate, and SD 1.5's checker is 1 GB
+    pipe = StableDiffusionPipeline.from_pretrained(
+        path, dtype=dtype, safety_checker=None, requires_safety_checker=False, **kw
+    )
+    # DDIM: deterministic and good in few steps, whatever scheduler the checkpoint ships (SD 1.5: PNDM)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return TextToImage(pipe, spec.resolution, device, dtype)

@@ -174,3 +174,30 @@ def load_openai_mllm(spec, device: torch.device, cache_dir: str) -> OpenAIMLLM:
         )
     api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
     return OpenAIMLLM(spec.base_url, spec.name, api_key, spec.max_new_tokens, spec.temperature)
+
+
+# ---------------------------------------------------------------- multi-turn, batched
+def chat_batch(
+    client: MLLMClient, conversations: list[list[dict]], *, seeds: list[int], max_new_tokens: int | None = None
+) -> list[str | Exception]:
+    """One reply per conversation (each a full multi-turn message list), in order.
+
+    A client may answer many conversations at once with its own ``chat_batch`` method; otherwise
+    they are sent one by one. A conversation's own error (a bad request, an image the model cannot
+    take) is returned in its place, so one bad image does not lose the others; passing failures
+    (:class:`RetryableError`, e.g. the endpoint is down) are raised, so the shard is retried.
+    """
+    native = getattr(client, "chat_batch", None)
+    if native is not None:
+        return native(conversations, seeds=seeds, max_new_tokens=max_new_tokens)
+    out: list[str | Exception] = []
+    for conv, seed in zip(conversations, seeds, strict=True):
+        try:
+            out.append(client.chat(conv, max_new_tokens=max_new_tokens, seed=seed))
+        except RetryableError:
+            raise
+        except Exception as err:  # noqa: BLE001 - returned in place of this conversation's reply
+            if type(err).__name__ == "OutOfMemoryError":
+                raise
+            out.append(err)
+    return out

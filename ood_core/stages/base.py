@@ -143,6 +143,18 @@ class ModelHub:
 
         return self._get("diffusion", self.cfg.models.diffusion, load_inpainter)
 
+    def text_to_image(self):
+        from ood_core.models import load_text_to_image
+
+        return self._get("t2i", self.cfg.models.t2i, load_text_to_image)
+
+    def elaborate_mllm(self):
+        """The MLLM of elaborate: ``elaborate.mllm`` when set, else ``models.mllm``."""
+        from ood_core.models import load_mllm
+
+        spec = self.cfg.elaborate.mllm or self.cfg.models.mllm
+        return self._get("mllm", spec, load_mllm)
+
 
 @dataclass
 class StageContext:

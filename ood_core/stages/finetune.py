@@ -146,6 +146,10 @@ class FinetuneStage(Stage):
         neg_text = ctx.negative_text_features
         outliers = [r["text"] for r in ctx.upstream_rows("sketch", status="kept") if r["kind"] in ("far", "near")]
         out_text = ctx.models.clip().encode_texts([ID_PROMPT.format(t) for t in outliers]) if outliers else None
+        mm_labels = mm_ood_labels(ctx)  # MM-OOD: sketched + elaborated labels, near/far mixed
+        mm_text = ctx.models.clip().encode_texts([ID_PROMPT.format(t) for t in mm_labels]) if mm_labels else None
+        log(f"[finetune] outlier labels: EOE {len(outliers)} sketched, MM-OOD {len(mm_labels)} sketched + elaborated")
+        by_role["synthetic"] = select_synthetic(ctx, by_role.get("synthetic", []))
 
         # 3. train the image adapter, then the negative text features, on cached features
         train_roles = ["id_train", "synthetic"]
@@ -174,10 +178,13 @@ class FinetuneStage(Stage):
                 xa = adapter(x)
             base = ScoreContext(image_feats=x, id_text_feats=id_text, neg_text_feats=neg_text,
                                 outlier_text_feats=out_text, cfg=fc, seed=ctx.cfg.seed)
+            mm = ScoreContext(image_feats=x, id_text_feats=id_text, neg_text_feats=neg_text,
+                              outlier_text_feats=mm_text, cfg=fc, seed=ctx.cfg.seed)
             for method in BASELINES:
-                if method in ("eoe", "mm_ood") and out_text is None:
+                sc = mm if method == "mm_ood" else base
+                if method in ("eoe", "mm_ood") and sc.outlier_text_feats is None:
                     continue
-                scores.setdefault(method, {})[role] = np.asarray(SCORES.get(method)(base))
+                scores.setdefault(method, {})[role] = np.asarray(SCORES.get(method)(sc))
             tuned = ScoreContext(image_feats=xa, id_text_feats=id_text, neg_text_feats=tuned_neg,
                                  outlier_text_feats=out_text, cfg=fc, seed=ctx.cfg.seed)
             scores.setdefault("synood", {})[role] = np.asarray(SCORES.get("neglabel")(tuned))
@@ -210,6 +217,8 @@ class FinetuneStage(Stage):
             "id_accuracy": acc,
             "convention": fc.fpr_convention,
             "train": {"adapter_loss": img_hist, "negatives_loss": txt_hist, "samples": len(x_train)},
+            # EOE scores with the sketched labels, MM-OOD with sketched + elaborated (mixed near/far)
+            "outlier_labels": {"eoe": outliers, "mm_ood": mm_labels},
             "artifacts": ctx.store.url() + "/artifacts",
         }
 
@@ -265,6 +274,48 @@ class FinetuneStage(Stage):
             "![Kept and rejected synthetic images](synthetic_grid.png)",
         ]
         store.write_bytes(art("report.md"), "\n".join(md).encode())
+
+
+def mix_labels(near: list[str], far: list[str], near_ratio: float) -> list[str]:
+    """MM-OOD's near/far mix for an unknown OOD type: the largest prefix-mix with ``near_ratio`` near labels.
+
+    ``near_ratio`` 0 gives the far labels only, 1 the near labels only (and an empty set gives the
+    other alone); in between, the set that runs out first is taken whole and the other cut to the
+    ratio (order kept: deterministic).
+    """
+    if not near or not far:  # one set is empty: the other alone
+        return list(near or far)
+    if near_ratio <= 0.0:
+        return list(far)
+    if near_ratio >= 1.0:
+        return list(near)
+    total = min(len(near) / near_ratio, len(far) / (1.0 - near_ratio))
+    n_near = min(len(near), max(1, round(total * near_ratio)))
+    n_far = min(len(far), max(1, round(total * (1.0 - near_ratio))))
+    return list(near[:n_near]) + list(far[:n_far])
+
+
+def mm_ood_labels(ctx: StageContext) -> list[str]:
+    """The MM-OOD label set: kept rows of elaborate's outlier-label table (sketched + elaborated), mixed."""
+    from ood_core.stages.elaborate import read_outlier_table
+
+    kept = [r for r in read_outlier_table(ctx.upstream["elaborate"]) if r["status"] == "kept"]
+    near = list(dict.fromkeys(r["label"] for r in kept if r["kind"] == "near"))
+    far = list(dict.fromkeys(r["label"] for r in kept if r["kind"] == "far" and r["label"] not in near))
+    return mix_labels(near, far, ctx.cfg.finetune.mm_ood_near_ratio)
+
+
+def select_synthetic(ctx: StageContext, rows: list[dict]) -> list[dict]:
+    """The cached synthetic features whose kind is in ``finetune.synthetic_kinds`` (the training set)."""
+    kinds = {r["key"]: r["kind"] or "boundary" for r in ctx.upstream_rows("elaborate", status="kept")}
+    wanted = set(ctx.cfg.finetune.synthetic_kinds)
+    chosen = [r for r in rows if kinds.get(r["key"], "boundary") in wanted]
+    if not chosen:
+        raise RuntimeError(
+            f"finetune: no kept synthetic image of kinds {sorted(wanted)} (kept kinds: "
+            f"{sorted(set(kinds.values()))}); check finetune.synthetic_kinds and generate.t2i_kinds"
+        )
+    return chosen
 
 
 def _ood_sets(ctx: StageContext) -> dict[str, dict]:

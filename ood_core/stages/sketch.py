@@ -178,7 +178,7 @@ class SketchStage(Stage):
         out.samples.append(_transcript_sample("far_conversation", transcript))
         if not labels and not out.rows:
             out.add(row("far_conversation", "rejected", "no_labels_parsed", None, kind="far"))
-        self._hygiene(ctx, out, labels[: sc.far_labels], "far", "far")
+        self._hygiene(ctx, out, labels[: sc.far_labels] + list(sc.far_extra_labels), "far", "far")
 
     def _near(self, ctx: StageContext, out: ShardOutput, class_idx: int) -> None:
         """Per class: labels that look similar but come from other domains (MM-OOD shows images)."""

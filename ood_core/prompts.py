@@ -1,0 +1,34 @@
+"""Prompts as data: every prompt has an id, configs pick ids, manifests record them.
+
+Changing a prompt's text means adding a new id (``describe_v2``) and pointing the config at it, so
+the stage key changes and the old results stay readable next to the new ones.
+"""
+
+from __future__ import annotations
+
+# Text-to-image prompt templates for the far/near branch: ``{label}`` is the outlier label.
+T2I_TEMPLATES: dict[str, str] = {
+    "photo": "a photo of a {label}.",
+    "photo_hq": "a high quality photo of a {label}.",
+    "plain": "{label}",
+}
+
+# Multi-round elaboration prompts (one multi-turn chat per generated image).
+# round 1: free description; round 2: is an ID class visible (yes/no); round 3: one outlier label.
+ELABORATE_PROMPTS: dict[str, str] = {
+    "describe_v1": "Describe what this image shows in one sentence.",
+    "describe_v2": "What is the main object or scene in this image? Answer in one short sentence.",
+    "id_visible_source_v1": "Is a {classes} visible in this image? Answer only yes or no.",
+    "id_visible_any_v1": "Is any of these visible in this image: {classes}? Answer only yes or no.",
+    "label_v1": (
+        "Name the main object or scene of this image with one short label of at most {max_words} "
+        "words. Answer with the label only."
+    ),
+}
+
+
+def check_prompt_id(table: dict[str, str], prompt_id: str, key: str) -> str:
+    """``prompt_id`` if ``table`` has it, else a ValueError naming the config key and the known ids."""
+    if prompt_id not in table:
+        raise ValueError(f"{key}: unknown prompt id '{prompt_id}' (known: {', '.join(sorted(table))})")
+    return prompt_id
