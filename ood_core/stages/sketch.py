@@ -95,21 +95,10 @@ class SketchStage(Stage):
         return out
 
     def _hygiene(self, ctx: StageContext, out: ShardOutput, labels: list[str], kind: str, prefix: str, **cols):
-        from ood_core.data import ood_classnames
         from ood_core.labels import label_hygiene
 
         clip = ctx.models.clip()
-        cache = ctx.__dict__.setdefault("_eval_names", {})
-        if "names" not in cache:
-            # leakage is checked against the configured names and every evaluation set's class names
-            names = list(ctx.cfg.sketch.eval_ood_names)
-            for name in ctx.cfg.data.ood_sets:
-                found = ood_classnames(name, ctx.cfg.data)
-                if not found:
-                    ctx.log(f"[sketch] warning: no class names known for OOD set '{name}': label leakage "
-                            f"against it is not checked (add a classnames.txt to its folder)")
-                names += found
-            cache["names"] = names
+        eval_names = _eval_names(ctx)
         classnames = ctx.dataset.classnames
 
         def text_cosine(cands: list[str], ids: list[str]) -> np.ndarray:
@@ -119,13 +108,18 @@ class SketchStage(Stage):
         verdicts = label_hygiene(
             labels,
             classnames,
-            eval_ood_names=cache["names"],
+            eval_ood_names=eval_names,
             text_cosine=text_cosine,
             overlap_cosine=ctx.cfg.sketch.overlap_cosine,
         )
+        keep_leaked = ctx.cfg.sketch.keep_leaked_labels
         for i, v in enumerate(verdicts):
-            r = row(f"{prefix}_{i:05d}", v.status, v.reason, None, kind=kind, text=v.label, leakage=v.leakage, **cols)
-            out.add(r, _files(r) if v.status == "kept" else None)
+            status, reason = v.status, v.reason
+            if v.leakage and status == "kept" and not keep_leaked:
+                # a label naming an evaluation OOD class would inflate every score that uses it
+                status, reason = "rejected", "leaks_eval_ood"
+            r = row(f"{prefix}_{i:05d}", status, reason, None, kind=kind, text=v.label, leakage=v.leakage, **cols)
+            out.add(r, _files(r) if status == "kept" else None)
 
     def _far(self, ctx: StageContext, out: ShardOutput) -> None:
         """One conversation: summarise the ID categories, then ask for labels turn by turn."""
@@ -241,31 +235,64 @@ class SketchStage(Stage):
 
     def _negatives(self, ctx: StageContext, out: ShardOutput) -> None:
         """NegMining: keep the candidates least similar to the ID prompts (nouns, adjectives apart)."""
-        from ood_core.labels import normalize_label
+        from ood_core.labels import label_hygiene, normalize_label
         from ood_core.lexicon import ADJ_TEMPLATE, NOUN_TEMPLATE, load_lexicon
 
         sc = ctx.cfg.sketch
         lex = load_lexicon(sc.lexicon, sc.lexicon_limit)
         clip = ctx.models.clip()
-        id_feats = ctx.id_text_features
+        id_feats = ctx.text_features([sc.neg_id_template.format(c) for c in ctx.dataset.classnames])
         id_words = {normalize_label(c) for c in ctx.dataset.classnames}
         for pos, words, template in (("n", lex.nouns, NOUN_TEMPLATE), ("a", lex.adjectives, ADJ_TEMPLATE)):
             if not words:
                 continue
             feats = clip.encode_texts([template.format(w) for w in words])
+            keep = set(neg_mining_keep((feats @ id_feats.T).numpy(), sc.neg_keep_fraction, sc.neg_percentile).tolist())
             score = np.percentile((feats @ id_feats.T).numpy(), sc.neg_percentile, axis=1)
-            n_keep = max(1, int(round(sc.neg_keep_fraction * len(words))))
-            # stable sort: equal scores keep lexicon order, so the selection is reproducible
-            keep = set(np.argsort(score, kind="stable")[:n_keep].tolist())
+            # leakage is checked on the kept candidates only (a word-set test per evaluation name)
+            kept_words = [words[i] for i in sorted(keep)]
+            leaked = {v.raw for v in label_hygiene(kept_words, [], eval_ood_names=_eval_names(ctx)) if v.leakage}
             for i, w in enumerate(words):
                 if w in id_words:
                     status, reason = "rejected", "equals_id_class"
-                elif i in keep:
-                    status, reason = "kept", "ok"
-                else:
+                elif i not in keep:
                     status, reason = "rejected", "too_close_to_id"
-                r = row(f"neg_{pos}{i:06d}", status, reason, None, kind="negative", text=w, score=float(score[i]))
+                elif w in leaked and not sc.keep_leaked_labels:
+                    status, reason = "rejected", "leaks_eval_ood"
+                else:
+                    status, reason = "kept", "ok"
+                r = row(f"neg_{pos}{i:06d}", status, reason, None, kind="negative", text=w, score=float(score[i]),
+                        leakage=w in leaked)
                 out.add(r, _files(r) if status == "kept" else None)
+
+
+def _eval_names(ctx: StageContext) -> list[str]:
+    """Leakage is checked against the configured names and every evaluation set's class names."""
+    from ood_core.data import ood_classnames
+
+    cache = ctx.__dict__.setdefault("_eval_names", {})
+    if "names" not in cache:
+        names = list(ctx.cfg.sketch.eval_ood_names)
+        for name in ctx.cfg.data.ood_sets:
+            found = ood_classnames(name, ctx.cfg.data)
+            if not found:
+                ctx.log(f"[sketch] warning: no class names known for OOD set '{name}': label leakage "
+                        f"against it is not checked (add a classnames.txt to its folder)")
+            names += found
+        cache["names"] = names
+    return cache["names"]
+
+
+def neg_mining_keep(sim: np.ndarray, keep_fraction: float, percentile: float) -> np.ndarray:
+    """NegLabel's NegMining (mmcls/models/classifiers/multi_modal.py@3253db6): indices kept.
+
+    ``sim`` is (candidates x ID prompts) cosine; each candidate's distance to ID is its
+    ``percentile``-th percentile similarity (``torch.quantile``, linear); the
+    ``floor(len * keep_fraction)`` least similar are kept (``int(len(ind) * neg_topk)``).
+    """
+    score = np.percentile(sim, percentile, axis=1)
+    # stable sort: equal scores keep lexicon order, so the selection is reproducible
+    return np.argsort(score, kind="stable")[: int(len(score) * keep_fraction)]
 
 
 def _transcript_sample(key: str, turns: list[dict]):
