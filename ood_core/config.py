@@ -153,9 +153,12 @@ class FinetuneConfig(_Strict):
     released; ``"all"``: the whole ID train split), adapter LayerNorm at PyTorch's default gain
     (``adapter_init_gain: 1``), on raw (unnormalised) CLIP image features, cosine schedule stepped
     per epoch. Text side: raw synthetic image features, softmax over the negatives assigned to kept
-    images only, only those trainable. ``text_on_adapted: true`` trains the negatives against the
-    adapted features instead (our choice: the scoring uses adapted features; the reference trains
-    on raw ones).
+    images only, only those trainable (``synood_text: released``). ``synood_text: joint`` is our
+    alternative: all negatives trainable, CE over [ID + negatives] on the ADAPTED features, since
+    the SynOOD score is computed on adapted features while the reference tunes the text against
+    raw ones. Multi-OS (``multi_os``): a separate adapter, CE + Multi-OS contrastive loss with the
+    outlier labels as the text side (each synthetic image labelled with its nearest outlier label),
+    scored with the MM-OOD score on its own adapted features.
     """
 
     epochs: int = Field(3, ge=1)
@@ -178,7 +181,7 @@ class FinetuneConfig(_Strict):
     synood_id_template: str = "a nice {}"
     synood_data: Literal["sources", "all"] = "sources"
     adapter_init_gain: float = Field(1.0, gt=0.0)
-    text_on_adapted: bool = False
+    synood_text: Literal["released", "joint"] = "released"
     multi_os: bool = True
     fpr_convention: Literal["openood", "mcm"] = "openood"
     loss: Literal["ce", "ce+contrastive"] = "ce"  # ce+contrastive: adds Multi-OS's loss to SynOOD's adapter

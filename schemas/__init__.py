@@ -44,7 +44,7 @@ SKETCH = _schema(
     "sketch",
     1,
     [
-        pa.field("kind", pa.string()),  # far | near | negative | context
+        pa.field("kind", pa.string()),  # far | near | fine | negative | context
         pa.field("text", pa.string()),
         pa.field("class_idx", pa.int32()),
         pa.field("source_key", pa.string()),
@@ -55,7 +55,7 @@ SKETCH = _schema(
 
 GENERATE = _schema(
     "generate",
-    1,
+    2,
     [
         pa.field("kind", pa.string()),  # boundary | far
         pa.field("source_key", pa.string()),
@@ -65,12 +65,14 @@ GENERATE = _schema(
         pa.field("rounds", pa.int32()),
         pa.field("score_before", pa.float64()),
         pa.field("score_after", pa.float64()),
+        # the last round's score is nearer the OOD side (-ln K) than the first round's
+        pa.field("moved_toward_ood", pa.bool_()),
     ],
 )
 
 ELABORATE = _schema(
     "elaborate",
-    1,
+    2,  # 2: kept samples carry their CLIP embedding (npy) for the cross-shard duplicate index
     [
         pa.field("source_key", pa.string()),
         pa.field("class_idx", pa.int32()),

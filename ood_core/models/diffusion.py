@@ -158,10 +158,11 @@ def noise_step(
     averaged over a batch of ``grad_batch`` images (the reference's ``.mean()`` over its batch), and
     ``eps <- eps - lr * d loss / d u`` (the gradient lands on the noise unchanged: "skip gradient").
     """
-    u = (latents.detach().float() / float(vae_scale)).requires_grad_(True)
+    # at least float32 (half-precision latents on a GPU), float64 kept when given
+    u = (latents.detach().to(torch.promote_types(latents.dtype, torch.float32)) / float(vae_scale)).requires_grad_(True)
     with torch.enable_grad():
         pixels = decode_unscaled(u)
-        s = score_fn(pixels).float()
+        s = score_fn(pixels).to(u.dtype)
         loss = ((m_out - s) ** 2).sum() / float(grad_batch)
         (grad,) = torch.autograd.grad(loss, u)
     return (eps - lr * grad.to(eps.dtype)).detach(), pixels.detach(), s.detach()

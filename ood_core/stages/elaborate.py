@@ -1,7 +1,8 @@
 """Stage 3, elaborate: judge and filter the generated images, assign each a negative label.
 
 CLIP filters: blank/NaN images, ID zero-shot confidence (the ID class is still visible),
-an optional energy band, near-duplicates (embedding cosine within the shard). Every kept image
+an optional energy band, near-duplicates (embedding cosine within the shard, then across shards
+in ``finalize``: ``ood_core.dedup``). Every kept image
 gets the argmax CLIP label among the mined negative labels: its training label in finetune.
 """
 
@@ -20,6 +21,8 @@ from ood_core.stages.base import (
     Stage,
     StageContext,
     chunk,
+    npy_bytes,
+    npy_load,
     row,
 )
 from schemas import ELABORATE
@@ -108,6 +111,33 @@ class ElaborateStage(Stage):
                 kept_feats.append(f)
             r = row(it["key"], status, reason, None, **cols, **measures)
             # rejected images are kept too (for the report's grid), marked by their row
-            out.add(r, {"png": files[it["key"]]["png"], "json": json.dumps(r, sort_keys=True).encode()})
+            extra = {"npy": npy_bytes(f.astype(np.float32))} if status == "kept" else {}
+            out.add(r, {"png": files[it["key"]]["png"], "json": json.dumps(r, sort_keys=True).encode(), **extra})
         return out
+
+    def finalize(self, ctx: StageContext) -> dict:
+        """Near-duplicates across shards (see ``ood_core.dedup``), written as an artifact."""
+        return write_cross_shard_duplicates(ctx.store, ctx.cfg.elaborate.dedup_cosine)
+
+
+DUPLICATES_ARTIFACT = "cross_shard_duplicates.json"
+
+
+def write_cross_shard_duplicates(store, threshold: float) -> dict:
+    from ood_core.dedup import cross_shard_duplicates
+
+    def shards():
+        for i in store.shard_indices():
+            kept = [(k, npy_load(f["npy"])) for k, f in store.iter_samples(i) if "npy" in f]
+            yield [k for k, _ in kept], np.stack([f for _, f in kept]) if kept else np.zeros((0, 1))
+
+    dups = cross_shard_duplicates(shards(), threshold)
+    store.write_json(store.path("artifacts", DUPLICATES_ARTIFACT), {k: list(v) for k, v in dups.items()})
+    return {"cross_shard_duplicates": len(dups)}
+
+
+def read_cross_shard_duplicates(store) -> dict[str, list]:
+    """Kept images that duplicate an earlier shard's: ``{key: [matched key, cosine]}``."""
+    path = store.path("artifacts", DUPLICATES_ARTIFACT)
+    return store.read_json(path) if store.exists(path) else {}
 

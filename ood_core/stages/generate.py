@@ -78,6 +78,7 @@ class GenerateStage(Stage):
     def _one(self, ctx: StageContext, out: ShardOutput, item: dict, key: str) -> None:
         from ood_core.data import load_image
         from ood_core.models.diffusion import boundary_inpaint, center_box_mask, energy_score_fn
+        from ood_core.models.diffusion import resolve_m_out as _m_out
 
         g = ctx.cfg.generate
         pipe = ctx.models.inpainter()
@@ -96,7 +97,8 @@ class GenerateStage(Stage):
             strength=g.strength,
             guidance=g.guidance,
             lr=g.lr,
-            m_out=g.m_out,
+            m_out=_m_out(g.m_out, len(ctx.dataset.classnames)),
+            grad_batch=g.grad_batch,
         )
         r = row(
             key,
@@ -111,10 +113,11 @@ class GenerateStage(Stage):
             rounds=g.rounds,
             score_before=result.score_before,
             score_after=result.score_after,
+            moved_toward_ood=result.moved_toward_ood,
         )
         ctx.log(
             f"[generate] {key}: energy score {result.score_before:.2f} -> {result.score_after:.2f} "
-            f"(target {g.m_out}, {g.rounds} rounds)"
+            f"(target {result.m_out:.2f}, {g.rounds} rounds, moved toward OOD: {result.moved_toward_ood})"
         )
         meta = {**r, "round_scores": result.round_scores}
         out.add(r, {"png": png_bytes(result.image), "json": json.dumps(meta, sort_keys=True).encode()})

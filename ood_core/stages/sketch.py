@@ -1,6 +1,7 @@
 """Stage 1, sketch: outlier labels and prompts.
 
-Shards: far-OOD labels (one MLLM conversation over the whole ID label set), near-OOD labels
+Shards: far-OOD labels (one MLLM conversation over the whole ID label set), fine-grained labels
+(EOE's third task: other kinds of the ID super-category, ``sketch.fine_labels``), near-OOD labels
 (per class chunk, optionally showing the MLLM k ID images), negative labels mined from a lexicon
 with CLIP (NegLabel NegMining), and SynOOD context prompts for the selected source images.
 """
@@ -61,6 +62,8 @@ class SketchStage(Stage):
         if sc.far_labels > 0:
             plans.append(ShardPlan(len(plans), [{"kind": "far"}]))
         plans.append(ShardPlan(len(plans), [{"kind": "negative"}]))
+        if sc.fine_labels > 0:
+            plans.append(ShardPlan(len(plans), [{"kind": "fine"}]))
         if sc.near_per_class > 0:
             near = [{"kind": "near", "class_idx": i} for i in range(len(ctx.dataset.classnames))]
             plans += chunk(near, sc.shard_size, start=len(plans))
@@ -77,6 +80,8 @@ class SketchStage(Stage):
             self._far(ctx, out)
         elif kind == "negative":
             self._negatives(ctx, out)
+        elif kind == "fine":
+            self._fine(ctx, out)
         elif kind == "near":
             for item in shard.items:
                 self._near(ctx, out, item["class_idx"])
@@ -173,6 +178,30 @@ class SketchStage(Stage):
         if not labels and not out.rows:
             out.add(row("far_conversation", "rejected", "no_labels_parsed", None, kind="far"))
         self._hygiene(ctx, out, labels[: sc.far_labels], "far", "far")
+
+    def _fine(self, ctx: StageContext, out: ShardOutput) -> None:
+        """EOE's fine-grained task: other kinds of the ID super-category that are not ID classes."""
+        from ood_core.labels import parse_label_list
+
+        sc = ctx.cfg.sketch
+        classnames = ctx.dataset.classnames
+        prompt = _text(
+            f"Here are {len(classnames)} image classes that are all kinds of one category: {', '.join(classnames)}.",
+            f"List {sc.fine_labels} other kinds of the same category that are not in this list.",
+            f"At most {sc.max_label_words} words each, one per line, no explanations.",
+        )
+        try:
+            reply = ctx.models.mllm().chat([{"role": "user", "content": [prompt]}], seed=derive_seed(ctx.cfg.seed, "fine"))
+        except Exception as err:  # noqa: BLE001 - the failure is recorded as a row
+            if is_shard_error(err):
+                raise
+            out.add(row("fine_reply", "failed", type(err).__name__, f"{type(err).__name__}: {err}", kind="fine"))
+            return
+        out.samples.append(_transcript_sample("fine_reply", [{"prompt": prompt["text"], "reply": reply}]))
+        labels = parse_label_list(reply, sc.max_label_words)[: sc.fine_labels]
+        if not labels:
+            out.add(row("fine_reply", "rejected", "no_labels_parsed", None, kind="fine"))
+        self._hygiene(ctx, out, labels, "fine", "fine")
 
     def _near(self, ctx: StageContext, out: ShardOutput, class_idx: int) -> None:
         """Per class: labels that look similar but come from other domains (MM-OOD shows images)."""
