@@ -70,9 +70,7 @@ class FinetuneStage(Stage):
         ]
         for name, recs in _ood_sets(ctx).items():
             items += [{"key": r.key, "role": f"ood:{name}", "class_idx": -1, "label_idx": -1} for r in recs.values()]
-        from ood_core.stages.elaborate import read_cross_shard_duplicates
-
-        dups = read_cross_shard_duplicates(ctx.upstream["elaborate"])
+        dups = _cross_dups(ctx)
         kept = [r for r in ctx.upstream_rows("elaborate", status="kept") if r["key"] not in dups]
         if not kept:
             raise RuntimeError(
@@ -321,7 +319,8 @@ class FinetuneStage(Stage):
             "",
             f"- CLIP `{m.clip.name}` ({m.clip.pretrained}), MLLM `{m.mllm.name}`, diffusion `{m.diffusion.name}`",
             f"- cached features: {sizes}",
-            f"- synthetic images: {format_counts(ctx.upstream['elaborate'].read_success()['counts'], '; ')}",
+            f"- synthetic images: {format_counts(ctx.upstream['elaborate'].read_success()['counts'], '; ')}"
+            f"; near-duplicates across shards (left out): {len(_cross_dups(ctx))}",
             "",
             report.metrics_table_markdown(results, ctx.cfg.finetune.fpr_convention,
                                           temperatures=extra["temperatures"]),
@@ -334,6 +333,12 @@ class FinetuneStage(Stage):
             "![Kept and rejected synthetic images](synthetic_grid.png)",
         ]
         store.write_bytes(art("report.md"), "\n".join(md).encode())
+
+
+def _cross_dups(ctx: StageContext) -> dict:
+    from ood_core.stages.elaborate import read_cross_shard_duplicates
+
+    return read_cross_shard_duplicates(ctx.upstream["elaborate"])
 
 
 def _ood_sets(ctx: StageContext) -> dict[str, dict]:
