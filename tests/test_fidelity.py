@@ -225,7 +225,7 @@ def test_text_side_one_step_matches_ood_label_finetuning():
     optim.step()
 
     tuned, used, hist = train_negative_text_released(img, assigned, raw_neg, cfg, seed=0)
-    assert used.tolist() == classes and hist[0] == pytest.approx(float(loss), abs=1e-6)
+    assert used.tolist() == classes and hist[0] == pytest.approx(float(loss.detach()), abs=1e-6)
     np.testing.assert_allclose(tuned[classes], F.normalize(emb.detach(), dim=-1).numpy(), atol=1e-6)
     others = [i for i in range(9) if i not in classes]  # not assigned: not trainable
     np.testing.assert_allclose(tuned[others], F.normalize(raw_neg[others], dim=-1).numpy(), atol=1e-7)
@@ -247,3 +247,45 @@ def test_cross_shard_duplicates_use_an_index_of_earlier_kept_images():
     assert dups["b1"][1] > 0.98
     # the same images within one shard are left to the shard's own filter
     assert cross_shard_duplicates([(["x", "y"], np.stack([base[1], near]))], 0.98) == {}
+
+
+# ------------------------------------------------------------------ 7. fine-grained outlier labels
+def test_fine_grained_labels_go_through_the_same_hygiene():
+    """EOE's fine_grained task: other kinds of the ID super-category, not ID classes."""
+    from types import SimpleNamespace
+
+    from ood_core.config import RunConfig
+    from ood_core.stages.base import ShardOutput
+    from ood_core.stages.sketch import SketchStage
+
+    asked = []
+
+    class FakeMLLM:
+        def chat(self, messages, seed=0):
+            asked.append(messages[0]["content"][0]["text"])
+            return "Sure:\n1. sushi\n2. Cat\n3. ramen\n4. dumpling\n5. brick wall"
+
+    class FakeClip:
+        def encode_texts(self, texts):
+            return torch.eye(8)[[2 + i % 6 for i in range(len(texts))]]
+
+    cfg = RunConfig.model_validate({"sketch": {"fine_labels": 5}})
+    ctx = SimpleNamespace(
+        cfg=cfg,
+        models=SimpleNamespace(mllm=FakeMLLM, clip=FakeClip),
+        dataset=SimpleNamespace(classnames=["cat", "pizza"]),
+        id_text_features=torch.eye(8)[:2],
+        log=lambda m: None,
+    )
+    out = ShardOutput()
+    SketchStage()._fine(ctx, out)
+    assert "other kinds of the same category" in asked[0] and "cat, pizza" in asked[0]
+    got = {r["text"]: (r["kind"], r["status"], r["reason"]) for r in out.rows}
+    assert got == {
+        "sushi": ("fine", "kept", "ok"),
+        "cat": ("fine", "rejected", "equals_id_class"),
+        "ramen": ("fine", "kept", "ok"),
+        "dumpling": ("fine", "kept", "ok"),
+        # names a class of the tiny-textures evaluation set: leakage, excluded by default
+        "brick wall": ("fine", "rejected", "leaks_eval_ood"),
+    }
