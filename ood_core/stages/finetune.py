@@ -170,8 +170,10 @@ class FinetuneStage(Stage):
         source_of = {r["key"]: r["source_key"] for r in ctx.upstream_rows("elaborate", status="kept")}
         neg_index = torch.tensor([r["label_idx"] - n_id for r in syn_rows])
         if fc.synood_data == "sources":
-            id_keys = [source_of[r["key"]] for r in syn_rows]
-            id_cls = [int(r["class_idx"]) for r in syn_rows]
+            # a source whose feature failed to load leaves its synthetic image unpaired (still trained on)
+            paired = [r for r in syn_rows if source_of.get(r["key"]) in feats]
+            id_keys = [source_of[r["key"]] for r in paired]
+            id_cls = [int(r["class_idx"]) for r in paired]
         else:
             id_keys = [r["key"] for r in by_role["id_train"]]
             id_cls = [int(r["class_idx"]) for r in by_role["id_train"]]
