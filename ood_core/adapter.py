@@ -1,5 +1,11 @@
 """SynOOD fine-tuning on cached CLIP features: an image-side residual adapter and trainable
-negative-label text embeddings, both trained with cross-entropy over [ID prompts + negative labels].
+negative-label text embeddings, both trained with cross-entropy.
+
+Reference (Jarvisgivemeasuit/SynOOD@e13114e): ``ind_ood_projection.py`` (adapter: raw CLIP image
+features ``f``, ``normalize(f + ReLU(LayerNorm(Linear(f))))`` with PyTorch's default init, Adam
+1e-3 / wd 1e-5, ``CosineAnnealingLR(T_max=epochs, eta_min=1e-5)`` stepped per epoch, CE at
+``logit_scale`` over [ID "a nice {}" + the assigned negative labels]) and ``ood_label_finetuning.py``
+(text side: :func:`train_negative_text_released`).
 
 Labels index into that concatenation: an ID image carries its class ``c`` (``0 <= c < num_id``), a
 synthetic OOD image carries ``num_id + k`` for its assigned negative label ``k``.
@@ -141,19 +147,20 @@ def _run_epochs(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.step()
             total += float(loss.detach()) * idx.numel()
         history.append(total / n)
         if progress is not None:
             progress(epoch, history[-1])
+        # the reference steps its cosine schedule once per epoch (T_max = epochs)
+        scheduler.step()
     return history
 
 
 def _cosine(
-    optimizer: torch.optim.Optimizer, lr: float, total_steps: int
+    optimizer: torch.optim.Optimizer, lr: float, epochs: int, eta_min: float = ETA_MIN
 ) -> torch.optim.lr_scheduler.LRScheduler:
     return torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, total_steps), eta_min=min(ETA_MIN, lr)
+        optimizer, T_max=max(1, epochs), eta_min=min(eta_min, lr)
     )
 
 
@@ -172,7 +179,7 @@ def train_image_adapter(
     """Train a :class:`ResidualAdapter` with CE at ``cfg.logit_scale`` over ``text_feats``.
 
     ``text_feats`` = [ID prompts + negative labels] (fixed). Adam(lr, weight_decay), cosine
-    annealing to 1e-5 over all steps, ``cfg.epochs`` x batches of ``cfg.batch_size``, shuffled by a
+    annealing to 1e-5 stepped per epoch, ``cfg.epochs`` x batches of ``cfg.batch_size``, shuffled by a
     generator seeded with ``seed``; trains on ``device``, returns the adapter on the CPU.
     ``loss="ce+contrastive"`` adds ``contrastive_weight *``
     :func:`contrastive_loss` and needs ``num_id``. Returns ``(adapter, per-epoch mean losses)``.
@@ -190,11 +197,10 @@ def train_image_adapter(
     x, y, t = x.to(device), y.to(device), t.to(device)
 
     gen = torch.Generator().manual_seed(int(seed))
-    adapter = ResidualAdapter(x.shape[1], generator=gen).to(device)
+    adapter = ResidualAdapter(x.shape[1], init_gain=cfg.adapter_init_gain, generator=gen).to(device)
     adapter.train()
     opt = torch.optim.Adam(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * math.ceil(x.shape[0] / cfg.batch_size)
-    sched = _cosine(opt, cfg.lr, steps)
+    sched = _cosine(opt, cfg.lr, cfg.epochs)
     scale = float(cfg.logit_scale)
 
     def step(idx: torch.Tensor) -> torch.Tensor:
@@ -221,7 +227,7 @@ def train_negative_text(
 ) -> tuple[np.ndarray, list[float]]:
     """Tune the negative labels' text embeddings (ID text and images fixed) with the same CE.
 
-    SGD(``cfg.text_lr``, momentum 0.9, weight decay 1e-5), cosine annealing over all steps,
+    SGD(``cfg.text_lr``, momentum 0.9, weight decay 1e-5), cosine annealing stepped per epoch,
     ``cfg.text_epochs`` epochs. Pass adapted image features to tune against the adapter.
     Returns ``(L2-normalised tuned negatives, per-epoch mean losses)``; the negatives are a float32
     ``torch.Tensor`` if ``neg_text_feats`` was one, else a float32 numpy array.
@@ -244,8 +250,7 @@ def train_negative_text(
     gen = torch.Generator().manual_seed(int(seed))
     neg = nn.Parameter(neg0.clone().to(device))
     opt = torch.optim.SGD([neg], lr=cfg.text_lr, momentum=0.9, weight_decay=1e-5)
-    steps = cfg.text_epochs * math.ceil(x.shape[0] / cfg.batch_size)
-    sched = _cosine(opt, cfg.text_lr, steps)
+    sched = _cosine(opt, cfg.text_lr, cfg.text_epochs)
     scale = float(cfg.logit_scale)
 
     def step(idx: torch.Tensor) -> torch.Tensor:
@@ -257,3 +262,51 @@ def train_negative_text(
     with torch.no_grad():
         tuned = F.normalize(neg.detach(), dim=-1).cpu().clone()
     return as_input(tuned), history
+
+
+def train_negative_text_released(
+    synthetic_feats: Any,
+    neg_index: Any,
+    neg_text_raw: Any,
+    cfg: FinetuneConfig,
+    seed: int,
+    progress: Progress = None,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """SynOOD's text side as released (``ood_label_finetuning.py`` + ``models/custom_clip.py``).
+
+    Only the negatives assigned to kept synthetic images (``used = sorted(set(neg_index))``) are
+    classes and trainable; each starts at its RAW (unnormalised) CLIP text embedding. For a batch
+    of raw synthetic image features ``f``: ``logits = logit_scale * norm(f) @ norm(e_used).T`` and
+    CE with the image's assigned label (softmax over the used negatives only). SGD(text_lr,
+    momentum 0.9, wd 1e-5) on the raw embeddings, ``CosineAnnealingLR(T_max=text_epochs)``
+    (eta_min 0) stepped per epoch, ``cfg.text_epochs`` epochs of ``cfg.batch_size``.
+
+    Returns ``(all negatives L2-normalised with the used ones tuned, used indices, per-epoch loss)``.
+    """
+    x = _tensor(synthetic_feats)
+    idx = _tensor(neg_index, torch.long).reshape(-1)
+    raw = _tensor(neg_text_raw)
+    if x.ndim != 2 or raw.ndim != 2 or x.shape[1] != raw.shape[1]:
+        raise ValueError(f"feature shapes do not match: images {tuple(x.shape)}, negatives {tuple(raw.shape)}")
+    _check_labels(idx, raw.shape[0], x.shape[0])
+    used = torch.unique(idx)  # sorted
+    y = torch.searchsorted(used, idx)
+    out = F.normalize(raw, dim=-1).clone()
+    if cfg.text_epochs == 0:
+        return out.numpy(), used.numpy(), []
+    x, y = x.to(device), y.to(device)
+    gen = torch.Generator().manual_seed(int(seed))
+    emb = nn.Parameter(raw[used].clone().to(device))
+    opt = torch.optim.SGD([emb], lr=cfg.text_lr, momentum=0.9, weight_decay=1e-5)
+    sched = _cosine(opt, cfg.text_lr, cfg.text_epochs, eta_min=0.0)
+    scale = float(cfg.logit_scale)
+
+    def step(b: torch.Tensor) -> torch.Tensor:
+        logits = scale * F.normalize(x[b], dim=-1) @ F.normalize(emb, dim=-1).T
+        return F.cross_entropy(logits, y[b])
+
+    history = _run_epochs(x.shape[0], cfg.text_epochs, cfg.batch_size, gen, step, opt, sched, progress)
+    with torch.no_grad():
+        out[used] = F.normalize(emb.detach(), dim=-1).cpu()
+    return out.numpy(), used.numpy(), history

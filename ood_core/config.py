@@ -106,16 +106,37 @@ class SketchConfig(_Strict):
     sources_per_class: int = Field(50, ge=1)
     context_max_chars: int = Field(73, ge=1)
     eval_ood_names: list[str] = []
+    # labels matching an evaluation OOD class are rejected (reason "leaks_eval_ood") unless kept
+    # on purpose, e.g. to reproduce EOE's released label lists
+    keep_leaked_labels: bool = False
+    # EOE's fine-grained task: N kinds of the ID super-category that are not ID classes
+    fine_labels: int = Field(0, ge=0)
+    # NegMining scores candidates against ID prompts in NegLabel's template (prompt 85)
+    neg_id_template: str = "the nice {}"
     shard_size: int = Field(64, ge=1)
 
 
 class GenerateConfig(_Strict):
+    """SynOOD boundary inpainting (reference: generate_near_ood_sample.py/.sh at
+    Jarvisgivemeasuit/SynOOD@e13114e).
+
+    ``lr`` steps the noise by ``lr * d loss / d u`` with ``u`` the UNSCALED latents
+    (``latents / vae.config.scaling_factor``), as the reference, so ``lr: 10`` is its step.
+    ``m_out``: the energy target. ``auto`` (default) is ``-ln K + (ln 1000 - 5)``: the reference's
+    -5 at K = 1000 classes, and the same distance above the score's upper bound ``-ln K`` for any
+    K, so the guidance always pushes toward uniform logits (OOD). A number is used as given.
+    ``grad_batch``: the reference averages the loss over its batch (``--batch-size 2``), so each
+    image's step is ``lr / 2`` times its own gradient; we keep that as the default and expose it
+    (1 = per-image loss, batch-size independent, which we believe is the intended step).
+    """
+
     steps: int = Field(20, ge=1)
     strength: float = Field(0.6, gt=0.0, le=1.0)
     guidance: float = Field(8.0, ge=0.0)
     rounds: int = Field(3, ge=1)
     lr: float = Field(10.0, ge=0.0)
-    m_out: float = -5.0
+    m_out: float | Literal["auto"] = "auto"
+    grad_batch: int = Field(2, ge=1)
     mask: Literal["full", "box"] = "full"
     shard_size: int = Field(16, ge=1)
     # MM-OOD far branch: text-to-image samples of sketched outlier labels (kinds from sketch)
@@ -162,6 +183,29 @@ class ElaborateConfig(_Strict):
 
 
 class FinetuneConfig(_Strict):
+    """Fine-tuning and scoring. Defaults follow the released reference code (README's method table).
+
+    Temperatures, one per score: MCM T = 1, EOE T = 1 (softmax over raw cosines), max-logit T = 1
+    (max cosine), energy T = 0.01 (``T * logsumexp(cos / T)``; EOE's eval.sh ``--T 0.01``) — all
+    EOE's utils/detection_util.py; NegLabel tau = 0.01 (custom_config/clip.py: t = 1 on 100 * cos),
+    MM-OOD T = 0.01. Templates: ``eoe_template`` for MCM / energy / max-logit / EOE (EOE's
+    ``"a photo of a {c}"``), ``neglabel_template`` for NegLabel and SynOOD scoring (NegLabel's
+    prompt 85, "the nice {}"), ``synood_id_template`` for SynOOD's adapter training
+    (datasets.py ``load_ind_labels``: "a nice {}").
+
+    SynOOD (ind_ood_projection.py, ood_label_finetuning.py): ``synood_data: "sources"`` trains the
+    adapter on the selected source ID images paired 1:1 with their kept synthetic images (as
+    released; ``"all"``: the whole ID train split), adapter LayerNorm at PyTorch's default gain
+    (``adapter_init_gain: 1``), on raw (unnormalised) CLIP image features, cosine schedule stepped
+    per epoch. Text side: raw synthetic image features, softmax over the negatives assigned to kept
+    images only, only those trainable (``synood_text: released``). ``synood_text: joint`` is our
+    alternative: all negatives trainable, CE over [ID + negatives] on the ADAPTED features, since
+    the SynOOD score is computed on adapted features while the reference tunes the text against
+    raw ones. Multi-OS (``multi_os``): a separate adapter, CE + Multi-OS contrastive loss with the
+    outlier labels as the text side (each synthetic image labelled with its nearest outlier label),
+    scored with the MM-OOD score on its own adapted features.
+    """
+
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0.0)
@@ -172,8 +216,20 @@ class FinetuneConfig(_Strict):
     neglabel_groups: int = Field(100, ge=1)
     neglabel_tau: float = Field(0.01, gt=0.0)
     mcm_temperature: float = Field(1.0, gt=0.0)
+    energy_temperature: float = Field(0.01, gt=0.0)
+    max_logit_temperature: float = Field(1.0, gt=0.0)
+    eoe_temperature: float = Field(1.0, gt=0.0)
+    eoe_beta: float = 0.25
+    mm_ood_temperature: float = Field(0.01, gt=0.0)
+    eoe_template: str = "a photo of a {}"
+    neglabel_template: str = "the nice {}"
+    synood_id_template: str = "a nice {}"
+    synood_data: Literal["sources", "all"] = "sources"
+    adapter_init_gain: float = Field(1.0, gt=0.0)
+    synood_text: Literal["released", "joint"] = "released"
+    multi_os: bool = True
     fpr_convention: Literal["openood", "mcm"] = "openood"
-    loss: Literal["ce", "ce+contrastive"] = "ce"  # ce+contrastive: the Multi-OS objective
+    loss: Literal["ce", "ce+contrastive"] = "ce"  # ce+contrastive: adds Multi-OS's loss to SynOOD's adapter
     # MM-OOD: share of near-OOD labels in the mixed outlier label set (OOD type unknown)
     mm_ood_near_ratio: float = Field(0.5, ge=0.0, le=1.0)
     # which kinds of kept synthetic images train the adapter (boundary = SynOOD, far = MM-OOD)

@@ -17,9 +17,11 @@ threshold at 10.5, which flags 10 of 20 ID) and 2/3 under "mcm" (ID recall is ex
 thresholds 2 and 1.5; like the MCM code we take the lower one, which accepts the OOD samples 10.5
 and 1.5).
 
-AUROC does not depend on the convention. AUPR is sklearn's ``average_precision_score`` (step-wise,
-no interpolation); note that OpenOOD itself integrates the PR curve with the trapezoid rule, which
-can differ slightly.
+AUROC does not depend on the convention. AUPR is computed as OpenOOD v1.5 does
+(``openood/evaluators/metrics.py`` at Jingkang50/OpenOOD@3c35632: ``auc(recall, precision)`` of
+sklearn's ``precision_recall_curve``, i.e. the trapezoid rule over the PR points plus the (0, 1)
+end point). sklearn's step-wise ``average_precision_score`` is reported beside it as ``ap_in`` /
+``ap_out`` (named as such; it differs from AUPR on ties and small sets).
 """
 
 from __future__ import annotations
@@ -87,6 +89,22 @@ def average_precision(pos_scores: Any, neg_scores: Any) -> float:
     return float(np.sum((recall - recall_prev) * precision))
 
 
+def aupr_trapezoid(pos_scores: Any, neg_scores: Any) -> float:
+    """OpenOOD's AUPR: trapezoid area under sklearn's PR curve with the ``pos`` samples positive.
+
+    The curve has one point per distinct score (precision = tp / (tp + fp), recall = tp / P) plus
+    sklearn's final (recall 0, precision 1) point; ``sklearn.metrics.auc`` integrates it with the
+    trapezoid rule.
+    """
+    pos = _as_scores(pos_scores, "pos_scores")
+    neg = _as_scores(neg_scores, "neg_scores")
+    y = np.r_[np.ones(pos.size), np.zeros(neg.size)]
+    fps, tps, _ = _binary_clf_curve(y, np.r_[pos, neg])
+    precision = np.r_[1.0, tps / (tps + fps)]
+    recall = np.r_[0.0, tps / tps[-1]]
+    return float(np.sum(np.diff(recall) * (precision[1:] + precision[:-1]) / 2.0))
+
+
 def _fpr95_openood(id_s: np.ndarray, ood_s: np.ndarray) -> float:
     y = np.r_[np.zeros(id_s.size), np.ones(ood_s.size)]
     fps, tps, _ = _binary_clf_curve(y, -np.r_[id_s, ood_s])
@@ -121,19 +139,23 @@ def fpr_at_95_tpr(id_scores: Any, ood_scores: Any, convention: str = "openood") 
 
 
 def ood_metrics(id_scores: Any, ood_scores: Any, convention: str = "openood") -> dict[str, float]:
-    """``{fpr95, auroc, aupr_in, aupr_out}`` as fractions; higher score = more ID.
+    """``{fpr95, auroc, aupr_in, aupr_out, ap_in, ap_out}`` as fractions; higher score = more ID.
 
     ``convention`` only changes FPR95 ("openood": OOD positive, first threshold with TPR >= 0.95;
     "mcm": ID positive, recall nearest 0.95) — the two differ on the same scores, so report it.
-    ``aupr_in`` takes ID as positive (ranked by score), ``aupr_out`` OOD (ranked by -score).
+    ``aupr_in`` takes ID as positive (ranked by score), ``aupr_out`` OOD (ranked by -score), both
+    OpenOOD's trapezoid :func:`aupr_trapezoid`; ``ap_in`` / ``ap_out`` are the step-wise average
+    precision of the same rankings.
     """
     id_s = _as_scores(id_scores, "id_scores")
     ood_s = _as_scores(ood_scores, "ood_scores")
     return {
         "fpr95": fpr_at_95_tpr(id_s, ood_s, convention),
         "auroc": auroc(id_s, ood_s),
-        "aupr_in": average_precision(id_s, ood_s),
-        "aupr_out": average_precision(-ood_s, -id_s),
+        "aupr_in": aupr_trapezoid(id_s, ood_s),
+        "aupr_out": aupr_trapezoid(-ood_s, -id_s),
+        "ap_in": average_precision(id_s, ood_s),
+        "ap_out": average_precision(-ood_s, -id_s),
     }
 
 

@@ -42,11 +42,13 @@ def metrics_table_markdown(
     results: Mapping[str, Mapping[str, Mapping[str, float]]],
     convention: str,
     id_accuracy: Mapping[str, float] | None = None,
+    temperatures: Mapping[str, float | None] | None = None,
 ) -> str:
     """Markdown table: one row per method, FPR95 / AUROC (in %) per OOD set plus their average.
 
     ``results[method][ood_set]`` is an :func:`ood_core.metrics.ood_metrics` dict. The first line is
     a caption naming the FPR95 convention. ``id_accuracy[method]`` (fraction) adds an "ID acc." column.
+    ``temperatures[method]`` adds a "T" column (the temperature the score was computed at).
     A method missing an OOD set shows "–" there and averages over the sets it has. An entry named
     "average" in ``results[method]`` is ignored: the average columns are recomputed from the sets.
     """
@@ -58,7 +60,7 @@ def metrics_table_markdown(
         f"FPR95 (lower is better) and AUROC (higher is better) in %; "
         f"FPR95 convention: {convention} ({CONVENTION_TEXT[convention]})."
     )
-    head = ["method"]
+    head = ["method"] + (["T"] if temperatures is not None else [])
     for g in groups:
         head += [f"{g} FPR95↓", f"{g} AUROC↑"]
     if id_accuracy is not None:
@@ -71,6 +73,9 @@ def metrics_table_markdown(
     ]
     for method, per_set in results.items():
         row = [str(method)]
+        if temperatures is not None:
+            t = temperatures.get(method)
+            row.append("–" if t is None else f"{t:g}")
         fprs, aurocs = [], []
         for s in sets:
             m = per_set.get(s)
@@ -84,6 +89,17 @@ def metrics_table_markdown(
         if id_accuracy is not None:
             row.append(_pct(id_accuracy.get(method)))
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def leaked_labels_markdown(rows: Sequence[Mapping[str, Any]], kept: bool) -> str:
+    """A section listing the labels flagged as naming an evaluation OOD class (label leakage)."""
+    head = "## Leaked labels (match an evaluation OOD class)"
+    if not rows:
+        return f"{head}\n\nNone found.\n"
+    fate = "KEPT in the label sets (sketch.keep_leaked_labels: true)" if kept else "excluded from every label set"
+    lines = [head, "", f"{len(rows)} label(s), {fate}:", ""]
+    lines += [f"- `{r['text']}` ({r['kind']})" for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -82,6 +82,14 @@ def energy(logits: Any) -> np.ndarray:
     return _logsumexp(_np(logits, "logits", np.float64), axis=1)
 
 
+def energy_score(image_feats: Any, id_text_feats: Any, temperature: float = 0.01) -> np.ndarray:
+    """EOE's energy baseline: ``T * logsumexp(cos / T)`` over the ID labels (eval.sh: ``--T 0.01``)."""
+    t = float(temperature)
+    if t <= 0:
+        raise ValueError(f"energy temperature must be > 0, got {temperature!r}")
+    return t * energy(zero_shot_logits(image_feats, id_text_feats, 1.0 / t))
+
+
 def max_logit(logits: Any) -> np.ndarray:
     """Maximum logit over ID labels."""
     return _np(logits, "logits", np.float64).max(axis=1)
@@ -107,6 +115,22 @@ def id_softmax_mass(
     return _chunked(img, chunk)
 
 
+def neglabel_groups(n_neg: int, groups: int, seed: int = 0) -> list[np.ndarray]:
+    """NegLabel's grouping (``ScalableClassifier.grouping``): indices of each negative group.
+
+    As the reference: the last ``n_neg % groups`` negatives are dropped, the rest permuted with
+    ``torch.randperm`` after ``torch.manual_seed(seed)`` (here a CPU generator; the reference draws
+    on CUDA, whose permutation differs) and cut into ``groups`` contiguous blocks of equal size.
+    With more groups than negatives each negative is its own group (the reference would fail).
+    """
+    import torch
+
+    g = min(int(groups), int(n_neg))
+    usable = n_neg - n_neg % g
+    perm = torch.randperm(usable, generator=torch.Generator().manual_seed(int(seed))).numpy()
+    return list(perm.reshape(g, -1))
+
+
 def neglabel(
     image_feats: Any,
     id_text_feats: Any,
@@ -117,10 +141,9 @@ def neglabel(
 ) -> np.ndarray:
     """NegLabel score: mean over negative-label groups of the ID softmax mass.
 
-    The negatives are permuted with ``np.random.default_rng(seed)`` and split with
-    ``np.array_split`` into ``min(groups, n_neg)`` groups; for each group the score is
-    ``sum_ID softmax([cos_ID, cos_group] / tau)``. ``groups=1`` is the same softmax mass over all
-    negatives (the reference code's ungrouped path lacked the softmax).
+    Groups come from :func:`neglabel_groups` (remainder dropped, seeded permutation); for each
+    group the score is ``sum_ID softmax([cos_ID, cos_group] / tau)``. ``groups=1`` is the softmax
+    mass over all negatives (the reference code's ungrouped path lacked the softmax).
     """
     if int(groups) < 1:
         raise ValueError(f"neglabel groups must be >= 1, got {groups}")
@@ -130,9 +153,7 @@ def neglabel(
     idt = _np(id_text_feats, "id_text_feats")
     neg = _np(neg_text_feats, "neg_text_feats")
     _check_dims(img, id_text_feats=idt, neg_text_feats=neg)
-    n_groups = min(int(groups), neg.shape[0])
-    perm = np.random.default_rng(seed).permutation(neg.shape[0])
-    parts = np.array_split(perm, n_groups)
+    parts = neglabel_groups(neg.shape[0], groups, seed) if int(groups) > 1 else [np.arange(neg.shape[0])]
     s = 1.0 / float(tau)
     idt64 = idt.astype(np.float64)
     neg64 = neg.astype(np.float64)
@@ -155,9 +176,12 @@ def eoe(
     id_text_feats: Any,
     outlier_text_feats: Any,
     beta: float = EOE_BETA,
-    logit_scale: float = 100.0,
+    temperature: float = 1.0,
 ) -> np.ndarray:
-    """EOE: softmax over ``[ID + outlier]`` labels; ``max ID prob - beta * max outlier prob``."""
+    """EOE: softmax over ``[ID + outlier]`` of ``cos / T``; ``max ID prob - beta * max outlier prob``.
+
+    EOE's code (utils/detection_util.py, ``--T`` default 1) takes the softmax of raw cosines.
+    """
     img = _np(image_feats, "image_feats")
     idt = _np(id_text_feats, "id_text_feats").astype(np.float64)
     out = _np(outlier_text_feats, "outlier_text_feats").astype(np.float64)
@@ -166,7 +190,7 @@ def eoe(
     n_id = idt.shape[0]
 
     def chunk(x: np.ndarray) -> np.ndarray:
-        p = _softmax(float(logit_scale) * (x.astype(np.float64) @ both.T))
+        p = _softmax((x.astype(np.float64) @ both.T) / float(temperature))
         return p[:, :n_id].max(axis=1) - float(beta) * p[:, n_id:].max(axis=1)
 
     return _chunked(img, chunk)
@@ -198,7 +222,6 @@ class ScoreContext:
     outlier_text_feats: Any | None = None
     cfg: FinetuneConfig = field(default_factory=FinetuneConfig)
     seed: int = 0
-    eoe_beta: float = EOE_BETA
 
     def need(self, *names: str, score: str) -> None:
         missing = [n for n in names if getattr(self, n) is None]
@@ -219,13 +242,13 @@ def _mcm(ctx: ScoreContext) -> np.ndarray:
 @SCORES.register("energy")
 def _energy(ctx: ScoreContext) -> np.ndarray:
     ctx.need("image_feats", "id_text_feats", score="energy")
-    return energy(zero_shot_logits(ctx.image_feats, ctx.id_text_feats, ctx.cfg.logit_scale))
+    return energy_score(ctx.image_feats, ctx.id_text_feats, ctx.cfg.energy_temperature)
 
 
 @SCORES.register("max_logit")
 def _max_logit(ctx: ScoreContext) -> np.ndarray:
     ctx.need("image_feats", "id_text_feats", score="max_logit")
-    return max_logit(zero_shot_logits(ctx.image_feats, ctx.id_text_feats, ctx.cfg.logit_scale))
+    return max_logit(zero_shot_logits(ctx.image_feats, ctx.id_text_feats, 1.0 / ctx.cfg.max_logit_temperature))
 
 
 @SCORES.register("neglabel")
@@ -244,13 +267,32 @@ def _neglabel(ctx: ScoreContext) -> np.ndarray:
 @SCORES.register("eoe")
 def _eoe(ctx: ScoreContext) -> np.ndarray:
     ctx.need("image_feats", "id_text_feats", "outlier_text_feats", score="eoe")
-    return eoe(ctx.image_feats, ctx.id_text_feats, ctx.outlier_text_feats, ctx.eoe_beta, ctx.cfg.logit_scale)
+    return eoe(ctx.image_feats, ctx.id_text_feats, ctx.outlier_text_feats, ctx.cfg.eoe_beta, ctx.cfg.eoe_temperature)
 
 
 @SCORES.register("mm_ood")
 def _mm_ood(ctx: ScoreContext) -> np.ndarray:
     ctx.need("image_feats", "id_text_feats", "outlier_text_feats", score="mm_ood")
-    return mm_ood(ctx.image_feats, ctx.id_text_feats, ctx.outlier_text_feats, ctx.cfg.logit_scale)
+    return mm_ood(ctx.image_feats, ctx.id_text_feats, ctx.outlier_text_feats, 1.0 / ctx.cfg.mm_ood_temperature)
+
+
+# The config field holding each method's temperature (printed with every metrics row).
+TEMPERATURE_FIELDS = {
+    "mcm": "mcm_temperature",
+    "energy": "energy_temperature",
+    "max_logit": "max_logit_temperature",
+    "neglabel": "neglabel_tau",
+    "eoe": "eoe_temperature",
+    "mm_ood": "mm_ood_temperature",
+    "synood": "neglabel_tau",
+    "multi_os": "mm_ood_temperature",
+}
+
+
+def score_temperature(method: str, cfg: FinetuneConfig) -> float | None:
+    """The temperature ``method`` scores with under ``cfg`` (None for an unknown method)."""
+    name = TEMPERATURE_FIELDS.get(method)
+    return None if name is None else float(getattr(cfg, name))
 
 
 def compute_score(name: str, ctx: ScoreContext) -> np.ndarray:

@@ -44,7 +44,7 @@ SKETCH = _schema(
     "sketch",
     1,
     [
-        pa.field("kind", pa.string()),  # far | near | negative | context
+        pa.field("kind", pa.string()),  # far | near | fine | negative | context
         pa.field("text", pa.string()),
         pa.field("class_idx", pa.int32()),
         pa.field("source_key", pa.string()),
@@ -71,12 +71,14 @@ GENERATE = _schema(
         pa.field("prompt_id", pa.string()),
         pa.field("model_id", pa.string()),
         pa.field("seconds", pa.float64()),
+        # the last round's score is nearer the OOD side (-ln K) than the first round's
+        pa.field("moved_toward_ood", pa.bool_()),
     ],
 )
 
 ELABORATE = _schema(
     "elaborate",
-    2,
+    3,  # 2: MLLM elaboration fields; 3: kept samples carry their CLIP embedding (npy) for the cross-shard duplicate index
     [
         pa.field("source_key", pa.string()),
         pa.field("class_idx", pa.int32()),

@@ -13,7 +13,7 @@ TIE_OOD = [0.5, 0.1, 0.5]
 @pytest.mark.parametrize("convention", ["openood", "mcm"])
 def test_perfect_separation(convention):
     m = ood_metrics([0.9, 0.8, 0.7], [0.1, 0.2], convention)
-    assert m == {"fpr95": 0.0, "auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0}
+    assert m == {"fpr95": 0.0, "auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "ap_in": 1.0, "ap_out": 1.0}
 
 
 @pytest.mark.parametrize("convention", ["openood", "mcm"])
@@ -30,9 +30,11 @@ def test_ties_match_hand_computed_sklearn_values():
     assert m["auroc"] == pytest.approx(8 / 12)
     # average_precision_score with ID positive: thresholds 0.9 (P=1, R=.25), 0.5 (P=3/5, R=.75),
     # 0.2 (P=4/6, R=1) -> .25*1 + .5*.6 + .25*(2/3).
-    assert m["aupr_in"] == pytest.approx(0.25 + 0.3 + 0.25 * 2 / 3)
+    assert m["ap_in"] == pytest.approx(0.25 + 0.3 + 0.25 * 2 / 3)
+    # OpenOOD's AUPR: trapezoid over (R, P) = (0, 1), (.25, 1), (.75, .6), (1, 2/3).
+    assert m["aupr_in"] == pytest.approx(0.25 * 1 + 0.5 * (1 + 0.6) / 2 + 0.25 * (0.6 + 2 / 3) / 2)
     # OOD positive on -score: -0.1 (P=1, R=1/3), -0.2 (P=1/2, R=1/3), -0.5 (P=3/6, R=1).
-    assert m["aupr_out"] == pytest.approx(1 / 3 + 2 / 3 * 0.5)
+    assert m["ap_out"] == pytest.approx(1 / 3 + 2 / 3 * 0.5)
     # OpenOOD: the first threshold reaching TPR >= .95 is the tied 0.5 block: 3 of 4 ID flagged.
     assert m["fpr95"] == pytest.approx(0.75)
 
@@ -80,3 +82,26 @@ def test_id_accuracy_from_logits_and_predictions():
     logits = np.array([[2.0, 1.0], [0.0, 3.0], [5.0, 1.0]])
     assert id_accuracy(logits, [0, 1, 1]) == pytest.approx(2 / 3)
     assert id_accuracy(np.array([0, 1, 1]), np.array([0, 1, 1])) == 1.0
+
+
+def _openood_aupr_reference(pos, neg):
+    """OpenOOD (openood/evaluators/metrics.py@3c35632): metrics.auc(recall, precision) of
+    precision_recall_curve, written out: one point per distinct threshold, reversed, plus (0, 1)."""
+    pos, neg = np.asarray(pos, float), np.asarray(neg, float)
+    thr = np.unique(np.r_[pos, neg])[::-1]
+    tp = np.array([(pos >= t).sum() for t in thr], float)
+    fp = np.array([(neg >= t).sum() for t in thr], float)
+    precision = np.r_[(tp / (tp + fp))[::-1], 1.0]
+    recall = np.r_[(tp / pos.size)[::-1], 0.0]
+    return abs(float(np.trapezoid(precision, recall)))
+
+
+def test_aupr_is_openood_trapezoid_on_tied_scores():
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        id_s = rng.integers(0, 6, size=rng.integers(2, 20)).astype(float)
+        ood_s = rng.integers(0, 6, size=rng.integers(2, 20)).astype(float)
+        m = ood_metrics(id_s, ood_s)
+        assert abs(m["aupr_in"] - _openood_aupr_reference(id_s, ood_s)) < 1e-6
+        assert abs(m["aupr_out"] - _openood_aupr_reference(-ood_s, -id_s)) < 1e-6
+        assert abs(m["ap_in"] - average_precision(id_s, ood_s)) < 1e-12

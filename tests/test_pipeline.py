@@ -107,6 +107,32 @@ def test_status_shows_counts_by_kind(tiny_run):
     assert "kind boundary:" in proc.stdout and "kind far:" in proc.stdout
 
 
+def test_report_has_every_method_with_its_temperature_and_the_leaked_labels(tiny_run):
+    import json
+
+    out, _ = tiny_run
+    record = read_run_record(str(out))
+    art = out / "finetune" / record["keys"]["finetune"] / "artifacts"
+    metrics = json.loads((art / "metrics.json").read_text())
+    report = (art / "report.md").read_text()
+    expected_t = {"mcm": 1, "energy": 0.01, "max_logit": 1, "neglabel": 0.01, "eoe": 1, "mm_ood": 0.01,
+                  "synood": 0.01, "multi_os": 0.01}
+    assert set(metrics["results"]) == set(expected_t)
+    for method, t in expected_t.items():
+        assert metrics["temperatures"][method] == pytest.approx(t)
+        assert f"| {method} | {t:g} |" in report, method
+    # a lexicon noun of the tiny preset names an evaluation OOD class ("wall" of "brick wall"):
+    # it is listed in the report and is in no label set
+    leaked = metrics["leaked_labels"]
+    assert leaked and "## Leaked labels" in report
+    sketch = out / "sketch" / record["keys"]["sketch"]
+    rows = [r for p in sorted(sketch.glob("manifests/*.parquet")) for r in pq.read_table(p).to_pylist()]
+    for label in leaked:
+        assert f"`{label}`" in report
+        assert not [r for r in rows if r["text"] == label and r["status"] == "kept"], label
+    assert {r["reason"] for r in rows if r["text"] in leaked} == {"leaks_eval_ood"}
+
+
 def test_second_run_recomputes_nothing(tiny_run, model_cache):
     out, _ = tiny_run
     before = snapshot(out)

@@ -66,9 +66,13 @@ def test_neglabel_ungrouped_is_softmax_mass(feats):
 def test_neglabel_grouped_is_mean_of_group_masses(feats):
     groups = 4
     s = neglabel(feats["img"], feats["idt"], feats["neg"], tau=0.05, groups=groups, seed=3)
-    perm = np.random.default_rng(3).permutation(37)
+    # NegLabel's grouping: the 37 % 4 = 1 last negative is dropped, the rest permuted
+    # (torch.randperm after manual_seed) and cut into 4 equal contiguous groups
+    import torch
+
+    perm = torch.randperm(36, generator=torch.Generator().manual_seed(3)).numpy()
     expected = np.zeros(30)
-    for part in np.array_split(perm, groups):
+    for part in perm.reshape(groups, -1):
         both = np.concatenate([feats["idt"], feats["neg"][part]]).astype(np.float64)
         expected += _softmax(feats["img"].astype(np.float64) @ both.T / 0.05)[:, :5].sum(1)
     np.testing.assert_allclose(s, expected / groups, rtol=1e-6)
@@ -90,8 +94,16 @@ def test_neglabel_seeded_shuffle(feats):
 def test_eoe_and_mm_ood(feats):
     both = np.concatenate([feats["idt"], feats["out"]]).astype(np.float64)
     p = _softmax(100 * feats["img"].astype(np.float64) @ both.T)
+    # EOE's default temperature is 1 (softmax over raw cosines, as its code)
+    p1 = _softmax(feats["img"].astype(np.float64) @ both.T)
     np.testing.assert_allclose(
         eoe(feats["img"], feats["idt"], feats["out"]),
+        p1[:, :5].max(1) - 0.25 * p1[:, 5:].max(1),
+        rtol=1e-6,
+        atol=1e-12,
+    )
+    np.testing.assert_allclose(
+        eoe(feats["img"], feats["idt"], feats["out"], temperature=0.01),
         p[:, :5].max(1) - 0.25 * p[:, 5:].max(1),
         rtol=1e-6,
         atol=1e-12,

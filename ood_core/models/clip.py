@@ -43,24 +43,25 @@ class ClipModel:
         return float(self.model.logit_scale.exp().item())
 
     @torch.no_grad()
-    def encode_images(self, images: list[Image.Image], batch_size: int = 64) -> torch.Tensor:
-        """L2-normalised image features [N, D], float32 on CPU."""
+    def encode_images(self, images: list[Image.Image], batch_size: int = 64, normalize: bool = True) -> torch.Tensor:
+        """Image features [N, D], float32 on CPU; L2-normalised unless ``normalize=False`` (raw)."""
         out = []
         for i in range(0, len(images), batch_size):
             batch = torch.stack([self.preprocess(im.convert("RGB")) for im in images[i : i + batch_size]])
-            feats = self.model.encode_image(batch.to(self.device))
-            out.append(F.normalize(feats.float(), dim=-1).cpu())
+            feats = self.model.encode_image(batch.to(self.device)).float()
+            out.append((F.normalize(feats, dim=-1) if normalize else feats).cpu())
         if not out:
             return torch.empty(0, self.embed_dim)
         return torch.cat(out)
 
     @torch.no_grad()
-    def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """L2-normalised text features [N, D], float32 on CPU."""
+    def encode_texts(self, texts: list[str], batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
+        """Text features [N, D], float32 on CPU; L2-normalised unless ``normalize=False`` (raw)."""
         out = []
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
-            out.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu())
+            feats = self.model.encode_text(tokens).float()
+            out.append((F.normalize(feats, dim=-1) if normalize else feats).cpu())
         if not out:
             return torch.empty(0, self.embed_dim)
         return torch.cat(out)

@@ -6,6 +6,7 @@ needs the hand-written DDIM loop below.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +80,11 @@ class Inpainter:
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> pixels in [0, 1] (differentiable)."""
-        x = self.vae.decode(z.to(self.dtype) / self.vae_scale).sample
+        return self.decode_unscaled(z / self.vae_scale)
+
+    def decode_unscaled(self, u: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (``z / scaling_factor``, what the VAE decodes) -> pixels in [0, 1]."""
+        x = self.vae.decode(u.to(self.dtype)).sample
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -116,6 +121,51 @@ class InpaintResult:
     round_scores: list[float] = field(default_factory=list)
     # L2 norm of each noise update (none when lr == 0 or rounds == 1); shows the guidance acted.
     noise_updates: list[float] = field(default_factory=list)
+    # the energy target used and whether the last round's score is nearer the OOD side (-ln K)
+    # than the first round's (None when no update was taken)
+    m_out: float | None = None
+    moved_toward_ood: bool | None = None
+
+
+REFERENCE_CLASSES = 1000
+REFERENCE_M_OUT = -5.0
+
+
+def resolve_m_out(m_out: float | str, num_classes: int) -> float:
+    """``"auto"`` -> ``-ln K + (ln 1000 - 5)``: SynOOD's -5 at K = 1000, the same margin above the
+    score's upper bound ``-ln K`` for any K (so the loss always pulls toward uniform logits)."""
+    if m_out != "auto":
+        return float(m_out)
+    if int(num_classes) < 2:
+        raise ValueError(f"m_out 'auto' needs at least 2 ID classes, got {num_classes}")
+    return -math.log(num_classes) + (math.log(REFERENCE_CLASSES) + REFERENCE_M_OUT)
+
+
+def noise_step(
+    decode_unscaled: Callable[[torch.Tensor], torch.Tensor],
+    latents: torch.Tensor,
+    vae_scale: float,
+    eps: torch.Tensor,
+    score_fn: ScoreFn,
+    *,
+    m_out: float,
+    lr: float,
+    grad_batch: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One SynOOD noise update (generate_near_ood_sample.py@e13114e): returns (new eps, pixels, score).
+
+    As the reference: ``u = latents / scaling_factor`` is a leaf, ``loss = (m_out - s)^2`` is
+    averaged over a batch of ``grad_batch`` images (the reference's ``.mean()`` over its batch), and
+    ``eps <- eps - lr * d loss / d u`` (the gradient lands on the noise unchanged: "skip gradient").
+    """
+    # at least float32 (half-precision latents on a GPU), float64 kept when given
+    u = (latents.detach().to(torch.promote_types(latents.dtype, torch.float32)) / float(vae_scale)).requires_grad_(True)
+    with torch.enable_grad():
+        pixels = decode_unscaled(u)
+        s = score_fn(pixels).to(u.dtype)
+        loss = ((m_out - s) ** 2).sum() / float(grad_batch)
+        (grad,) = torch.autograd.grad(loss, u)
+    return (eps - lr * grad.to(eps.dtype)).detach(), pixels.detach(), s.detach()
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -166,13 +216,15 @@ def boundary_inpaint(
     strength: float = 0.6,
     guidance: float = 8.0,
     lr: float = 10.0,
-    m_out: float = -5.0,
+    m_out: float = REFERENCE_M_OUT,
+    grad_batch: int = 1,
 ) -> InpaintResult:
     """SynOOD boundary inpainting: optimise the initial noise so the result's score nears ``m_out``.
 
     Each round noises the ORIGINAL image latents with the current noise, denoises with DDIM
-    (classifier-free guidance, 9-channel inpainting UNet), decodes with gradients, and takes a
-    gradient step on the noise for loss = (m_out - score)^2. The last round's image is kept.
+    (classifier-free guidance, 9-channel inpainting UNet), decodes the final latents with
+    gradients, and steps the noise with :func:`noise_step` (gradient w.r.t. the unscaled latents,
+    as the reference). The last round's image is kept.
     """
     from diffusers import DDIMScheduler
 
@@ -211,10 +263,8 @@ def boundary_inpaint(
     updates: list[float] = []
     kept: torch.Tensor | None = None
     for r in range(rounds):
-        eps_r = eps.detach().requires_grad_(lr > 0 and r < rounds - 1)
         with torch.no_grad():
-            latents = scheduler.add_noise(z0, eps_r.detach().to(dtype), timesteps[:1])
-            x0_hat = latents
+            latents = scheduler.add_noise(z0, eps.to(dtype), timesteps[:1])
             for t in timesteps:
                 inp_lat = torch.cat([latents] * 2) if use_cfg else latents
                 inp_lat = scheduler.scale_model_input(inp_lat, t)
@@ -222,30 +272,24 @@ def boundary_inpaint(
                 if use_cfg:
                     uncond, text = pred.chunk(2)
                     pred = uncond + guidance * (text - uncond)
-                out = scheduler.step(pred, t, latents)
-                latents, x0_hat = out.prev_sample, out.pred_original_sample
-        # "Skip gradient": backpropagating through every UNet step is too costly, so the
-        # Jacobian d(x0_hat)/d(eps) is taken as the identity (straight-through): the value is
-        # the sampler's clean-latent prediction, the gradient lands on eps unchanged. This is
-        # SynOOD's update noise <- noise - lr * dloss/dz0.
-        z_hat = x0_hat.float() + (eps_r - eps_r.detach())
-        need_grad = eps_r.requires_grad
-        with torch.set_grad_enabled(need_grad):
-            pixels = inp.decode_latents(z_hat)
-            s = score_fn(pixels).float()
-            round_scores.append(float(s.detach().mean()))
-            kept = pixels.detach()
-            if need_grad:
-                loss = ((m_out - s) ** 2).mean()
-                (grad,) = torch.autograd.grad(loss, eps_r)
-                step = lr * grad
-                eps = (eps - step).detach()
-                updates.append(float(step.norm()))
+                latents = scheduler.step(pred, t, latents).prev_sample
+        if lr > 0 and r < rounds - 1:
+            new_eps, kept, s = noise_step(
+                inp.decode_unscaled, latents, inp.vae_scale, eps, score_fn, m_out=m_out, lr=lr, grad_batch=grad_batch
+            )
+            updates.append(float((new_eps - eps).norm()))
+            eps = new_eps
+        else:
+            with torch.no_grad():
+                kept = inp.decode_latents(latents)
+                s = score_fn(kept).float()
+        round_scores.append(float(s.mean()))
     assert kept is not None
     out_image = tensor_to_pil(kept)
     with torch.no_grad():
         score_after = float(score_fn(pil_to_tensor(out_image).to(dev)).float().mean())
-    return InpaintResult(out_image, score_before, score_after, round_scores, updates)
+    moved = round_scores[-1] > round_scores[0] if updates else None
+    return InpaintResult(out_image, score_before, score_after, round_scores, updates, m_out, moved)
 
 
 # ---------------------------------------------------------------- text-to-image (MM-OOD far branch)

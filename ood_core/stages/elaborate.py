@@ -7,8 +7,8 @@ neither is ``unclear`` and handled by ``elaborate.unclear``); round 3 (far / nea
 short outlier label, which goes through sketch's label hygiene.
 
 CLIP filters on every kind: blank/NaN images, ID zero-shot confidence (the ID class is still
-visible), an optional energy band, near-duplicates (embedding cosine within the shard). Every
-kept image gets the argmax CLIP label among the mined negative labels: its training label in
+visible), an optional energy band, near-duplicates (embedding cosine within the shard, then across shards in
+``finalize``: ``ood_core.dedup``). Every kept image gets the argmax CLIP label among the mined negative labels: its training label in
 finetune. ``finalize`` writes the accepted outlier-label table (sketched + elaborated).
 """
 
@@ -30,6 +30,8 @@ from ood_core.stages.base import (
     StageContext,
     chunk,
     derive_seed,
+    npy_bytes,
+    npy_load,
     row,
 )
 from schemas import ELABORATE
@@ -216,7 +218,8 @@ class ElaborateStage(Stage):
             r = row(it["key"], status, reason, None, **cols, **measures)
             meta = {**r, "conversation": talk["conversation"]}
             # rejected images are kept too (for the report's grid), marked by their row
-            out.add(r, {"png": files[it["key"]]["png"], "json": json.dumps(meta, sort_keys=True).encode()})
+            extra = {"npy": npy_bytes(f.astype(np.float32))} if status == "kept" else {}
+            out.add(r, {"png": files[it["key"]]["png"], "json": json.dumps(meta, sort_keys=True).encode(), **extra})
         return out
 
     def _elaborate(self, ctx: StageContext, images: list, items: list[dict], topk: np.ndarray) -> list[dict]:
@@ -282,14 +285,14 @@ class ElaborateStage(Stage):
         return talks
 
     def finalize(self, ctx: StageContext) -> dict:
-        """Write the accepted outlier-label table; return its counts."""
+        """Write the accepted outlier-label table and the cross-shard near-duplicates; return their counts."""
         table = outlier_label_rows(ctx)
         write_outlier_table(ctx, table)
         counts: dict[str, int] = {}
         for r in table:
             k = f"{r['origin']}:{r['status']}"
             counts[k] = counts.get(k, 0) + 1
-        return {"outlier_labels": counts}
+        return {"outlier_labels": counts, **write_cross_shard_duplicates(ctx.store, ctx.cfg.elaborate.dedup_cosine)}
 
 
 def outlier_label_rows(ctx: StageContext) -> list[dict]:
@@ -338,3 +341,26 @@ def read_outlier_table(store) -> list[dict]:
     import pyarrow.parquet as pq
 
     return pq.read_table(io.BytesIO(store.read_bytes(store.path("artifacts", OUTLIER_TABLE)))).to_pylist()
+
+
+DUPLICATES_ARTIFACT = "cross_shard_duplicates.json"
+
+
+def write_cross_shard_duplicates(store, threshold: float) -> dict:
+    from ood_core.dedup import cross_shard_duplicates
+
+    def shards():
+        for i in store.shard_indices():
+            kept = [(k, npy_load(f["npy"])) for k, f in store.iter_samples(i) if "npy" in f]
+            yield [k for k, _ in kept], np.stack([f for _, f in kept]) if kept else np.zeros((0, 1))
+
+    dups = cross_shard_duplicates(shards(), threshold)
+    store.write_json(store.path("artifacts", DUPLICATES_ARTIFACT), {k: list(v) for k, v in dups.items()})
+    return {"cross_shard_duplicates": len(dups)}
+
+
+def read_cross_shard_duplicates(store) -> dict[str, list]:
+    """Kept images that duplicate an earlier shard's: ``{key: [matched key, cosine]}``."""
+    path = store.path("artifacts", DUPLICATES_ARTIFACT)
+    return store.read_json(path) if store.exists(path) else {}
+

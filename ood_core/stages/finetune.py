@@ -1,8 +1,9 @@
 """Stage 4, finetune + evaluate.
 
-Shards cache CLIP image features (ID train/test, evaluation OOD sets, kept synthetic images);
-``finalize`` trains the SynOOD residual adapter and the negative-label text features on the
-cached features, scores every method on the same features and writes metrics and the report.
+Shards cache raw CLIP image features (ID train/test, evaluation OOD sets, kept synthetic images);
+``finalize`` trains the SynOOD residual adapter and the negative-label text features as released,
+a separate Multi-OS adapter, scores every method on the same features (each at its reference
+temperature and prompt template) and writes metrics and the report.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class FinetuneStage(Stage):
             "data": cfg.data.model_dump(mode="json"),
             "clip": cfg.models.clip.model_dump(mode="json"),
             "feature_shard": FEATURE_SHARD,
+            # raw (unnormalised) features: SynOOD's adapter takes them; scores normalise
+            "features": "raw",
         }
 
     # ------------------------------------------------------------ plan: feature cache
@@ -67,7 +70,8 @@ class FinetuneStage(Stage):
         ]
         for name, recs in _ood_sets(ctx).items():
             items += [{"key": r.key, "role": f"ood:{name}", "class_idx": -1, "label_idx": -1} for r in recs.values()]
-        kept = ctx.upstream_rows("elaborate", status="kept")
+        dups = _cross_dups(ctx)
+        kept = [r for r in ctx.upstream_rows("elaborate", status="kept") if r["key"] not in dups]
         if not kept:
             raise RuntimeError(
                 "finetune: elaborate kept no synthetic image; see the rejection reasons with "
@@ -112,7 +116,7 @@ class FinetuneStage(Stage):
         for it in shard.items:
             cols = {"role": it["role"], "class_idx": it["class_idx"], "label_idx": it["label_idx"]}
             guarded(out, it["key"], lambda it=it: load(it), **cols)
-        feats = ctx.models.clip().encode_images(images).numpy().astype(np.float32) if images else []
+        feats = ctx.models.clip().encode_images(images, normalize=False).numpy().astype(np.float32) if images else []
         for it, f in zip(loaded, feats, strict=True):
             r = row(it["key"], "ok", "ok", None, role=it["role"], class_idx=it["class_idx"], label_idx=it["label_idx"])
             out.add(r, {"npy": npy_bytes(f)})
@@ -122,72 +126,125 @@ class FinetuneStage(Stage):
     # ------------------------------------------------------------ finalize: train + evaluate
     def finalize(self, ctx: StageContext) -> dict:
         import torch
+        import torch.nn.functional as F
 
-        from ood_core.adapter import train_image_adapter, train_negative_text
+        from ood_core.adapter import train_image_adapter, train_negative_text, train_negative_text_released
         from ood_core.metrics import id_accuracy, ood_metrics, roc_curve
         from ood_core.models import resolve_device
-        from ood_core.scores import SCORES, ScoreContext
+        from ood_core.scores import SCORES, ScoreContext, score_temperature
 
         fc = ctx.cfg.finetune
         log = ctx.log
         device = resolve_device(ctx.cfg.models.device)
-        # 1. cached features and their roles
+        # 1. cached raw features and their roles
         feats = {k: npy_load(f["npy"]) for k, f in ctx.store.iter_samples()}
         rows = [r for r in ctx.store.read_manifest().to_pylist() if r["status"] == "ok"]
         by_role: dict[str, list[dict]] = {}
         for r in rows:
             by_role.setdefault(r["role"], []).append(r)
 
-        def stack(role: str) -> torch.Tensor:
-            return torch.from_numpy(np.stack([feats[r["key"]] for r in by_role.get(role, [])]))
+        def raw(keys: list[str]) -> torch.Tensor:
+            return torch.from_numpy(np.stack([feats[k] for k in keys]).astype(np.float32))
 
-        # 2. text features: ID prompts, negative labels, sketched outlier labels
-        id_text = ctx.id_text_features
+        def stack(role: str) -> torch.Tensor:
+            return raw([r["key"] for r in by_role.get(role, [])])
+
+        # 2. text features, each method with its reference template
+        classnames = ctx.dataset.classnames
+        n_id = len(classnames)
+
+        def id_texts(template: str) -> torch.Tensor:
+            return ctx.text_features([template.format(c) for c in classnames])
+
+        id_mm = ctx.id_text_features  # MM-OOD / Multi-OS: the project's ID prompt
+        id_eoe, id_neg, id_syn = id_texts(fc.eoe_template), id_texts(fc.neglabel_template), id_texts(fc.synood_id_template)
         neg_text = ctx.negative_text_features
-        outliers = [r["text"] for r in ctx.upstream_rows("sketch", status="kept") if r["kind"] in ("far", "near")]
-        out_text = ctx.models.clip().encode_texts([ID_PROMPT.format(t) for t in outliers]) if outliers else None
+        sketch_rows = ctx.upstream_rows("sketch")
+        outliers = [r["text"] for r in sketch_rows if r["status"] == "kept" and r["kind"] in ("far", "near", "fine")]
+        leaked = [r for r in sketch_rows if r.get("leakage")]
+        out_mm = ctx.text_features([ID_PROMPT.format(t) for t in outliers]) if outliers else None
+        out_eoe = ctx.text_features([fc.eoe_template.format(t) for t in outliers]) if outliers else None
         mm_labels = mm_ood_labels(ctx)  # MM-OOD: sketched + elaborated labels, near/far mixed
-        mm_text = ctx.models.clip().encode_texts([ID_PROMPT.format(t) for t in mm_labels]) if mm_labels else None
+        mm_text = ctx.text_features([ID_PROMPT.format(t) for t in mm_labels]) if mm_labels else None
         log(f"[finetune] outlier labels: EOE {len(outliers)} sketched, MM-OOD {len(mm_labels)} sketched + elaborated")
         by_role["synthetic"] = select_synthetic(ctx, by_role.get("synthetic", []))
 
-        # 3. train the image adapter, then the negative text features, on cached features
-        train_roles = ["id_train", "synthetic"]
-        x_train = torch.cat([stack(r) for r in train_roles])
-        y_train = torch.tensor([r["label_idx"] for role in train_roles for r in by_role[role]])
-        log(f"[finetune] training adapter on {len(x_train)} cached features ({len(by_role['synthetic'])} synthetic)")
+        # 3. SynOOD image side: source ID images paired 1:1 with their kept synthetic images
+        syn_rows = by_role["synthetic"]
+        source_of = {r["key"]: r["source_key"] for r in ctx.upstream_rows("elaborate", status="kept")}
+        neg_index = torch.tensor([r["label_idx"] - n_id for r in syn_rows])
+        if fc.synood_data == "sources":
+            # a source whose feature failed to load leaves its synthetic image unpaired (still trained on)
+            paired = [r for r in syn_rows if source_of.get(r["key"]) in feats]
+            id_keys = [source_of[r["key"]] for r in paired]
+            id_cls = [int(r["class_idx"]) for r in paired]
+        else:
+            id_keys = [r["key"] for r in by_role["id_train"]]
+            id_cls = [int(r["class_idx"]) for r in by_role["id_train"]]
+        x_syn = stack("synthetic")
+        x_train = torch.cat([raw(id_keys), x_syn])
+        used = torch.unique(neg_index)  # only the negatives assigned to kept images are classes
+        y_train = torch.cat([torch.tensor(id_cls), n_id + torch.searchsorted(used, neg_index)])
+        log(f"[finetune] training adapter on {len(x_train)} cached features ({len(syn_rows)} synthetic, "
+            f"{len(used)} negative labels)")
         adapter, img_hist = train_image_adapter(
-            x_train, y_train, torch.cat([id_text, neg_text]), fc, seed=ctx.cfg.seed,
-            loss=fc.loss, num_id=len(id_text), device=device,
+            x_train, y_train, torch.cat([id_syn, neg_text[used]]), fc, seed=ctx.cfg.seed,
+            loss=fc.loss, num_id=n_id, device=device,
             progress=lambda e, loss: log(f"[finetune] adapter epoch {e + 1}/{fc.epochs} loss {loss:.4f}"),
         )
-        with torch.no_grad():
-            x_train_adapted = adapter(x_train)
-        tuned_neg, txt_hist = train_negative_text(
-            x_train_adapted, y_train, id_text, neg_text, fc, seed=ctx.cfg.seed,
-            progress=lambda e, loss: log(f"[finetune] negatives epoch {e + 1}/{fc.text_epochs} loss {loss:.4f}"),
-            device=device,
-        )
+        # 3b. SynOOD text side
+        txt_progress = lambda e, loss: log(f"[finetune] negatives epoch {e + 1}/{fc.text_epochs} loss {loss:.4f}")  # noqa: E731
+        if fc.synood_text == "released":
+            neg_raw = ctx.models.clip().encode_texts(ctx.negatives[1], normalize=False)
+            tuned_np, _, txt_hist = train_negative_text_released(
+                x_syn, neg_index, neg_raw, fc, seed=ctx.cfg.seed, progress=txt_progress, device=device)
+            tuned_neg = torch.from_numpy(tuned_np)
+        else:
+            with torch.no_grad():
+                x_adapted = adapter(x_train)
+            y_joint = torch.cat([torch.tensor(id_cls), n_id + neg_index])
+            tuned_neg, txt_hist = train_negative_text(
+                x_adapted, y_joint, id_syn, neg_text, fc, seed=ctx.cfg.seed, progress=txt_progress, device=device)
+
+        # 3c. Multi-OS: its own adapter, contrastive image-text objective, outlier labels as text side
+        mos_adapter = None
+        if fc.multi_os and out_mm is not None:
+            nearest = (F.normalize(x_syn, dim=-1) @ out_mm.T).argmax(-1)
+            y_mos = torch.cat([torch.tensor(id_cls), n_id + nearest])
+            mos_adapter, _ = train_image_adapter(
+                x_train, y_mos, torch.cat([id_mm, out_mm]), fc, seed=ctx.cfg.seed,
+                loss="ce+contrastive", num_id=n_id, device=device,
+                progress=lambda e, loss: log(f"[finetune] multi-os epoch {e + 1}/{fc.epochs} loss {loss:.4f}"),
+            )
 
         # 4. score every method on the same features
         eval_roles = ["id_test"] + sorted(r for r in by_role if r.startswith("ood:"))
+        texts = {  # method -> (ID texts, negative texts, outlier texts)
+            "mcm": (id_eoe, None, None), "energy": (id_eoe, None, None), "max_logit": (id_eoe, None, None),
+            "neglabel": (id_neg, neg_text, None), "eoe": (id_eoe, None, out_eoe), "mm_ood": (id_mm, None, mm_text),
+        }
         scores: dict[str, dict[str, np.ndarray]] = {}
         for role in eval_roles:
-            x = stack(role)
-            with torch.no_grad():
-                xa = adapter(x)
-            base = ScoreContext(image_feats=x, id_text_feats=id_text, neg_text_feats=neg_text,
-                                outlier_text_feats=out_text, cfg=fc, seed=ctx.cfg.seed)
-            mm = ScoreContext(image_feats=x, id_text_feats=id_text, neg_text_feats=neg_text,
-                              outlier_text_feats=mm_text, cfg=fc, seed=ctx.cfg.seed)
+            x_raw = stack(role)
+            x = F.normalize(x_raw, dim=-1)
             for method in BASELINES:
-                sc = mm if method == "mm_ood" else base
-                if method in ("eoe", "mm_ood") and sc.outlier_text_feats is None:
+                idt, negt, outt = texts[method]
+                if method in ("eoe", "mm_ood") and outt is None:
                     continue
+                sc = ScoreContext(image_feats=x, id_text_feats=idt, neg_text_feats=negt, outlier_text_feats=outt,
+                                  cfg=fc, seed=ctx.cfg.seed)
                 scores.setdefault(method, {})[role] = np.asarray(SCORES.get(method)(sc))
-            tuned = ScoreContext(image_feats=xa, id_text_feats=id_text, neg_text_feats=tuned_neg,
-                                 outlier_text_feats=out_text, cfg=fc, seed=ctx.cfg.seed)
+            with torch.no_grad():
+                xa = adapter(x_raw)
+            tuned = ScoreContext(image_feats=xa, id_text_feats=id_neg, neg_text_feats=tuned_neg, cfg=fc,
+                                 seed=ctx.cfg.seed)
             scores.setdefault("synood", {})[role] = np.asarray(SCORES.get("neglabel")(tuned))
+            if mos_adapter is not None:
+                with torch.no_grad():
+                    xm = mos_adapter(x_raw)
+                mos = ScoreContext(image_feats=xm, id_text_feats=id_mm, outlier_text_feats=out_mm, cfg=fc)
+                scores.setdefault("multi_os", {})[role] = np.asarray(SCORES.get("mm_ood")(mos))
+        temperatures = {m: score_temperature(m, fc) for m in scores}
 
         # 5. metrics per OOD set and averaged
         results: dict[str, dict[str, dict]] = {}
@@ -203,17 +260,22 @@ class FinetuneStage(Stage):
         with torch.no_grad():
             x_test = stack("id_test")
             acc = {
-                "zero_shot": id_accuracy((x_test @ id_text.T).numpy(), y_test.numpy()),
-                "adapted": id_accuracy((adapter(x_test) @ id_text.T).numpy(), y_test.numpy()),
+                "zero_shot": id_accuracy((F.normalize(x_test, dim=-1) @ id_mm.T).numpy(), y_test.numpy()),
+                "adapted": id_accuracy((adapter(x_test) @ id_mm.T).numpy(), y_test.numpy()),
             }
         for method in results:
-            log(f"[finetune] {method:>9}: FPR95 {100 * results[method]['average']['fpr95']:6.2f}  "
+            log(f"[finetune] {method:>9} (T={temperatures[method]:g}): "
+                f"FPR95 {100 * results[method]['average']['fpr95']:6.2f}  "
                 f"AUROC {100 * results[method]['average']['auroc']:6.2f}")
 
         # 6. artifacts: weights, scores, metrics, report
-        self._write_artifacts(ctx, adapter, tuned_neg, scores, by_role, results, curves, acc, img_hist, txt_hist)
+        extra = {"temperatures": temperatures, "leaked": leaked}
+        self._write_artifacts(ctx, adapter, tuned_neg, scores, by_role, results, curves, acc, img_hist, txt_hist,
+                              extra)
         return {
             "metrics": results,
+            "temperatures": temperatures,
+            "leaked_labels": [r["text"] for r in leaked],
             "id_accuracy": acc,
             "convention": fc.fpr_convention,
             "train": {"adapter_loss": img_hist, "negatives_loss": txt_hist, "samples": len(x_train)},
@@ -222,7 +284,8 @@ class FinetuneStage(Stage):
             "artifacts": ctx.store.url() + "/artifacts",
         }
 
-    def _write_artifacts(self, ctx, adapter, tuned_neg, scores, by_role, results, curves, acc, img_hist, txt_hist):
+    def _write_artifacts(self, ctx, adapter, tuned_neg, scores, by_role, results, curves, acc, img_hist, txt_hist,
+                         extra):
         import pyarrow as pa
         import torch
 
@@ -243,6 +306,7 @@ class FinetuneStage(Stage):
             table[method] = np.concatenate([per_role[r] for r in ["id_test"] + sorted(x for x in per_role if x != "id_test")]).tolist()
         store.write_bytes(art("scores.parquet"), parquet_bytes(pa.table(table)))
         metrics = {"convention": ctx.cfg.finetune.fpr_convention, "results": results, "id_accuracy": acc,
+                   "temperatures": extra["temperatures"], "leaked_labels": [r["text"] for r in extra["leaked"]],
                    "adapter_loss": img_hist, "negatives_loss": txt_hist}
         store.write_json(art("metrics.json"), metrics)
 
@@ -263,10 +327,13 @@ class FinetuneStage(Stage):
             "",
             f"- CLIP `{m.clip.name}` ({m.clip.pretrained}), MLLM `{m.mllm.name}`, diffusion `{m.diffusion.name}`",
             f"- cached features: {sizes}",
-            f"- synthetic images: {format_counts(ctx.upstream['elaborate'].read_success()['counts'], '; ')}",
+            f"- synthetic images: {format_counts(ctx.upstream['elaborate'].read_success()['counts'], '; ')}"
+            f"; near-duplicates across shards (left out): {len(_cross_dups(ctx))}",
             "",
-            report.metrics_table_markdown(results, ctx.cfg.finetune.fpr_convention),
+            report.metrics_table_markdown(results, ctx.cfg.finetune.fpr_convention,
+                                          temperatures=extra["temperatures"]),
             "",
+            report.leaked_labels_markdown(extra["leaked"], ctx.cfg.sketch.keep_leaked_labels),
             f"ID accuracy: zero-shot {100 * acc['zero_shot']:.2f}%, with adapter {100 * acc['adapted']:.2f}%",
             "",
             "![ROC curves](roc.png)",
@@ -316,6 +383,12 @@ def select_synthetic(ctx: StageContext, rows: list[dict]) -> list[dict]:
             f"{sorted(set(kinds.values()))}); check finetune.synthetic_kinds and generate.t2i_kinds"
         )
     return chosen
+
+
+def _cross_dups(ctx: StageContext) -> dict:
+    from ood_core.stages.elaborate import read_cross_shard_duplicates
+
+    return read_cross_shard_duplicates(ctx.upstream["elaborate"])
 
 
 def _ood_sets(ctx: StageContext) -> dict[str, dict]:

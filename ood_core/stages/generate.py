@@ -156,6 +156,7 @@ class BoundaryGenerator(Generator):
     def _one(self, ctx: StageContext, item: dict) -> tuple[dict, dict[str, bytes]]:
         from ood_core.data import load_image
         from ood_core.models.diffusion import boundary_inpaint, center_box_mask, energy_score_fn
+        from ood_core.models.diffusion import resolve_m_out as _m_out
 
         g = ctx.cfg.generate
         key = self.key(item)
@@ -176,7 +177,8 @@ class BoundaryGenerator(Generator):
             strength=g.strength,
             guidance=g.guidance,
             lr=g.lr,
-            m_out=g.m_out,
+            m_out=_m_out(g.m_out, len(ctx.dataset.classnames)),
+            grad_batch=g.grad_batch,
         )
         r = row(
             key,
@@ -194,10 +196,11 @@ class BoundaryGenerator(Generator):
             prompt_id="synood_context",
             model_id=ctx.cfg.models.diffusion.name,
             seconds=round(time.perf_counter() - t0, 3),
+            moved_toward_ood=result.moved_toward_ood,
         )
         ctx.log(
             f"[generate] {key}: energy score {result.score_before:.2f} -> {result.score_after:.2f} "
-            f"(target {g.m_out}, {g.rounds} rounds)"
+            f"(target {result.m_out:.2f}, {g.rounds} rounds, moved toward OOD: {result.moved_toward_ood})"
         )
         meta = {**r, "round_scores": result.round_scores}
         return r, {"png": png_bytes(result.image), "json": json.dumps(meta, sort_keys=True).encode()}

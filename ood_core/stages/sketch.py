@@ -1,6 +1,7 @@
 """Stage 1, sketch: outlier labels and prompts.
 
-Shards: far-OOD labels (one MLLM conversation over the whole ID label set), near-OOD labels
+Shards: far-OOD labels (one MLLM conversation over the whole ID label set), fine-grained labels
+(EOE's third task: other kinds of the ID super-category, ``sketch.fine_labels``), near-OOD labels
 (per class chunk, optionally showing the MLLM k ID images), negative labels mined from a lexicon
 with CLIP (NegLabel NegMining), and SynOOD context prompts for the selected source images.
 """
@@ -61,6 +62,8 @@ class SketchStage(Stage):
         if sc.far_labels > 0:
             plans.append(ShardPlan(len(plans), [{"kind": "far"}]))
         plans.append(ShardPlan(len(plans), [{"kind": "negative"}]))
+        if sc.fine_labels > 0:
+            plans.append(ShardPlan(len(plans), [{"kind": "fine"}]))
         if sc.near_per_class > 0:
             near = [{"kind": "near", "class_idx": i} for i in range(len(ctx.dataset.classnames))]
             plans += chunk(near, sc.shard_size, start=len(plans))
@@ -77,6 +80,8 @@ class SketchStage(Stage):
             self._far(ctx, out)
         elif kind == "negative":
             self._negatives(ctx, out)
+        elif kind == "fine":
+            self._fine(ctx, out)
         elif kind == "near":
             for item in shard.items:
                 self._near(ctx, out, item["class_idx"])
@@ -95,21 +100,10 @@ class SketchStage(Stage):
         return out
 
     def _hygiene(self, ctx: StageContext, out: ShardOutput, labels: list[str], kind: str, prefix: str, **cols):
-        from ood_core.data import ood_classnames
         from ood_core.labels import label_hygiene
 
         clip = ctx.models.clip()
-        cache = ctx.__dict__.setdefault("_eval_names", {})
-        if "names" not in cache:
-            # leakage is checked against the configured names and every evaluation set's class names
-            names = list(ctx.cfg.sketch.eval_ood_names)
-            for name in ctx.cfg.data.ood_sets:
-                found = ood_classnames(name, ctx.cfg.data)
-                if not found:
-                    ctx.log(f"[sketch] warning: no class names known for OOD set '{name}': label leakage "
-                            f"against it is not checked (add a classnames.txt to its folder)")
-                names += found
-            cache["names"] = names
+        eval_names = _eval_names(ctx)
         classnames = ctx.dataset.classnames
 
         def text_cosine(cands: list[str], ids: list[str]) -> np.ndarray:
@@ -119,13 +113,18 @@ class SketchStage(Stage):
         verdicts = label_hygiene(
             labels,
             classnames,
-            eval_ood_names=cache["names"],
+            eval_ood_names=eval_names,
             text_cosine=text_cosine,
             overlap_cosine=ctx.cfg.sketch.overlap_cosine,
         )
+        keep_leaked = ctx.cfg.sketch.keep_leaked_labels
         for i, v in enumerate(verdicts):
-            r = row(f"{prefix}_{i:05d}", v.status, v.reason, None, kind=kind, text=v.label, leakage=v.leakage, **cols)
-            out.add(r, _files(r) if v.status == "kept" else None)
+            status, reason = v.status, v.reason
+            if v.leakage and status == "kept" and not keep_leaked:
+                # a label naming an evaluation OOD class would inflate every score that uses it
+                status, reason = "rejected", "leaks_eval_ood"
+            r = row(f"{prefix}_{i:05d}", status, reason, None, kind=kind, text=v.label, leakage=v.leakage, **cols)
+            out.add(r, _files(r) if status == "kept" else None)
 
     def _far(self, ctx: StageContext, out: ShardOutput) -> None:
         """One conversation: summarise the ID categories, then ask for labels turn by turn."""
@@ -179,6 +178,30 @@ class SketchStage(Stage):
         if not labels and not out.rows:
             out.add(row("far_conversation", "rejected", "no_labels_parsed", None, kind="far"))
         self._hygiene(ctx, out, labels[: sc.far_labels] + list(sc.far_extra_labels), "far", "far")
+
+    def _fine(self, ctx: StageContext, out: ShardOutput) -> None:
+        """EOE's fine-grained task: other kinds of the ID super-category that are not ID classes."""
+        from ood_core.labels import parse_label_list
+
+        sc = ctx.cfg.sketch
+        classnames = ctx.dataset.classnames
+        prompt = _text(
+            f"Here are {len(classnames)} image classes that are all kinds of one category: {', '.join(classnames)}.",
+            f"List {sc.fine_labels} other kinds of the same category that are not in this list.",
+            f"At most {sc.max_label_words} words each, one per line, no explanations.",
+        )
+        try:
+            reply = ctx.models.mllm().chat([{"role": "user", "content": [prompt]}], seed=derive_seed(ctx.cfg.seed, "fine"))
+        except Exception as err:  # noqa: BLE001 - the failure is recorded as a row
+            if is_shard_error(err):
+                raise
+            out.add(row("fine_reply", "failed", type(err).__name__, f"{type(err).__name__}: {err}", kind="fine"))
+            return
+        out.samples.append(_transcript_sample("fine_reply", [{"prompt": prompt["text"], "reply": reply}]))
+        labels = parse_label_list(reply, sc.max_label_words)[: sc.fine_labels]
+        if not labels:
+            out.add(row("fine_reply", "rejected", "no_labels_parsed", None, kind="fine"))
+        self._hygiene(ctx, out, labels, "fine", "fine")
 
     def _near(self, ctx: StageContext, out: ShardOutput, class_idx: int) -> None:
         """Per class: labels that look similar but come from other domains (MM-OOD shows images)."""
@@ -241,31 +264,64 @@ class SketchStage(Stage):
 
     def _negatives(self, ctx: StageContext, out: ShardOutput) -> None:
         """NegMining: keep the candidates least similar to the ID prompts (nouns, adjectives apart)."""
-        from ood_core.labels import normalize_label
+        from ood_core.labels import label_hygiene, normalize_label
         from ood_core.lexicon import ADJ_TEMPLATE, NOUN_TEMPLATE, load_lexicon
 
         sc = ctx.cfg.sketch
         lex = load_lexicon(sc.lexicon, sc.lexicon_limit)
         clip = ctx.models.clip()
-        id_feats = ctx.id_text_features
+        id_feats = ctx.text_features([sc.neg_id_template.format(c) for c in ctx.dataset.classnames])
         id_words = {normalize_label(c) for c in ctx.dataset.classnames}
         for pos, words, template in (("n", lex.nouns, NOUN_TEMPLATE), ("a", lex.adjectives, ADJ_TEMPLATE)):
             if not words:
                 continue
             feats = clip.encode_texts([template.format(w) for w in words])
+            keep = set(neg_mining_keep((feats @ id_feats.T).numpy(), sc.neg_keep_fraction, sc.neg_percentile).tolist())
             score = np.percentile((feats @ id_feats.T).numpy(), sc.neg_percentile, axis=1)
-            n_keep = max(1, int(round(sc.neg_keep_fraction * len(words))))
-            # stable sort: equal scores keep lexicon order, so the selection is reproducible
-            keep = set(np.argsort(score, kind="stable")[:n_keep].tolist())
+            # leakage is checked on the kept candidates only (a word-set test per evaluation name)
+            kept_words = [words[i] for i in sorted(keep)]
+            leaked = {v.raw for v in label_hygiene(kept_words, [], eval_ood_names=_eval_names(ctx)) if v.leakage}
             for i, w in enumerate(words):
                 if w in id_words:
                     status, reason = "rejected", "equals_id_class"
-                elif i in keep:
-                    status, reason = "kept", "ok"
-                else:
+                elif i not in keep:
                     status, reason = "rejected", "too_close_to_id"
-                r = row(f"neg_{pos}{i:06d}", status, reason, None, kind="negative", text=w, score=float(score[i]))
+                elif w in leaked and not sc.keep_leaked_labels:
+                    status, reason = "rejected", "leaks_eval_ood"
+                else:
+                    status, reason = "kept", "ok"
+                r = row(f"neg_{pos}{i:06d}", status, reason, None, kind="negative", text=w, score=float(score[i]),
+                        leakage=w in leaked)
                 out.add(r, _files(r) if status == "kept" else None)
+
+
+def _eval_names(ctx: StageContext) -> list[str]:
+    """Leakage is checked against the configured names and every evaluation set's class names."""
+    from ood_core.data import ood_classnames
+
+    cache = ctx.__dict__.setdefault("_eval_names", {})
+    if "names" not in cache:
+        names = list(ctx.cfg.sketch.eval_ood_names)
+        for name in ctx.cfg.data.ood_sets:
+            found = ood_classnames(name, ctx.cfg.data)
+            if not found:
+                ctx.log(f"[sketch] warning: no class names known for OOD set '{name}': label leakage "
+                        f"against it is not checked (add a classnames.txt to its folder)")
+            names += found
+        cache["names"] = names
+    return cache["names"]
+
+
+def neg_mining_keep(sim: np.ndarray, keep_fraction: float, percentile: float) -> np.ndarray:
+    """NegLabel's NegMining (mmcls/models/classifiers/multi_modal.py@3253db6): indices kept.
+
+    ``sim`` is (candidates x ID prompts) cosine; each candidate's distance to ID is its
+    ``percentile``-th percentile similarity (``torch.quantile``, linear); the
+    ``floor(len * keep_fraction)`` least similar are kept (``int(len(ind) * neg_topk)``).
+    """
+    score = np.percentile(sim, percentile, axis=1)
+    # stable sort: equal scores keep lexicon order, so the selection is reproducible
+    return np.argsort(score, kind="stable")[: int(len(score) * keep_fraction)]
 
 
 def _transcript_sample(key: str, turns: list[dict]):
