@@ -203,7 +203,10 @@ def write_bad_inputs(ctx: StageContext, stage) -> dict[str, int]:
                              "split": rec.split if rec else "", "origin": "decode"})
     cols = ["key", "source", "status", "reason", "error", "class_name", "split", "origin"]
     table = pa.table({c: pa.array([r[c] for r in rows], pa.string()) for c in cols})
-    ctx.store.write_bytes(ctx.store.path(BAD_INPUTS), parquet_bytes(table))
+    data, path = parquet_bytes(table), ctx.store.path(BAD_INPUTS)
+    # a re-finalize (e.g. after a deleted marker) leaves an identical table untouched
+    if not ctx.store.exists(path) or ctx.store.read_bytes(path) != data:
+        ctx.store.write_bytes(path, data)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["reason"]] = counts.get(r["reason"], 0) + 1
