@@ -33,11 +33,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"synth-ood: {err}", file=sys.stderr)
         return 2
     if args.no_prefect:
+        from ood_core.data import DataError
         from ood_core.pipeline import run_local
 
         try:
             results = run_local(cfg, out, _stages(args.only), _stages(args.force))
-        except StageNotReady as err:
+        except (StageNotReady, DataError) as err:
             print(f"synth-ood: {err}", file=sys.stderr)
             return 2
     else:

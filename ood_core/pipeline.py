@@ -193,14 +193,17 @@ def write_bad_inputs(ctx: StageContext, stage) -> dict[str, int]:
     from ood_core.storage import parquet_bytes
 
     rows = [b.as_row() for b in stage.listed_bad_inputs(ctx)]
+    failed = []
     if ctx.store.shard_indices():
-        records = ctx.records
-        for r in ctx.store.read_manifest().to_pylist():
-            if r["status"] == "failed" and r["reason"] in BAD_INPUT_REASONS:
-                rec = records.get(r.get("source_key") or r["key"])
-                rows.append({"key": r["key"], "source": rec.source if rec else "", "status": r["status"],
-                             "reason": r["reason"], "error": r["error"], "class_name": rec.class_name if rec else "",
-                             "split": rec.split if rec else "", "origin": "decode"})
+        failed = [r for r in ctx.store.read_manifest().to_pylist()
+                  if r["status"] == "failed" and r["reason"] in BAD_INPUT_REASONS]
+    if failed:
+        records = ctx.records  # the dataset listing only when there is something to look up
+        for r in failed:
+            rec = records.get(r.get("source_key") or r["key"])
+            rows.append({"key": r["key"], "source": rec.source if rec else "", "status": r["status"],
+                         "reason": r["reason"], "error": r["error"], "class_name": rec.class_name if rec else "",
+                         "split": rec.split if rec else "", "origin": "decode"})
     cols = ["key", "source", "status", "reason", "error", "class_name", "split", "origin"]
     table = pa.table({c: pa.array([r[c] for r in rows], pa.string()) for c in cols})
     data, path = parquet_bytes(table), ctx.store.path(BAD_INPUTS)

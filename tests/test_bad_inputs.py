@@ -188,3 +188,17 @@ def test_run_on_the_bad_corpus_completes_records_every_bad_input_and_verifies(tm
     assert main(["verify", out]) == 0
     assert main(["status", out]) == 0
     assert "bad input" in capsys.readouterr().out
+
+
+def test_ood_folder_keeps_usable_files_and_lists_the_rest(tmp_path):
+    from ood_core.data import list_ood_set
+
+    folder = tmp_path / "inat" / "images"
+    folder.mkdir(parents=True)
+    (folder / "ok.jpg").write_bytes(_jpeg(_photo(1)))
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image")
+    cfg = _cfg(tmp_path, tmp_path).data
+    records, bad = list_ood_set(f"folder:{tmp_path / 'inat'}", cfg, seed=0)
+    assert [Path(r.source).name for r in records] == ["ok.jpg"]
+    assert sorted((Path(b.source).name, b.reason) for b in bad) == [("notes.jpg", "not_an_image"), ("zero.jpg", "empty_file")]

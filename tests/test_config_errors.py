@@ -59,3 +59,26 @@ def test_no_pickles_anywhere_in_the_project():
         assert "torch.save(" not in text, p
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (p, call)
+
+
+def test_api_key_from_a_named_secret_store_or_the_environment(monkeypatch):
+    from ood_core import secrets
+
+    monkeypatch.setattr(secrets, "_RESOLVER", None)
+    with pytest.raises(secrets.SecretError, match="needs the Prefect runner"):
+        secrets.resolve_api_key("X", "my-block")
+    monkeypatch.setattr(secrets, "_RESOLVER", {"my-block": "sk-from-block-1234"}.__getitem__)
+    assert secrets.resolve_api_key("X", "my-block") == "sk-from-block-1234"
+    assert secrets.scrub("echo sk-from-block-1234") == "echo ***"  # a resolved key is scrubbed from now on
+    with pytest.raises(secrets.SecretError, match="'other'") as err:
+        secrets.resolve_api_key("X", "other")
+    assert err.value.__cause__ is None
+    monkeypatch.setenv("SYNTHOOD_ENV_KEY", "sk-from-env-5678")
+    assert secrets.resolve_api_key("SYNTHOOD_ENV_KEY") == "sk-from-env-5678"
+
+
+def test_prefect_tasks_install_the_secret_block_resolver():
+    from ood_core import secrets
+    from tasks import stage_tasks
+
+    assert secrets._RESOLVER is stage_tasks._prefect_secret

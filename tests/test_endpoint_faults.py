@@ -13,7 +13,8 @@ from ood_core.models import RetryableError, load_mllm  # noqa: E402
 from ood_core.models.endpoint import EndpointDown, EndpointRequestError, parse_retry_after  # noqa: E402
 from tests.fault_server import FaultServer  # noqa: E402
 
-FAST = EndpointConfig(timeout=0.5, connect_timeout=0.5, max_retries=3, backoff_initial=0.01, backoff_max=0.05,
+# timeouts well above a busy machine's scheduling delays, "slow" answers well above the timeouts
+FAST = EndpointConfig(timeout=1.0, connect_timeout=1.0, max_retries=3, backoff_initial=0.01, backoff_max=0.05,
                       breaker_failures=2, breaker_cooldown=0.0)
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -29,7 +30,7 @@ def client(url: str, cfg: EndpointConfig = FAST, key_env: str = "SYNTHOOD_FAULT_
     ids=["429", "500", "reset", "slow", "429-retry-after"],
 )
 def test_transient_faults_are_retried_to_a_reply(script):
-    with FaultServer([ "ok", *script], slow_seconds=1.5) as srv:
+    with FaultServer(["ok", *script], slow_seconds=3.0) as srv:
         c = client(srv.url)
         assert c.chat(MSG).startswith("stone arch")  # a healthy first request
         assert c.chat(MSG).startswith("stone arch")
@@ -73,7 +74,7 @@ def test_echoed_key_and_authorization_are_scrubbed(monkeypatch):
 
 def test_one_request_failing_every_retry_is_a_failed_row_after_a_success():
     # after a success, one request timing out on every attempt is that request's problem
-    with FaultServer(["ok", "slow", "slow", "slow", "slow", "ok"], slow_seconds=1.5) as srv:
+    with FaultServer(["ok", "slow", "slow", "slow", "slow", "ok"], slow_seconds=3.0) as srv:
         c = client(srv.url)
         c.chat(MSG)
         with pytest.raises(EndpointRequestError) as err:
@@ -103,7 +104,7 @@ def test_in_flight_requests_are_bounded():
     import threading
 
     cfg = FAST.model_copy(update={"max_in_flight": 2, "timeout": 5.0})
-    with FaultServer(default="slow", slow_seconds=0.3) as srv:
+    with FaultServer(default="slow", slow_seconds=1.0) as srv:
         c = client(srv.url, cfg)
         peak, live, lock = [0], [0], threading.Lock()
         real = c.transport._client.post

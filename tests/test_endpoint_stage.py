@@ -32,7 +32,7 @@ def _sets(url: str, models: str) -> dict[str, str]:
         "models.mllm.name": "faulty-llava",
         "models.mllm.base_url": url,
         "models.mllm.api_key_env": "SYNTHOOD_PLANTED_KEY",
-        "models.endpoint.timeout": "0.4",
+        "models.endpoint.timeout": "1.0",
         "models.endpoint.max_retries": "2",
         "models.endpoint.backoff_initial": "0.01",
         "models.endpoint.backoff_max": "0.05",
@@ -73,7 +73,7 @@ def _context_rows(store: StageStore) -> list[dict]:
 def test_each_fault_gives_its_row_and_the_stage_completes(tmp_path, models, monkeypatch):
     monkeypatch.setenv("SYNTHOOD_PLANTED_KEY", KEY)
     actions = [a for acts, _, _ in SCRIPT for a in acts]
-    with FaultServer(actions, default="ok", slow_seconds=1.0) as srv:
+    with FaultServer(actions, default="ok", slow_seconds=3.0) as srv:
         cfg = load_config("tiny", _sets(srv.url, models))
         root = str(tmp_path / "run")
         run_local(cfg, root, only=["sketch"], log=lambda m: None)
