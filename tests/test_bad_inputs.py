@@ -167,7 +167,8 @@ def test_run_on_the_bad_corpus_completes_records_every_bad_input_and_verifies(tm
 
     root = build_bad_corpus(tmp_path / "data")
     cfg = _cfg(root, tmp_path, **{"sketch.sources_per_class": "3", "sketch.far_labels": "6",
-                                   "sketch.far_per_turn": "6", "generate.steps": "2", "generate.rounds": "1"})
+                                   "sketch.far_per_turn": "6", "sketch.lexicon_limit": "200",
+                                   "generate.steps": "2", "generate.rounds": "1"})
     out = str(tmp_path / "run")
     results = run_local(cfg, out, log=lambda m: None)
     assert set(results) == {"sketch", "generate", "elaborate", "finetune"}

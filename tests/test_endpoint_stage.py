@@ -41,6 +41,7 @@ def _sets(url: str, models: str) -> dict[str, str]:
         "sketch.near_per_class": "0",
         "sketch.sources_per_class": "3",
         "sketch.shard_size": "64",
+        "sketch.lexicon_limit": "200",  # negative mining is not under test here
     }
 
 
@@ -130,7 +131,7 @@ def test_planted_key_never_reaches_outputs_logs_or_prefect(tmp_path, models):
         tree["models"]["mllm"].update(backend="openai", name="faulty-llava", base_url=url,
                                       api_key_env="SYNTHOOD_PLANTED_KEY")
         tree["models"]["endpoint"] = {"timeout": 2.0, "max_retries": 2, "backoff_initial": 0.01, "backoff_max": 0.05}
-        tree["sketch"].update(far_labels=0, near_per_class=0, sources_per_class=2)
+        tree["sketch"].update(far_labels=0, near_per_class=0, sources_per_class=2, lexicon_limit=200)
         preset = tmp_path / "secret-preset.yaml"
         preset.write_text(yaml.safe_dump(tree))
         out = tmp_path / "run"
