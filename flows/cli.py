@@ -20,22 +20,25 @@ def _stages(values: list[str] | None) -> list[str] | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ood_core.pipeline import StageNotReady, selected_stages
+    from ood_core.pipeline import StageNotReady, check_upstream_ready, selected_stages
 
+    out = os.path.abspath(args.out) if "://" not in args.out else args.out
     try:
         overrides = parse_overrides(args.set)
         cfg = load_config(args.preset, overrides)  # validate before any work or Prefect start-up
         selected_stages(_stages(args.only), _stages(args.force))
-    except (ConfigError, ValueError) as err:
+        # a missing upstream is one line here, not a failed flow run with Prefect's traceback
+        check_upstream_ready(cfg, out, _stages(args.only), _stages(args.force))
+    except (ConfigError, StageNotReady, ValueError) as err:
         print(f"synth-ood: {err}", file=sys.stderr)
         return 2
-    out = os.path.abspath(args.out) if "://" not in args.out else args.out
     if args.no_prefect:
+        from ood_core.data import DataError
         from ood_core.pipeline import run_local
 
         try:
             results = run_local(cfg, out, _stages(args.only), _stages(args.force))
-        except StageNotReady as err:
+        except (StageNotReady, DataError) as err:
             print(f"synth-ood: {err}", file=sys.stderr)
             return 2
     else:
@@ -102,6 +105,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             parts = [f"{st} {sum(r.values())} (" + ", ".join(f"{k}={v}" for k, v in sorted(r.items())) + ")"
                      for st, r in sorted(by_status.items())]
             print(f"      kind {kind}: " + "; ".join(parts))
+        bad = store.read_success().get("bad_inputs") if state == "done" else None
+        if bad:
+            print(f"      {'bad input':<9} {sum(bad.values()):>6}  " + ", ".join(f"{k}={v}" for k, v in bad.items())
+                  + f"  (list: {store.path('bad_inputs.parquet')})")
     return 0
 
 

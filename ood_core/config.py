@@ -61,6 +61,21 @@ class TextToImageSpec(_Strict):
     resolution: int = Field(512, ge=16)
 
 
+class EndpointConfig(_Strict):
+    """How requests to an HTTP model endpoint behave under load (not part of any stage key)."""
+
+    timeout: float = Field(120.0, gt=0.0)  # seconds per request (read/write/pool)
+    connect_timeout: float = Field(10.0, gt=0.0)
+    max_retries: int = Field(5, ge=0)  # per request, on 429 / 5xx / timeouts / connection errors
+    backoff_initial: float = Field(1.0, ge=0.0)  # exponential backoff with jitter, seconds
+    backoff_max: float = Field(30.0, ge=0.0)
+    retry_after_max: float = Field(120.0, ge=0.0)  # longest Retry-After honoured
+    max_in_flight: int = Field(8, ge=1)  # concurrent requests per endpoint, per process
+    breaker_failures: int = Field(3, ge=1)  # consecutive requests failing all retries: fail the shard
+    breaker_cooldown: float = Field(5.0, ge=0.0)  # seconds an open breaker rejects requests
+    api_key_secret: str | None = None  # name of a Prefect Secret block holding the API key
+
+
 class ModelsConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cache_dir: str = "~/.cache/synth-ood/models"
@@ -68,6 +83,7 @@ class ModelsConfig(_Strict):
     mllm: MLLMSpec = MLLMSpec()
     diffusion: DiffusionSpec = DiffusionSpec()
     t2i: TextToImageSpec = TextToImageSpec()
+    endpoint: EndpointConfig = EndpointConfig()
 
 
 # ---------------------------------------------------------------- data
@@ -81,6 +97,10 @@ class DataConfig(_Strict):
     image_size: int = Field(64, ge=16)
     ood_sets: list[str] = ["tiny-textures", "tiny-objects"]
     ood_root: str | None = None
+    # input guards: larger images are skipped unread (a decompression bomb costs nothing), tiny ones too
+    max_pixels: int = Field(64_000_000, ge=1)
+    min_side: int = Field(8, ge=1)
+    empty_class: Literal["error", "drop"] = "error"  # a class folder without any usable image
 
     @model_validator(mode="after")
     def _folder_needs_root(self) -> DataConfig:
@@ -255,6 +275,38 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def _where(path: Path, mark: Any) -> str:
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else f"{path}:1:1"
+
+
+def read_preset_yaml(path: Path) -> dict[str, Any]:
+    """Parse a preset with the safe loader; any problem is one ConfigError ``file:line:column: what``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the preset ({type(err).__name__}: {err})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        tree = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        what = " ".join(x for x in (err.context, err.problem) if x)
+        if "\t" in what or "'\\t'" in what:
+            what += " (tabs cannot indent YAML; use spaces)"
+        raise ConfigError(f"{_where(path, mark)}: invalid YAML: {what}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}:1:1: invalid YAML: {err}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        kind = "a list" if isinstance(tree, list) else f"a single value ({type(tree).__name__})"
+        raise ConfigError(
+            f"{_where(path, getattr(node, 'start_mark', None))}: a preset must be a mapping of sections "
+            f"(data:, models:, ...), not {kind}"
+        )
+    return tree
+
+
 def _set_path(tree: dict, dotted: str, raw: str) -> None:
     keys = dotted.split(".")
     node = tree
@@ -263,7 +315,11 @@ def _set_path(tree: dict, dotted: str, raw: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {dotted}: '{k}' is a value, not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"--set {dotted}={raw}: not a valid value ({problem}); quote it if it is text") from None
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
@@ -320,7 +376,7 @@ def load_config(preset: str, overrides: dict[str, str] | list[str] | None = None
             f"unknown preset '{preset}': choose one of {', '.join(available_presets())} "
             f"or pass a path to a YAML file"
         )
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = read_preset_yaml(path)
     tree.setdefault("preset", path.stem)
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)

@@ -17,25 +17,38 @@ bundled photos, ``folder:<path>``, or a folder name under ``cfg.ood_root`` (iNat
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import io
+import logging
 import math
 import os
 import re
+import stat
+import warnings
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import DataConfig
 from .registry import Registry
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# Decoding limit when no config is at hand (the listing applies ``data.max_pixels`` first).
+DEFAULT_MAX_PIXELS = 64_000_000
+# Reasons an input file is not used; every one is a ``skipped``/``failed`` row or a bad_inputs entry.
+BAD_INPUT_REASONS = (
+    "missing_file", "not_a_file", "dangling_symlink", "symlink_loop", "unreadable", "empty_file",
+    "not_an_image", "too_many_pixels", "too_small", "truncated", "decode_error", "class_without_usable_images",
+)  # fmt: skip
+
+log = logging.getLogger("synth_ood.data")
 
 # Bundled colour photos used as ID classes, in a fixed order (never derived from a set or a listing).
 SKIMAGE_ID_CLASSES: list[tuple[str, str]] = [
@@ -94,12 +107,28 @@ class ImageRecord:
     flip: bool = False
 
 
+@dataclass(frozen=True)
+class BadInput:
+    """An input file (or class folder) the listing did not use, and why (``reason`` in BAD_INPUT_REASONS)."""
+
+    source: str
+    reason: str
+    detail: str
+    class_name: str = ""
+    split: str = ""
+
+    def as_row(self) -> dict:
+        return {"key": "", "source": self.source, "status": "skipped", "reason": self.reason,
+                "error": self.detail, "class_name": self.class_name, "split": self.split, "origin": "listing"}
+
+
 @dataclass
 class IDDataset:
-    """The ID classes (ordered: index = label) and their images."""
+    """The ID classes (ordered: index = label) and their images, plus the input files not used."""
 
     classnames: list[str]
     records: list[ImageRecord]
+    bad_inputs: list[BadInput] = field(default_factory=list)
 
     def train(self) -> list[ImageRecord]:
         return [r for r in self.records if r.split == "train"]
@@ -117,6 +146,14 @@ class IDDataset:
 
 class DataError(ValueError):
     """A dataset is missing or laid out wrongly; the message says what is expected."""
+
+
+class ImageDecodeError(DataError):
+    """One input file cannot be used; ``reason`` (one of BAD_INPUT_REASONS) becomes its row's reason."""
+
+    def __init__(self, path: str | Path, reason: str, detail: str):
+        self.path, self.reason, self.detail = str(path), reason, detail
+        super().__init__(f"image {path}: {detail} ({reason})")
 
 
 def slug(text: str) -> str:
@@ -151,36 +188,108 @@ def _source_path(source: str) -> Path:
 @lru_cache(maxsize=32)
 def _decoded(source: str) -> Image.Image:
     # Bundled photos are re-cropped many times; decode each once per process.
-    with Image.open(_source_path(source)) as im:
-        return _to_rgb(im)
+    return decode_image(_source_path(source))
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, im).convert("RGB")
-    if im.mode == "I;16" or im.mode == "I":
+    if im.mode.startswith("I") or im.mode == "F":
+        # 16-bit and float grey: stretch to 8 bit (a plain convert would clip everything to white)
         arr = np.asarray(im, dtype=np.float64)
         arr = 255.0 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1.0)
         im = Image.fromarray(arr.astype(np.uint8))
     return im.convert("RGB")
 
 
+def _check_file(path: Path) -> int:
+    """Size in bytes of the regular file at ``path``; raises ImageDecodeError naming what it is instead."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ImageDecodeError(path, "symlink_loop", "is a symlink loop") from None
+        if os.path.islink(path):
+            raise ImageDecodeError(path, "dangling_symlink", "is a symlink to a missing file") from None
+        if err.errno == errno.ENOENT:
+            raise ImageDecodeError(path, "missing_file", "does not exist") from None
+        raise ImageDecodeError(path, "unreadable", f"cannot be read ({err.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageDecodeError(path, "not_a_file", "is a directory or special file, not an image file")
+    if st.st_size == 0:
+        raise ImageDecodeError(path, "empty_file", "is empty (0 bytes)")
+    return st.st_size
+
+
+def _open_header(path: Path, max_pixels: int, min_side: int) -> Image.Image:
+    """Open ``path`` reading the header only; size limits are checked before any pixel is decoded."""
+    _check_file(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except UnidentifiedImageError:
+        raise ImageDecodeError(path, "not_an_image", "is not an image PIL can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageDecodeError(path, "too_many_pixels", f"is too large to decode safely ({err})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ImageDecodeError(path, "unreadable", f"cannot be opened ({type(err).__name__}: {err})") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise ImageDecodeError(path, "too_many_pixels", f"has {w}x{h} pixels, over data.max_pixels={max_pixels}")
+    if min(w, h) < min_side:
+        im.close()
+        raise ImageDecodeError(path, "too_small", f"is {w}x{h} pixels, under data.min_side={min_side}")
+    return im
+
+
+def probe_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1) -> tuple[int, int]:
+    """``(width, height)`` from the header; raises :class:`ImageDecodeError` for an unusable file."""
+    with _open_header(Path(path), max_pixels, min_side) as im:
+        return im.size
+
+
+def decode_image(
+    path: str | Path, size_hint: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1
+) -> Image.Image:
+    """The one guarded decoding path: RGB pixels of ``path`` with EXIF rotation applied.
+
+    Every way a file can be unusable raises :class:`ImageDecodeError` with a ``reason``. With
+    ``size_hint`` a JPEG is decoded at the smallest DCT scale still >= that size (``Image.draft``),
+    so a huge photo costs little.
+    """
+    path = Path(path)
+    with _open_header(path, max_pixels, min_side) as im:
+        if size_hint and im.format == "JPEG":
+            im.draft("RGB", (size_hint, size_hint))
+        try:
+            im.load()
+        except OSError as err:
+            reason = "truncated" if "truncated" in str(err).lower() else "decode_error"
+            raise ImageDecodeError(path, reason, f"cannot be decoded ({err})") from None
+        except (ValueError, SyntaxError, EOFError, MemoryError, Image.DecompressionBombError) as err:
+            raise ImageDecodeError(path, "decode_error", f"cannot be decoded ({type(err).__name__}: {err})") from None
+        try:
+            im2 = ImageOps.exif_transpose(im)
+        except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the pixels
+            im2 = im
+        return _to_rgb(im2 if im2 is not None else im)
+
+
 def load_image(rec: ImageRecord, size: int | None = None) -> Image.Image:
     """Decode ``rec`` as RGB, apply its crop/flip and, if ``size`` is given, return ``size``×``size``.
 
     Non-square images are centre-cropped to a square before resizing (the CLIP convention), so
-    objects are never squashed.
+    objects are never squashed. An unusable file raises :class:`ImageDecodeError`.
     """
     if rec.source.startswith("skimage:"):
         im = _decoded(rec.source).copy()
     else:
-        path = Path(rec.source)
-        if not path.exists():
-            raise DataError(f"image file of record '{rec.key}' is missing: {path}")
-        with Image.open(path) as raw:
-            im = _to_rgb(raw)
+        # a crop box is in source pixels: only whole images may be decoded at a reduced scale
+        im = decode_image(rec.source, size_hint=size if rec.crop is None else None)
     if rec.crop is not None:
         im = im.crop(rec.crop)
     if rec.flip:
@@ -196,19 +305,32 @@ def load_image(rec: ImageRecord, size: int | None = None) -> Image.Image:
     return im
 
 
+def usable_images(records: list[ImageRecord], size: int | None = None) -> list[Image.Image]:
+    """Decoded images of ``records``, leaving out the ones that cannot be decoded."""
+    out = []
+    for rec in records:
+        try:
+            out.append(load_image(rec, size))
+        except ImageDecodeError as err:
+            log.warning("skipping %s", err)
+    return out
+
+
 @lru_cache(maxsize=65536)
 def image_bytes_per_pixel(rec: ImageRecord) -> float:
     """Compressed bytes per pixel: SynOOD's proxy for detail-rich source images.
 
     Whole files: file size / pixels. Crops: size of the crop encoded as PNG (fixed settings, so
-    deterministic) / pixels of the crop.
+    deterministic) / pixels of the crop. A file that cannot be read ranks last (-1).
     """
-    if rec.crop is None:
-        path = _source_path(rec.source)
-        with Image.open(path) as im:
-            w, h = im.size
-        return os.path.getsize(path) / float(w * h)
-    im = load_image(rec)
+    try:
+        if rec.crop is None:
+            path = _source_path(rec.source)
+            w, h = probe_image(path)
+            return os.path.getsize(path) / float(w * h)
+        im = load_image(rec)
+    except (ImageDecodeError, OSError):
+        return -1.0
     buf = io.BytesIO()
     im.save(buf, format="PNG", compress_level=6, optimize=False)
     return buf.tell() / float(im.size[0] * im.size[1])
@@ -240,9 +362,30 @@ def _n_test(n: int, fraction: float) -> int:
 
 
 def _list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Every name with an image extension (files or not: the probe says what is wrong with it)."""
     it = folder.rglob("*") if recursive else folder.iterdir()
-    files = [p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    return sorted(files, key=lambda p: p.as_posix())
+    return sorted((p for p in it if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.as_posix())
+
+
+def _usable(
+    paths: list[Path], cfg: DataConfig, limit: int | None, bad: list[BadInput], class_name: str = "", split: str = ""
+) -> list[Path]:
+    """The first ``limit`` (all if None) paths whose header is usable; the others go to ``bad``.
+
+    Only headers are read, and only until ``limit`` usable files are found, so a 1,300-image class
+    costs ``limit`` header reads. A file that decodes badly past its header fails later, as its row.
+    """
+    out: list[Path] = []
+    for p in paths:
+        if limit is not None and len(out) >= limit:
+            break
+        try:
+            probe_image(p, cfg.max_pixels, cfg.min_side)
+        except ImageDecodeError as err:
+            bad.append(BadInput(str(p), err.reason, err.detail, class_name, split))
+            continue
+        out.append(p)
+    return out
 
 
 # ---------------------------------------------------------------- ID sources
@@ -351,11 +494,27 @@ def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
     val_dir = root / "val"
     n = cfg.images_per_class
     records: list[ImageRecord] = []
-    for idx, (folder, name, s) in enumerate(zip(folders, classnames, slugs, strict=True)):
-        train_files = _list_images(train_dir / folder)
-        val_files = _list_images(val_dir / folder) if (val_dir / folder).is_dir() else []
-        if not train_files:
+    bad: list[BadInput] = []
+    kept_names: list[str] = []
+    for folder, name, s in zip(folders, classnames, slugs, strict=True):
+        listed = _list_images(train_dir / folder)
+        if not listed:
             raise DataError(f"class folder {train_dir / folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        before = len(bad)
+        train_files = _usable(listed, cfg, n, bad, name, "train")
+        if not train_files:
+            found = ", ".join(f"{b.source.rsplit('/', 1)[-1]}: {b.reason}" for b in bad[before:][:5])
+            msg = (f"class folder {train_dir / folder} has no usable image ({len(listed)} listed; {found}); "
+                   f"fix or remove the files, or set data.empty_class=drop to leave the class out")
+            if cfg.empty_class == "error":
+                raise DataError(msg)
+            log.warning("dropping class %r: %s", name, msg)
+            bad.append(BadInput(str(train_dir / folder), "class_without_usable_images", msg, name, "train"))
+            continue
+        idx = len(kept_names)
+        kept_names.append(name)
+        val_listed = _list_images(val_dir / folder) if (val_dir / folder).is_dir() else []
+        val_files = _usable(val_listed, cfg, None, bad, name, "test")
         if val_files:
             # a real val split is the evaluation set: keep all of it, and train on up to n images
             tr = train_files[:n]
@@ -369,7 +528,9 @@ def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
         for split, files in (("train", tr), ("test", te)):
             for i, p in enumerate(files):
                 records.append(ImageRecord(f"{s}_{split}_{i:04d}", idx, name, split, str(p)))
-    return IDDataset(classnames=classnames, records=records)
+    if not kept_names:
+        raise DataError(f"no class folder in {train_dir} has a usable image; " + _layout_help(root))
+    return IDDataset(classnames=kept_names, records=records, bad_inputs=bad)
 
 
 def load_id_dataset(cfg: DataConfig, seed: int) -> IDDataset:
@@ -411,18 +572,19 @@ for _name in TINY_OOD_SOURCES:
     OOD_SETS.register(_name, _tiny_ood)
 
 
-def _folder_ood(name: str, folder: Path) -> list[ImageRecord]:
+def _folder_ood(name: str, folder: Path, cfg: DataConfig) -> tuple[list[ImageRecord], list[BadInput]]:
     if not folder.is_dir():
         raise DataError(
             f"OOD set '{name}': folder {folder} does not exist (expected images anywhere below it, "
             f"e.g. {folder}/images/*.jpg)"
         )
-    files = _list_images(folder, recursive=True)
+    bad: list[BadInput] = []
+    files = _usable(_list_images(folder, recursive=True), cfg, None, bad, name, "test")
     if not files:
-        raise DataError(f"OOD set '{name}': no images ({', '.join(IMAGE_EXTENSIONS)}) below {folder}")
+        raise DataError(f"OOD set '{name}': no usable images ({', '.join(IMAGE_EXTENSIONS)}) below {folder}")
     # Keys from the folder's own name: "folder:/long/path/to/iNaturalist" -> "inaturalist_000000".
     s = slug(folder.name if name.startswith("folder:") else name)
-    return [ImageRecord(f"{s}_{i:06d}", -1, name, "test", str(p)) for i, p in enumerate(files)]
+    return [ImageRecord(f"{s}_{i:06d}", -1, name, "test", str(p)) for i, p in enumerate(files)], bad
 
 
 def _resolve_folder(name: str, cfg: DataConfig) -> Path | None:
@@ -438,15 +600,20 @@ def load_ood_set(name: str, cfg: DataConfig, seed: int) -> list[ImageRecord]:
 
     ``name`` is a registered set, ``folder:<path>``, or a folder name under ``cfg.ood_root``.
     """
+    return list_ood_set(name, cfg, seed)[0]
+
+
+def list_ood_set(name: str, cfg: DataConfig, seed: int) -> tuple[list[ImageRecord], list[BadInput]]:
+    """:func:`load_ood_set` plus the files of the set that were not usable."""
     if name in OOD_SETS:
-        return OOD_SETS.get(name)(name, cfg, seed)
+        return OOD_SETS.get(name)(name, cfg, seed), []
     folder = _resolve_folder(name, cfg)
     if folder is None:
         raise DataError(
             f"unknown OOD set '{name}': use one of {', '.join(OOD_SETS.names())}, "
             f"'folder:<path>', or set data.ood_root to a folder containing '{name}/'"
         )
-    return _folder_ood(name, folder)
+    return _folder_ood(name, folder, cfg)
 
 
 def ood_classnames(name: str, cfg: DataConfig | None = None) -> list[str]:

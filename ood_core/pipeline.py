@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from ood_core import __version__
 from ood_core.config import RunConfig
+from ood_core.secrets import scrub_tree
 from ood_core.stages import STAGE_ORDER, STAGES, ShardPlan, StageContext
 from ood_core.stages.base import ModelHub
 from ood_core.storage import StageStore, list_stage_runs, merge_counts, stage_key
@@ -196,6 +197,7 @@ def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards:
     t0 = time.perf_counter()
     summary = stage.finalize(ctx)
     ModelHub.release()
+    bad_inputs = write_bad_inputs(ctx, stage)
     stats = [ctx.store.shard_stats(i) for i in range(n_shards)]
     info = {
         "stage": name,
@@ -213,17 +215,75 @@ def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards:
             "wall_seconds": round(time.time() - started, 3),
         },
         "summary": summary,
+        "bad_inputs": bad_inputs,
         "code_version": __version__,
         "python": platform.python_version(),
     }
+    info = scrub_tree(info)  # e.g. credentials in a configured URL never reach the record
     ctx.store.write_success(info)
     return info
+
+
+BAD_INPUTS = "bad_inputs.parquet"
+
+
+def write_bad_inputs(ctx: StageContext, stage) -> dict[str, int]:
+    """Write the stage's ``bad_inputs.parquet``; returns ``{reason: count}``.
+
+    One row per input file the stage could not use: left out by the listing (``origin=listing``,
+    status ``skipped``) or failed when decoded (``origin=decode``: the manifest's failed rows with a
+    bad-input reason).
+    """
+    import pyarrow as pa
+
+    from ood_core.data import BAD_INPUT_REASONS
+    from ood_core.storage import parquet_bytes
+
+    rows = [b.as_row() for b in stage.listed_bad_inputs(ctx)]
+    failed = []
+    if ctx.store.shard_indices():
+        failed = [r for r in ctx.store.read_manifest().to_pylist()
+                  if r["status"] == "failed" and r["reason"] in BAD_INPUT_REASONS]
+    if failed:
+        records = ctx.records  # the dataset listing only when there is something to look up
+        for r in failed:
+            rec = records.get(r.get("source_key") or r["key"])
+            rows.append({"key": r["key"], "source": rec.source if rec else "", "status": r["status"],
+                         "reason": r["reason"], "error": r["error"], "class_name": rec.class_name if rec else "",
+                         "split": rec.split if rec else "", "origin": "decode"})
+    cols = ["key", "source", "status", "reason", "error", "class_name", "split", "origin"]
+    table = pa.table({c: pa.array([r[c] for r in rows], pa.string()) for c in cols})
+    data, path = parquet_bytes(table), ctx.store.path(BAD_INPUTS)
+    # a re-finalize (e.g. after a deleted marker) leaves an identical table untouched
+    if not ctx.store.exists(path) or ctx.store.read_bytes(path) != data:
+        ctx.store.write_bytes(path, data)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def check_upstream_ready(cfg: RunConfig, root: str, only: list[str] | None, force: list[str] | None) -> None:
+    """Raise StageNotReady before any work when a selected stage needs an upstream stage that is
+    neither complete nor part of this run (so the message is the whole output, under any runner)."""
+    run, _ = selected_stages(only, force)
+    keys = resolve_keys(cfg)
+    for name in run:
+        for u in STAGES.get(name)().upstream:
+            if u in run:
+                continue
+            store = stage_store(root, u, keys)
+            if not store.is_complete():
+                raise StageNotReady(
+                    f"stage '{name}' needs '{u}' ({store.url()}) to be complete, and it is not: "
+                    f"run without --only, or include '{u}' in --only"
+                )
 
 
 def write_run_record(root: str, cfg: RunConfig, keys: dict[str, str]) -> None:
     """``<root>/_runs/latest.json``: which stage folders the latest run uses (for ``status``)."""
     store = StageStore(root, "_runs", "latest")
-    record = {"preset": cfg.preset, "keys": keys, "config": cfg.to_dict(), "time": time.time()}
+    record = {"preset": cfg.preset, "keys": keys, "config": scrub_tree(cfg.to_dict()), "time": time.time()}
     store.write_bytes(store.base + ".json", json.dumps(record, indent=2, sort_keys=True).encode())
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from ood_core import secrets
 from ood_core.config import validate_config
 from ood_core.pipeline import (
     finalize_stage,
@@ -25,6 +26,17 @@ from ood_core.pipeline import (
     stage_store,
     write_run_record,
 )
+
+
+def _prefect_secret(name: str) -> str:
+    """The value of the Prefect Secret block ``name`` (models.endpoint.api_key_secret)."""
+    from prefect.blocks.system import Secret
+
+    return Secret.load(name).get()
+
+
+# ood_core never imports Prefect: it asks this resolver for named secrets
+secrets.set_secret_resolver(_prefect_secret)
 
 
 def _root_tag(root: str) -> str:
@@ -48,7 +60,7 @@ def _stage_cache_key(_ctx: Any, p: dict[str, Any]) -> str | None:
 
 def _logger():
     log = get_run_logger()
-    return log.info
+    return lambda msg: log.info(secrets.scrub(msg))
 
 
 @task(name="prepare-run", cache_policy=NO_CACHE)
@@ -121,4 +133,4 @@ def _publish(stage: str, store, info: dict) -> None:
     report = store.path("artifacts", "report.md")
     if store.exists(report):
         lines += ["", store.read_bytes(report).decode()]
-    create_markdown_artifact("\n".join(lines), key=f"synth-ood-{stage}", description=f"synth-ood {stage} stage")
+    create_markdown_artifact(secrets.scrub("\n".join(lines)), key=f"synth-ood-{stage}", description=f"synth-ood {stage} stage")

@@ -14,7 +14,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ood_core.config import MLLMSpec  # noqa: E402
+from ood_core.config import EndpointConfig, MLLMSpec  # noqa: E402
 from ood_core.models import load_mllm  # noqa: E402
 
 
@@ -81,8 +81,13 @@ def test_openai_backend_sends_image_and_model(server, monkeypatch):
     assert parts[1] == {"type": "text", "text": "what?"}
 
 
+# short retry waits keep the suite fast (the retries themselves are tested in test_endpoint_faults.py)
+FAST = EndpointConfig(max_retries=2, backoff_initial=0.01, backoff_max=0.02)
+
+
 def test_openai_backend_errors_name_the_url(server):
-    client = load_mllm(MLLMSpec(backend="openai", name="broken", base_url=server), "cpu", "/nonexistent")
+    spec = MLLMSpec(backend="openai", name="broken", base_url=server)
+    client = load_mllm(spec, "cpu", "/nonexistent", endpoint=FAST)
     with pytest.raises(RuntimeError, match=r"127\.0\.0\.1.*HTTP 500"):
         client.chat([{"role": "user", "content": "hi"}])
 
@@ -90,7 +95,7 @@ def test_openai_backend_errors_name_the_url(server):
 def test_openai_backend_unreachable():
     spec = MLLMSpec(backend="openai", name="m", base_url="http://127.0.0.1:9/v1")
     with pytest.raises(RuntimeError, match=r"http://127\.0\.0\.1:9/v1/chat/completions"):
-        load_mllm(spec, "cpu", "/nonexistent").chat([{"role": "user", "content": "hi"}])
+        load_mllm(spec, "cpu", "/nonexistent", endpoint=FAST).chat([{"role": "user", "content": "hi"}])
 
 
 def test_openai_backend_requires_base_url():

@@ -73,7 +73,8 @@ def test_first_run_leaves_four_complete_verified_stages(tiny_run):
     assert "FPR95" in proc.stdout and "AUROC" in proc.stdout
     assert proc.stdout.count("starting Prefect's local API") == 1
     art = out / "finetune" / record["keys"]["finetune"] / "artifacts"
-    for name in ("metrics.json", "report.md", "roc.png", "score_histograms.png", "adapter.pt"):
+    for name in ("metrics.json", "report.md", "roc.png", "score_histograms.png", "adapter.safetensors",
+                 "tuned_negatives.safetensors"):
         assert (art / name).stat().st_size > 0, name
 
 
@@ -224,6 +225,8 @@ def test_only_a_stage_whose_upstream_is_missing_names_it(tmp_path, model_cache):
     proc = cli(*tiny_args(tmp_path / "empty", model_cache, "--only", "generate"), check=False)
     assert proc.returncode == 2
     assert "'generate' needs 'sketch'" in proc.stderr and "--only" in proc.stderr
+    # checked before the flow starts: one line, no Prefect traceback
+    assert "Traceback" not in proc.stdout + proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_bad_config_fails_before_any_work(tmp_path):

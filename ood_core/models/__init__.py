@@ -71,11 +71,15 @@ def load_clip(
 
 
 def load_mllm(
-    spec: MLLMSpec, device: Any = "auto", cache_dir: str = "~/.cache/synth-ood/models"
+    spec: MLLMSpec, device: Any = "auto", cache_dir: str = "~/.cache/synth-ood/models", endpoint: Any = None
 ) -> MLLMClient:
-    """Load the multimodal LLM client named by ``spec`` with the backend ``spec.backend``."""
+    """Load the multimodal LLM client named by ``spec`` with the backend ``spec.backend``.
+
+    ``endpoint`` (an ``EndpointConfig``) sets retries, timeouts and the key source of HTTP backends.
+    """
     _ensure("mllm")
-    return MLLM_BACKENDS.get(spec.backend)(spec, resolve_device(device), os.path.expanduser(cache_dir))
+    extra = {"endpoint": endpoint} if endpoint is not None else {}
+    return MLLM_BACKENDS.get(spec.backend)(spec, resolve_device(device), os.path.expanduser(cache_dir), **extra)
 
 
 def load_inpainter(

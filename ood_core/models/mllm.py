@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
 
+from ood_core.config import EndpointConfig
 from ood_core.models import MLLM_BACKENDS, RetryableError, resolve_name
+from ood_core.secrets import resolve_api_key, scrub
 
 
 @runtime_checkable
@@ -76,7 +77,7 @@ class TransformersMLLM:
 
 
 @MLLM_BACKENDS.register("transformers")
-def load_transformers_mllm(spec, device: torch.device, cache_dir: str) -> TransformersMLLM:
+def load_transformers_mllm(spec, device: torch.device, cache_dir: str, **_: Any) -> TransformersMLLM:
     """Load ``spec.name`` (hub id, local dir or ``tiny://llava``) with AutoProcessor + AutoModel."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -97,7 +98,11 @@ def image_data_url(image: Image.Image) -> str:
 
 
 class OpenAIMLLM:
-    """Any OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, Ollama, ...)."""
+    """Any OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, Ollama, ...).
+
+    Every request goes through :class:`~ood_core.models.endpoint.EndpointTransport` (retries,
+    bounded in-flight requests, timeout, circuit breaker, scrubbed errors) via :meth:`_complete`.
+    """
 
     def __init__(
         self,
@@ -106,18 +111,22 @@ class OpenAIMLLM:
         api_key: str | None,
         max_new_tokens: int,
         temperature: float,
-        timeout: float = 300.0,
+        timeout: float | None = None,
+        endpoint: EndpointConfig | None = None,
     ):
-        import httpx
+        from ood_core.models.endpoint import EndpointTransport
 
+        endpoint = endpoint or EndpointConfig()
+        if timeout is not None:
+            endpoint = endpoint.model_copy(update={"timeout": timeout})
         base = base_url.rstrip("/")
         # Accept both ".../v1" and the bare server root.
-        self.url = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
+        url = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
+        self.transport = EndpointTransport(url, api_key, endpoint)
+        self.url = self.transport.url  # without credentials: safe in messages
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
 
     @staticmethod
     def to_openai_messages(messages: list[dict]) -> list[dict]:
@@ -137,8 +146,6 @@ class OpenAIMLLM:
 
     def chat(self, messages: list[dict], *, max_new_tokens: int | None = None, seed: int = 0) -> str:
         """POST the conversation and return the first choice's text."""
-        import httpx
-
         body = {
             "model": self.model,
             "messages": self.to_openai_messages(messages),
@@ -146,34 +153,43 @@ class OpenAIMLLM:
             "temperature": self.temperature,
             "seed": seed,
         }
+        return self._complete(body)
+
+    def _complete(self, body: dict) -> str:
+        """Send one chat-completions request body; the reply text, or EndpointRequestError / EndpointDown."""
+        from ood_core.models.endpoint import EndpointRequestError
+
+        data = self.transport.post_json(body)
+        if isinstance(data, dict) and data.get("error"):
+            err = data["error"]
+            detail = err.get("message", err) if isinstance(err, dict) else err
+            raise EndpointRequestError("error_object", f"MLLM endpoint {self.url} answered with an error: {detail}")
         try:
-            resp = self._client.post(self.url, json=body)
-            resp.raise_for_status()
-            data = resp.json()
-            return data["choices"][0]["message"]["content"] or ""
-        except httpx.HTTPStatusError as err:
-            code = err.response.status_code
-            # 429 and 5xx pass: retry the shard; other 4xx mean a bad request or model name
-            kind = RetryableError if code == 429 or code >= 500 else RuntimeError
-            raise kind(f"MLLM endpoint {self.url} returned HTTP {code}: {err.response.text[:500]}") from err
-        except httpx.HTTPError as err:
-            raise RetryableError(f"MLLM endpoint {self.url} failed: {type(err).__name__}: {err}") from err
-        except (KeyError, IndexError, TypeError, ValueError) as err:
-            raise RuntimeError(f"MLLM endpoint {self.url} returned an unexpected response: {err!r}") from err
+            content = data["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError) as err:
+            raise EndpointRequestError(
+                "bad_response", f"MLLM endpoint {self.url} returned an unexpected response ({err!r}): {str(data)[:200]}"
+            ) from None
+        if not isinstance(content, str) or not content.strip():
+            # never an empty success: a candidate without a reply is a failed row
+            raise EndpointRequestError("empty_reply", f"MLLM endpoint {self.url} returned no text ({content!r})")
+        return scrub(content, known_only=True)
 
     def close(self) -> None:
-        self._client.close()
+        self.transport.close()
 
 
 @MLLM_BACKENDS.register("openai")
-def load_openai_mllm(spec, device: torch.device, cache_dir: str) -> OpenAIMLLM:
-    """Client for ``spec.base_url``; the API key is read from env var ``spec.api_key_env`` if set."""
+def load_openai_mllm(spec, device: torch.device, cache_dir: str, endpoint: EndpointConfig | None = None) -> OpenAIMLLM:
+    """Client for ``spec.base_url``; the API key comes from ``endpoint.api_key_secret`` (a secret
+    store, see :mod:`ood_core.secrets`) or the environment variable ``spec.api_key_env``."""
     if not spec.base_url:
         raise ValueError(
             "models.mllm.base_url is required for the 'openai' backend (e.g. http://host:8000/v1)"
         )
-    api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
-    return OpenAIMLLM(spec.base_url, spec.name, api_key, spec.max_new_tokens, spec.temperature)
+    endpoint = endpoint or EndpointConfig()
+    api_key = resolve_api_key(spec.api_key_env, endpoint.api_key_secret)
+    return OpenAIMLLM(spec.base_url, spec.name, api_key, spec.max_new_tokens, spec.temperature, endpoint=endpoint)
 
 
 # ---------------------------------------------------------------- multi-turn, batched

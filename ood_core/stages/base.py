@@ -19,6 +19,7 @@ import numpy as np
 
 from ood_core.config import RunConfig
 from ood_core.registry import Registry
+from ood_core.secrets import scrub
 from ood_core.storage import Sample, StageStore, sha256_bytes
 from schemas import ManifestSchema
 
@@ -45,7 +46,14 @@ class ShardOutput:
 
 
 def row(key: str, status: str, reason: str, error: str | None = None, **cols: Any) -> dict:
-    return {"key": key, "status": status, "reason": reason, "error": error, **cols}
+    # error texts may quote an endpoint's answer: never store a key or credential from it
+    return {"key": key, "status": status, "reason": reason, "error": scrub(error) if error else error, **cols}
+
+
+def failure_reason(err: BaseException) -> str:
+    """A failed row's reason: the error's own ``reason`` (bad input, endpoint answer) or its type."""
+    reason = getattr(err, "reason", None)
+    return reason if isinstance(reason, str) and reason else type(err).__name__
 
 
 def derive_seed(run_seed: int, *parts: Any) -> int:
@@ -109,8 +117,8 @@ class ModelHub:
                 self._cache[key] = loader(spec, device, self.cfg.models.cache_dir)
             except (OSError, RuntimeError, ValueError) as err:
                 raise ModelLoadError(
-                    f"could not load the {role} model {spec.model_dump()} on {device}: {err}\n"
-                    f"Check models.{role} in the preset, hub access (or weights already in "
+                    scrub(f"could not load the {role} model {spec.model_dump()} on {device}: {err}\n")
+                    + f"Check models.{role} in the preset, hub access (or weights already in "
                     f"models.cache_dir={self.cfg.models.cache_dir}), and free GPU memory."
                 ) from err
         return self._cache[key]
@@ -134,9 +142,15 @@ class ModelHub:
         return self._get("clip", self.cfg.models.clip, load_clip)
 
     def mllm(self):
+        return self._load_mllm(self.cfg.models.mllm)
+
+    def _load_mllm(self, spec):
+        from functools import partial
+
         from ood_core.models import load_mllm
 
-        return self._get("mllm", self.cfg.models.mllm, load_mllm)
+        # every HTTP request goes through the endpoint settings (retries, timeouts, key source)
+        return self._get("mllm", spec, partial(load_mllm, endpoint=self.cfg.models.endpoint))
 
     def inpainter(self):
         from ood_core.models import load_inpainter
@@ -150,10 +164,7 @@ class ModelHub:
 
     def elaborate_mllm(self):
         """The MLLM of elaborate: ``elaborate.mllm`` when set, else ``models.mllm``."""
-        from ood_core.models import load_mllm
-
-        spec = self.cfg.elaborate.mllm or self.cfg.models.mllm
-        return self._get("mllm", spec, load_mllm)
+        return self._load_mllm(self.cfg.elaborate.mllm or self.cfg.models.mllm)
 
 
 @dataclass
@@ -240,6 +251,10 @@ class Stage:
         """Stage-level step after all shards (training, reports); returns a summary."""
         return {}
 
+    def listed_bad_inputs(self, ctx: StageContext) -> list:
+        """Input files this stage's listing left out (``data.BadInput``), for its bad_inputs table."""
+        return []
+
 
 def guarded(out: ShardOutput, key: str, fn: Callable[[], None], **cols: Any) -> None:
     """Run one candidate; a failure becomes a ``failed`` row instead of losing the shard."""
@@ -248,7 +263,7 @@ def guarded(out: ShardOutput, key: str, fn: Callable[[], None], **cols: Any) -> 
     except Exception as err:  # noqa: BLE001 - every candidate gets a row, failures included
         if is_shard_error(err):
             raise
-        out.add(row(key, "failed", type(err).__name__, f"{type(err).__name__}: {err}", **cols))
+        out.add(row(key, "failed", failure_reason(err), f"{type(err).__name__}: {err}", **cols))
 
 
 def check_not_all_failed(stage: str, shard: ShardPlan, out: ShardOutput) -> None:

@@ -61,6 +61,14 @@ class FinetuneStage(Stage):
             "features": "raw",
         }
 
+    def listed_bad_inputs(self, ctx: StageContext) -> list:
+        from ood_core.data import list_ood_set
+
+        bad = list(ctx.dataset.bad_inputs)
+        for name in ctx.cfg.data.ood_sets:
+            bad += list_ood_set(name, ctx.cfg.data, ctx.cfg.seed)[1]
+        return bad
+
     # ------------------------------------------------------------ plan: feature cache
     def plan(self, ctx: StageContext) -> list[ShardPlan]:
         n_id = len(ctx.dataset.classnames)
@@ -287,17 +295,19 @@ class FinetuneStage(Stage):
     def _write_artifacts(self, ctx, adapter, tuned_neg, scores, by_role, results, curves, acc, img_hist, txt_hist,
                          extra):
         import pyarrow as pa
-        import torch
 
         from ood_core import report
         from ood_core.storage import format_counts, parquet_bytes
 
         store = ctx.store
         art = lambda name: store.path("artifacts", name)  # noqa: E731
-        buf = io.BytesIO()
-        torch.save(adapter.state_dict(), buf)
-        store.write_bytes(art("adapter.pt"), buf.getvalue())
-        store.write_bytes(art("tuned_negatives.npy"), npy_bytes(tuned_neg.detach().numpy().astype(np.float32)))
+        # safetensors: weights load without executing code (no pickle)
+        from safetensors.torch import save as save_safetensors
+
+        weights = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
+        store.write_bytes(art("adapter.safetensors"), save_safetensors(weights))
+        neg = tuned_neg.detach().cpu().float().contiguous()
+        store.write_bytes(art("tuned_negatives.safetensors"), save_safetensors({"tuned_negatives": neg}))
         table = {"key": [], "role": []}
         for role in ["id_test"] + sorted(r for r in by_role if r.startswith("ood:")):
             table["key"] += [r["key"] for r in by_role[role]]

@@ -53,6 +53,9 @@ class SketchStage(Stage):
             "sketch": cfg.sketch.model_dump(mode="json"),
         }
 
+    def listed_bad_inputs(self, ctx: StageContext) -> list:
+        return list(ctx.dataset.bad_inputs)
+
     # ------------------------------------------------------------ plan
     def plan(self, ctx: StageContext) -> list[ShardPlan]:
         from ood_core.data import select_sources
@@ -205,13 +208,14 @@ class SketchStage(Stage):
 
     def _near(self, ctx: StageContext, out: ShardOutput, class_idx: int) -> None:
         """Per class: labels that look similar but come from other domains (MM-OOD shows images)."""
-        from ood_core.data import load_image
+        from ood_core.data import usable_images
         from ood_core.labels import parse_label_list
 
         sc = ctx.cfg.sketch
         name = ctx.dataset.classnames[class_idx]
-        images = [r for r in ctx.dataset.train() if r.class_idx == class_idx][: sc.near_images]
-        content = [{"type": "image", "image": load_image(r, ctx.cfg.data.image_size)} for r in images]
+        records = [r for r in ctx.dataset.train() if r.class_idx == class_idx][: sc.near_images]
+        images = usable_images(records, ctx.cfg.data.image_size)  # an undecodable one is left out
+        content = [{"type": "image", "image": im} for im in images]
         content.append(
             _text(
                 f"{'These images show' if images else 'Think of'} a {name}.",
