@@ -293,12 +293,12 @@ def test_more_far_images_per_label_reuses_the_boundary_shards(upstream, monkeypa
 
 
 def test_finetune_mm_ood_uses_elaborated_labels_and_far_images_can_train(upstream):
-    """Runs after the scripted elaboration above (same folder): EOE sketched labels, MM-OOD + elaborated."""
+    """EOE scores with the sketched labels, MM-OOD with sketched + elaborated (unscripted: 'glass sculpture')."""
     cfg = upstream["cfg"]
     keys = resolve_keys(cfg)
     table = read_outlier_table(StageStore(upstream["root"], "elaborate", keys["elaborate"]))
     elaborated = {r["label"] for r in table if r["origin"] == "elaborate" and r["status"] == "kept"}
-    assert "jellyfish lamp" in elaborated
+    assert elaborated
     logs: list[str] = []
     res = run_local(cfg, upstream["root"], log=logs.append)["finetune"]["summary"]
     labels = res["outlier_labels"]
