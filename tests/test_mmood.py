@@ -290,3 +290,29 @@ def test_more_far_images_per_label_reuses_the_boundary_shards(upstream, monkeypa
         r["key"] for r in upstream["rows"] if r["kind"] == "boundary"
     ]
     assert all(r["status"] == "ok" for r in rows)
+
+
+def test_finetune_mm_ood_uses_elaborated_labels_and_far_images_can_train(upstream):
+    """EOE scores with the sketched labels, MM-OOD with sketched + elaborated (unscripted: 'glass sculpture')."""
+    cfg = upstream["cfg"]
+    keys = resolve_keys(cfg)
+    table = read_outlier_table(StageStore(upstream["root"], "elaborate", keys["elaborate"]))
+    elaborated = {r["label"] for r in table if r["origin"] == "elaborate" and r["status"] == "kept"}
+    assert elaborated
+    logs: list[str] = []
+    res = run_local(cfg, upstream["root"], log=logs.append)["finetune"]["summary"]
+    labels = res["outlier_labels"]
+    assert {"eoe", "mm_ood"} <= set(res["metrics"])
+    # no near labels in this config, so the near/far mix is the far set whole
+    assert set(labels["mm_ood"]) - set(labels["eoe"]) == elaborated
+    boundary_only = next(m for m in logs if "training adapter" in m)
+
+    mixed = load_config("tiny", {**upstream["over"], "finetune.synthetic_kinds": "[boundary, far]"})
+    logs.clear()
+    run_local(mixed, upstream["root"], log=logs.append)
+    assert any("copied from" in m for m in logs if m.startswith("[finetune] shard"))  # features reused
+    both = next(m for m in logs if "training adapter" in m)
+    kept = StageStore(upstream["root"], "elaborate", keys["elaborate"]).read_manifest().to_pylist()
+    n_boundary = sum(r["status"] == "kept" and r["kind"] == "boundary" for r in kept)
+    n_far = sum(r["status"] == "kept" and r["kind"] == "far" for r in kept)
+    assert f"({n_boundary} synthetic)" in boundary_only and f"({n_boundary + n_far} synthetic)" in both

@@ -202,7 +202,8 @@ class BoundaryGenerator(Generator):
             f"[generate] {key}: energy score {result.score_before:.2f} -> {result.score_after:.2f} "
             f"(target {result.m_out:.2f}, {g.rounds} rounds, moved toward OOD: {result.moved_toward_ood})"
         )
-        meta = {**r, "round_scores": result.round_scores}
+        # timings stay in the manifest only: the shard's bytes depend on the seed alone
+        meta = {**{k: v for k, v in r.items() if k != "seconds"}, "round_scores": result.round_scores}
         return r, {"png": png_bytes(result.image), "json": json.dumps(meta, sort_keys=True).encode()}
 
 
@@ -259,7 +260,8 @@ class TextToImageGenerator(Generator):
         for it, prompt, seed, image in zip(items, prompts, seeds, images, strict=True):
             r = row(self.key(it), "ok", "ok", None, **self.columns(it), prompt=prompt, prompt_id=g.t2i_template,
                     seed=seed, model_id=ctx.cfg.models.t2i.name, seconds=per_image)
-            results.append((r, {"png": png_bytes(image), "json": json.dumps(r, sort_keys=True).encode()}))
+            meta = {k: v for k, v in r.items() if k != "seconds"}
+            results.append((r, {"png": png_bytes(image), "json": json.dumps(meta, sort_keys=True).encode()}))
         return results
 
 
