@@ -206,12 +206,17 @@ def chat_batch(
     native = getattr(client, "chat_batch", None)
     if native is not None:
         return native(conversations, seeds=seeds, max_new_tokens=max_new_tokens)
+    from ood_core.models.endpoint import EndpointRequestError
+
     out: list[str | Exception] = []
     for conv, seed in zip(conversations, seeds, strict=True):
         try:
             out.append(client.chat(conv, max_new_tokens=max_new_tokens, seed=seed))
         except RetryableError:
             raise
+        except EndpointRequestError as err:
+            # an empty answer is an answer (parsed as unclear / no label), as from a local model
+            out.append("" if err.reason == "empty_reply" else err)
         except Exception as err:  # noqa: BLE001 - returned in place of this conversation's reply
             if type(err).__name__ == "OutOfMemoryError":
                 raise
