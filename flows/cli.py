@@ -30,11 +30,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"synth-ood: {err}", file=sys.stderr)
         return 2
     out = os.path.abspath(args.out) if "://" not in args.out else args.out
+    from ood_core.preflight import PreflightError, preflight
+
+    try:
+        preflight(cfg, out)  # seconds, before any model load or Prefect start-up
+    except PreflightError as err:
+        print(f"synth-ood: {err}", file=sys.stderr)
+        return 2
     if args.no_prefect:
         from ood_core.pipeline import run_local
 
         try:
-            results = run_local(cfg, out, _stages(args.only), _stages(args.force))
+            results = run_local(cfg, out, _stages(args.only), _stages(args.force), check=False)
         except StageNotReady as err:
             print(f"synth-ood: {err}", file=sys.stderr)
             return 2
@@ -73,7 +80,7 @@ def _print_summary(results: dict, out: str) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ood_core.pipeline import read_plan, read_run_record
+    from ood_core.pipeline import read_plan, read_run_history, read_run_record
     from ood_core.stages import STAGE_ORDER
     from ood_core.storage import StageStore, merge_counts
 
@@ -81,7 +88,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if record is None:
         print(f"synth-ood: no run recorded in {args.dir} (expected {args.dir}/_runs/latest.json)", file=sys.stderr)
         return 2
-    print(f"run in {args.dir} (preset {record['preset']})")
+    history = read_run_history(args.dir)
+    print(f"latest run in {args.dir} (preset {record['preset']}, {_when(record['time'])})")
     for name in STAGE_ORDER:
         store = StageStore(args.dir, name, record["keys"][name])
         if store.is_complete():
@@ -96,9 +104,41 @@ def cmd_status(args: argparse.Namespace) -> int:
             state = "partial" if done or plan else "missing"
             detail = f"{len(done)}/{total} shards"
         print(f"  {name:<10} {state:<8} {store.key}  {detail}")
+        if state != "done":
+            _print_last_complete(args.dir, name, history)
         for status, reasons in sorted(counts.items()):
             print(f"      {status:<9} {sum(reasons.values()):>6}  " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
+    _print_history(args.dir, history)
     return 0
+
+
+def _when(t: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def _print_last_complete(root: str, name: str, history: list[dict]) -> None:
+    """The newest earlier run whose folder of this stage is complete (a failed run hides nothing)."""
+    from ood_core.storage import StageStore
+
+    for rec in history[1:]:
+        key = rec.get("keys", {}).get(name)
+        if key and StageStore(root, name, key).is_complete():
+            print(f"      last complete: {key} from the run of {_when(rec['time'])} (preset {rec['preset']})")
+            return
+
+
+def _print_history(root: str, history: list[dict]) -> None:
+    from ood_core.stages import STAGE_ORDER
+    from ood_core.storage import StageStore
+
+    if not history:
+        return
+    print(f"run history ({len(history)} run(s), newest first):")
+    for rec in history[:10]:
+        done = [n for n in STAGE_ORDER if n in rec["keys"] and StageStore(root, n, rec["keys"][n]).is_complete()]
+        print(f"  {_when(rec['time'])}  preset {rec['preset']:<10} complete: {', '.join(done) or 'none'}")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ class ElaborateStage(Stage):
     name = "elaborate"
     schema = ELABORATE
     upstream = ("sketch", "generate")
+    models = ("clip",)
 
     def config_slice(self, cfg: RunConfig) -> dict:
         return {

@@ -14,6 +14,7 @@ import tempfile
 import numpy as np
 
 from ood_core.config import RunConfig
+from ood_core.identity import data_content
 from ood_core.stages.base import (
     ID_PROMPT,
     STAGES,
@@ -40,11 +41,12 @@ class FinetuneStage(Stage):
     name = "finetune"
     schema = FINETUNE
     upstream = ("sketch", "elaborate")
+    models = ("clip",)
 
     def config_slice(self, cfg: RunConfig) -> dict:
         return {
             "seed": cfg.seed,
-            "data": cfg.data.model_dump(mode="json"),
+            "data": data_content(cfg.data, cfg.seed),
             "clip": cfg.models.clip.model_dump(mode="json"),
             "finetune": cfg.finetune.model_dump(mode="json"),
         }
@@ -53,7 +55,7 @@ class FinetuneStage(Stage):
         # the feature cache depends on the images and CLIP only: a new lr reuses the features
         return {
             "seed": cfg.seed,
-            "data": cfg.data.model_dump(mode="json"),
+            "data": data_content(cfg.data, cfg.seed),
             "clip": cfg.models.clip.model_dump(mode="json"),
             "feature_shard": FEATURE_SHARD,
         }

@@ -36,6 +36,7 @@ class GenerateStage(Stage):
     name = "generate"
     schema = GENERATE
     upstream = ("sketch",)
+    models = ("clip", "diffusion")
 
     def config_slice(self, cfg: RunConfig) -> dict:
         return {
