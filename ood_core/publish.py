@@ -90,7 +90,10 @@ def dataset_card(store: StageStore, info: dict) -> str:
 
 
 def write_dataset_card(store: StageStore, info: dict) -> None:
-    store.write_bytes(store.path(CARD), dataset_card(store, info).encode())
+    """Write ``README.md`` unless it already holds these bytes (a repaired shard leaves it alone)."""
+    data, path = dataset_card(store, info).encode(), store.path(CARD)
+    if not (store.exists(path) and store.read_bytes(path) == data):
+        store.write_bytes(path, data)
 
 
 _IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")

@@ -65,7 +65,9 @@ def test_first_run_leaves_four_complete_verified_stages(tiny_run):
             with tarfile.open(tar) as tf:
                 names = tf.getnames()
             assert all(n.count(".") >= 1 and "." not in n.split(".")[0] for n in names)
-            assert len(list(wds.WebDataset(str(tar), shardshuffle=False))) == len({n.split(".")[0] for n in names})
+            # a shard whose every candidate was rejected publishes an empty tar (its samples are in rejected/)
+            samples = wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)
+            assert len(list(samples)) == len({n.split(".")[0] for n in names})
         for parquet in folder.glob("manifests/*.parquet"):
             table = pq.read_table(parquet)
             assert {"key", "status", "reason", "error"} <= set(table.column_names)
@@ -75,6 +77,34 @@ def test_first_run_leaves_four_complete_verified_stages(tiny_run):
     art = out / "finetune" / record["keys"]["finetune"] / "artifacts"
     for name in ("metrics.json", "report.md", "roc.png", "score_histograms.png", "adapter.pt"):
         assert (art / name).stat().st_size > 0, name
+
+
+def test_published_stage_folders_load_with_webdataset_and_datasets(tiny_run):
+    import json
+
+    import datasets
+
+    out, _ = tiny_run
+    keys = read_run_record(str(out))["keys"]
+    folder = out / "elaborate" / keys["elaborate"]
+    published = [json.loads(s["json"]) for t in sorted(folder.glob("shards/*.tar"))
+                 for s in wds.WebDataset(str(t), shardshuffle=False, empty_check=False)]
+    rejected = [json.loads(s["json"]) for t in sorted(folder.glob("rejected/*.tar"))
+                for s in wds.WebDataset(str(t), shardshuffle=False, empty_check=False)]
+    assert published and {m["status"] for m in published} == {"kept"}
+    assert rejected and {m["status"] for m in rejected} == {"rejected"}
+    classnames = ["astronaut", "cat", "coffee cup", "rocket", "motorcycle"]
+    for meta in published:
+        assert meta["class_name"] == classnames[meta["class_idx"]] and meta["label_text"] == meta["neg_label"]
+    n_kept = sum(1 for r in pq.read_table(folder / "manifests").to_pylist() if r["status"] == "kept")
+    assert len(published) == n_kept
+    # as the README says: the dataset card, or the webdataset builder on the shards
+    ds = datasets.load_dataset(str(folder), split="train")
+    assert len(ds) == n_kept and {"png", "json"} <= set(ds.column_names)
+    assert ds[0]["json"]["class_name"] in classnames
+    ds = datasets.load_dataset("webdataset", data_files={"train": str(folder / "shards" / "*.tar")}, split="train")
+    assert len(ds) == n_kept
+    assert len(datasets.load_dataset(str(folder), "rejected", split="train")) == len(rejected)
 
 
 def test_second_run_recomputes_nothing(tiny_run, model_cache):
@@ -105,8 +135,9 @@ def test_deleted_shard_marker_reruns_only_that_shard(tiny_run, model_cache):
     after = snapshot(out)
     changed = {p for p in after if before.get(p) != after[p]}
     prefix = f"sketch/{key}/"
+    rejected = {"rejected/000001.tar"} if (folder / "rejected" / "000001.tar").exists() else set()
     assert {p[len(prefix):] for p in changed if p.startswith(prefix)} == {
-        "shards/000001.tar", "manifests/000001.parquet", "stats/000001.json", "_SUCCESS.json",
+        "shards/000001.tar", "manifests/000001.parquet", "stats/000001.json", "_SUCCESS.json", *rejected,
     }
     # downstream keys did not change, so nothing downstream was recomputed
     assert all(p.startswith(prefix) for p in changed), sorted(changed)
