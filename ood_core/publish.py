@@ -47,21 +47,18 @@ def annotate_samples(
 
 def dataset_card(store: StageStore, info: dict) -> str:
     """The ``README.md`` card: YAML ``configs`` for ``datasets`` plus how to load the stage."""
-    has_rejected = store.exists(store.path("rejected"))
-    configs = [
-        "configs:",
-        "- config_name: default",
-        "  data_files:",
-        "  - split: train",
-        '    path: "shards/*.tar"',
-    ]
-    if has_rejected:
-        configs += [
-            "- config_name: rejected",
-            "  data_files:",
-            "  - split: train",
-            '    path: "rejected/*.tar"',
-        ]
+    # explicit file lists: an empty tar (every candidate of a shard rejected) would stop `datasets`
+    stats = [store.shard_stats(i) for i in store.shard_indices()]
+    kept = [f"shards/{s['shard']:06d}.tar" for s in stats if s["samples"]]
+    rejected = [f"rejected/{s['shard']:06d}.tar" for s in stats if s.get("rejected_samples")]
+    has_rejected = bool(rejected)
+    configs = ["configs:"]
+    for name, files in (("default", kept), ("rejected", rejected)):
+        if files:
+            configs += [f"- config_name: {name}", "  data_files:", "  - split: train", "    path:"]
+            configs += [f'    - "{f}"' for f in files]
+    if len(configs) == 1:
+        configs = ["configs: []"]
     counts = ", ".join(
         f"{status} {sum(r.values())}" for status, r in sorted(info.get("counts", {}).items())
     )

@@ -30,7 +30,8 @@ from schemas import ManifestSchema
 
 SUCCESS = "_SUCCESS.json"
 # Rows with these statuses are not training data: their samples go to ``rejected/NNNNNN.tar``
-# (kept for the report), so ``shards/`` holds only what a consumer should use.
+# (kept for the report, with records that have no manifest row such as MLLM transcripts), so
+# ``shards/`` holds only what a consumer should use.
 REJECTED_STATUSES = frozenset({"rejected", "failed"})
 
 
@@ -305,10 +306,11 @@ class StageStore:
 
 
 def split_by_status(samples: list[Sample], rows: list[dict]) -> tuple[list[Sample], list[Sample]]:
-    """(published, rejected) samples: a sample is rejected when its row's status is."""
+    """(published, set aside) samples. Set aside: rejected or failed rows, and records that are no
+    candidate at all (no manifest row, e.g. an MLLM transcript): the training shards stay uniform."""
     status = {r["key"]: r["status"] for r in rows}
-    kept = [s for s in samples if status.get(s.key) not in REJECTED_STATUSES]
-    return kept, [s for s in samples if status.get(s.key) in REJECTED_STATUSES]
+    kept = [s for s in samples if s.key in status and status[s.key] not in REJECTED_STATUSES]
+    return kept, [s for s in samples if s.key not in status or status[s.key] in REJECTED_STATUSES]
 
 
 def count_by_status(rows: list[dict]) -> dict[str, dict[str, int]]:

@@ -79,32 +79,42 @@ def test_first_run_leaves_four_complete_verified_stages(tiny_run):
         assert (art / name).stat().st_size > 0, name
 
 
-def test_published_stage_folders_load_with_webdataset_and_datasets(tiny_run):
+def _tar_json(paths) -> dict[str, object]:
     import json
 
+    return {s["__key__"]: json.loads(s["json"]) if "json" in s else None
+            for t in sorted(paths) for s in wds.WebDataset(str(t), shardshuffle=False, empty_check=False)}
+
+
+def test_published_stage_folders_load_with_webdataset_and_datasets(tiny_run):
     import datasets
 
     out, _ = tiny_run
     keys = read_run_record(str(out))["keys"]
-    folder = out / "elaborate" / keys["elaborate"]
-    published = [json.loads(s["json"]) for t in sorted(folder.glob("shards/*.tar"))
-                 for s in wds.WebDataset(str(t), shardshuffle=False, empty_check=False)]
-    rejected = [json.loads(s["json"]) for t in sorted(folder.glob("rejected/*.tar"))
-                for s in wds.WebDataset(str(t), shardshuffle=False, empty_check=False)]
-    assert published and {m["status"] for m in published} == {"kept"}
-    assert rejected and {m["status"] for m in rejected} == {"rejected"}
     classnames = ["astronaut", "cat", "coffee cup", "rocket", "motorcycle"]
-    for meta in published:
-        assert meta["class_name"] == classnames[meta["class_idx"]] and meta["label_text"] == meta["neg_label"]
-    n_kept = sum(1 for r in pq.read_table(folder / "manifests").to_pylist() if r["status"] == "kept")
-    assert len(published) == n_kept
-    # as the README says: the dataset card, or the webdataset builder on the shards
-    ds = datasets.load_dataset(str(folder), split="train")
-    assert len(ds) == n_kept and {"png", "json"} <= set(ds.column_names)
-    assert ds[0]["json"]["class_name"] in classnames
-    ds = datasets.load_dataset("webdataset", data_files={"train": str(folder / "shards" / "*.tar")}, split="train")
-    assert len(ds) == n_kept
-    assert len(datasets.load_dataset(str(folder), "rejected", split="train")) == len(rejected)
+    n_rejected = 0
+    for stage in STAGE_ORDER:
+        folder = out / stage / keys[stage]
+        status = {r["key"]: r["status"] for r in pq.read_table(folder / "manifests").to_pylist()}
+        published = _tar_json(folder.glob("shards/*.tar"))
+        aside = _tar_json(folder.glob("rejected/*.tar"))
+        # training shards: kept / ok candidates only; everything else is set aside for the report
+        assert published and all(status[k] not in ("rejected", "failed") for k in published), stage
+        assert all(status.get(k) in (None, "rejected", "failed") for k in aside), stage
+        n_rejected += sum(status.get(k) == "rejected" for k in aside)
+        for meta in published.values():
+            if isinstance(meta, dict) and meta.get("class_idx", -1) >= 0:
+                assert meta["class_name"] == classnames[meta["class_idx"]], stage
+        # as the README says: the stage folder's dataset card, or the webdataset builder on its shards
+        ds = datasets.load_dataset(str(folder), split="train")
+        assert len(ds) == len(published), stage
+        if aside:
+            assert len(datasets.load_dataset(str(folder), "rejected", split="train")) == len(aside)
+    assert n_rejected > 0
+    elaborate = out / "elaborate" / keys["elaborate"]
+    ds = datasets.load_dataset("webdataset", data_files={"train": str(elaborate / "shards" / "*.tar")}, split="train")
+    meta = ds[0]["json"]
+    assert meta["status"] == "kept" and meta["label_text"] == meta["neg_label"] and meta["class_name"] in classnames
 
 
 def test_second_run_recomputes_nothing(tiny_run, model_cache):
