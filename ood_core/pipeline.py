@@ -148,7 +148,8 @@ def shard_donors(ctx: StageContext) -> list[StageStore]:
 
 
 def _copy_shard(src: StageStore, dst: StageStore, index: int) -> None:
-    a, b = src.shard_paths(index), dst.shard_paths(index)
+    a = {**src.shard_paths(index), "rejected": src.rejected_path(index)}
+    b = {**dst.shard_paths(index), "rejected": dst.rejected_path(index)}
     for kind in ("tar", "rejected", "parquet", "stats"):  # stats last: it marks the shard done
         if kind != "rejected" or src.exists(a[kind]):
             dst.write_bytes(b[kind], src.read_bytes(a[kind]))

@@ -108,8 +108,11 @@ class StageStore:
             "tar": self.path("shards", f"{n}.tar"),
             "parquet": self.path("manifests", f"{n}.parquet"),
             "stats": self.path("stats", f"{n}.json"),
-            "rejected": self.path("rejected", f"{n}.tar"),
         }
+
+    def rejected_path(self, index: int) -> str:
+        """``rejected/NNNNNN.tar``: the shard's set-aside samples (written only when there are any)."""
+        return self.path("rejected", f"{index:06d}.tar")
 
     # ------------------------------------------------------------ atomic io
     def write_bytes(self, path: str, data: bytes) -> None:
@@ -159,7 +162,7 @@ class StageStore:
         }
         if rejected:
             rtar = tar_bytes(rejected)
-            self.write_bytes(paths["rejected"], rtar)
+            self.write_bytes(self.rejected_path(index), rtar)
             stats.update(rejected_samples=len(rejected), rejected_sha256=sha256_bytes(rtar))
         self.write_bytes(paths["parquet"], pqb)
         self.write_json(paths["stats"], stats)
@@ -195,8 +198,8 @@ class StageStore:
         for i in [index] if index is not None else self.shard_indices():
             paths = self.shard_paths(i)
             tars = [paths["tar"]]
-            if rejected and self.exists(paths["rejected"]):
-                tars.append(paths["rejected"])
+            if rejected and self.exists(self.rejected_path(i)):
+                tars.append(self.rejected_path(i))
             for tar in tars:
                 yield from self._iter_tar(tar)
 
@@ -242,7 +245,7 @@ class StageStore:
 
     def shard_problems(self, index: int, deep: bool = True) -> list[str]:
         """Problems of one finished shard: missing files, sha256 mismatch, row/sample counts."""
-        paths = self.shard_paths(index)
+        paths = {**self.shard_paths(index), "rejected": self.rejected_path(index)}
         try:
             stats = self.shard_stats(index)
         except (OSError, ValueError) as err:

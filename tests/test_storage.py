@@ -129,15 +129,15 @@ def test_training_shards_hold_kept_samples_only_rejected_ones_go_aside(tmp_path)
     stats = _write_judged(store, 0)
     paths = store.shard_paths(0)
     assert [s["__key__"] for s in wds.WebDataset(paths["tar"], shardshuffle=False)] == ["s0", "s2"]
-    assert [s["__key__"] for s in wds.WebDataset(paths["rejected"], shardshuffle=False)] == ["s1", "s3"]
+    assert [s["__key__"] for s in wds.WebDataset(store.rejected_path(0), shardshuffle=False)] == ["s1", "s3"]
     assert stats["samples"] == 2 and stats["rejected_samples"] == 2
     # readers of the stage (report grid, downstream stages) still see every sample
     assert sorted(store.load_samples()) == ["s0", "s1", "s2", "s3"]
     assert sorted(k for k, _ in store.iter_samples(rejected=False)) == ["s0", "s2"]
     store.write_success({"shards": 1})
     assert store.verify() == []
-    data = bytearray(open(paths["rejected"], "rb").read())
+    data = bytearray(open(store.rejected_path(0), "rb").read())
     data[600] ^= 0xFF
-    open(paths["rejected"], "wb").write(bytes(data))
+    open(store.rejected_path(0), "wb").write(bytes(data))
     problems = store.verify()
     assert len(problems) == 1 and "rejected/000000.tar" in problems[0] and "sha256" in problems[0]
