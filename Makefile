@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs/tiny
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean deploy
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+## Create the work pools from deploy/work-pools/*.json and register deploy/prefect.yaml (needs PREFECT_API_URL).
+deploy: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" deploy/deploy.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -32,12 +32,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ConfigError, StageNotReady, ValueError) as err:
         print(f"synth-ood: {err}", file=sys.stderr)
         return 2
+    from ood_core.preflight import PreflightError, preflight
+
+    try:
+        preflight(cfg, out)  # seconds, before any model load or Prefect start-up
+    except PreflightError as err:
+        print(f"synth-ood: {err}", file=sys.stderr)
+        return 2
     if args.no_prefect:
         from ood_core.data import DataError
         from ood_core.pipeline import run_local
 
         try:
-            results = run_local(cfg, out, _stages(args.only), _stages(args.force))
+            results = run_local(cfg, out, _stages(args.only), _stages(args.force), check=False)
         except (StageNotReady, DataError) as err:
             print(f"synth-ood: {err}", file=sys.stderr)
             return 2
@@ -76,7 +83,7 @@ def _print_summary(results: dict, out: str) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ood_core.pipeline import read_plan, read_run_record
+    from ood_core.pipeline import read_plan, read_run_history, read_run_record
     from ood_core.stages import STAGE_ORDER
     from ood_core.storage import StageStore, count_by_kind, merge_counts
 
@@ -84,7 +91,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if record is None:
         print(f"synth-ood: no run recorded in {args.dir} (expected {args.dir}/_runs/latest.json)", file=sys.stderr)
         return 2
-    print(f"run in {args.dir} (preset {record['preset']})")
+    history = read_run_history(args.dir)
+    print(f"latest run in {args.dir} (preset {record['preset']}, {_when(record['time'])})")
     for name in STAGE_ORDER:
         store = StageStore(args.dir, name, record["keys"][name])
         if store.is_complete():
@@ -99,6 +107,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             state = "partial" if done or plan else "missing"
             detail = f"{len(done)}/{total} shards"
         print(f"  {name:<10} {state:<8} {store.key}  {detail}")
+        if state != "done":
+            _print_last_complete(args.dir, name, history)
         for status, reasons in sorted(counts.items()):
             print(f"      {status:<9} {sum(reasons.values()):>6}  " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
         for kind, by_status in sorted(count_by_kind(store).items()):
@@ -109,7 +119,37 @@ def cmd_status(args: argparse.Namespace) -> int:
         if bad:
             print(f"      {'bad input':<9} {sum(bad.values()):>6}  " + ", ".join(f"{k}={v}" for k, v in bad.items())
                   + f"  (list: {store.path('bad_inputs.parquet')})")
+    _print_history(args.dir, history)
     return 0
+
+
+def _when(t: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def _print_last_complete(root: str, name: str, history: list[dict]) -> None:
+    """The newest earlier run whose folder of this stage is complete (a failed run hides nothing)."""
+    from ood_core.storage import StageStore
+
+    for rec in history[1:]:
+        key = rec.get("keys", {}).get(name)
+        if key and StageStore(root, name, key).is_complete():
+            print(f"      last complete: {key} from the run of {_when(rec['time'])} (preset {rec['preset']})")
+            return
+
+
+def _print_history(root: str, history: list[dict]) -> None:
+    from ood_core.stages import STAGE_ORDER
+    from ood_core.storage import StageStore
+
+    if not history:
+        return
+    print(f"run history ({len(history)} run(s), newest first):")
+    for rec in history[:10]:
+        done = [n for n in STAGE_ORDER if n in rec["keys"] and StageStore(root, n, rec["keys"][n]).is_complete()]
+        print(f"  {_when(rec['time'])}  preset {rec['preset']:<10} complete: {', '.join(done) or 'none'}")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

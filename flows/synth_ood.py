@@ -11,7 +11,7 @@ configure_local_api()  # before Prefect reads its settings
 from prefect import flow, tags  # noqa: E402
 
 from ood_core.config import load_config  # noqa: E402
-from tasks import finalize_task, plan_task, prepare_run_task, shard_task  # noqa: E402
+from tasks import finalize_task, plan_task, preflight_task, prepare_run_task, shard_task  # noqa: E402
 
 
 @flow(name="synth-ood", log_prints=True)
@@ -24,6 +24,7 @@ def synth_ood(
 ) -> dict[str, dict]:
     """Run (or resume) the pipeline; finished stages and shards are reused, never recomputed."""
     cfg = load_config(preset, overrides).to_dict()
+    preflight_task(cfg, out)
     keys, stages, forced = prepare_run_task(cfg, out, only, force)
     results = {}
     for stage in stages:

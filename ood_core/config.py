@@ -49,7 +49,8 @@ class MLLMSpec(_Strict):
 
 class DiffusionSpec(_Strict):
     backend: Literal["sd-inpaint"] = "sd-inpaint"
-    name: str = "stabilityai/stable-diffusion-2-inpainting"
+    # stabilityai/stable-diffusion-2-inpainting was removed from the hub in November 2025
+    name: str = "sd2-community/stable-diffusion-2-inpainting"
     resolution: int = Field(512, ge=16)
 
 
@@ -78,7 +79,9 @@ class EndpointConfig(_Strict):
 
 class ModelsConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cache_dir: str = "~/.cache/synth-ood/models"
+    # None: Hugging Face's own cache and variables (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE); a path
+    # here overrides them. Locally built tiny models go to their own folder (see models.tiny_root).
+    cache_dir: str | None = None
     clip: ClipSpec = ClipSpec()
     mllm: MLLMSpec = MLLMSpec()
     diffusion: DiffusionSpec = DiffusionSpec()

@@ -491,7 +491,7 @@ def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
     slugs = [slug(f) for f in folders]
     if len(set(slugs)) != len(slugs):
         slugs = [f"{s}_{i:04d}" for i, s in enumerate(slugs)]
-    val_dir = root / "val"
+    val_by_class = val_files_by_class(root, folders)
     n = cfg.images_per_class
     records: list[ImageRecord] = []
     bad: list[BadInput] = []
@@ -513,7 +513,7 @@ def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
             continue
         idx = len(kept_names)
         kept_names.append(name)
-        val_listed = _list_images(val_dir / folder) if (val_dir / folder).is_dir() else []
+        val_listed = val_by_class.get(folder, [])
         val_files = _usable(val_listed, cfg, None, bad, name, "test")
         if val_files:
             # a real val split is the evaluation set: keep all of it, and train on up to n images
@@ -531,6 +531,95 @@ def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
     if not kept_names:
         raise DataError(f"no class folder in {train_dir} has a usable image; " + _layout_help(root))
     return IDDataset(classnames=kept_names, records=records, bad_inputs=bad)
+
+
+# ---------------------------------------------------------------- val/ layouts
+VAL_SOLUTION_CSV = "LOC_val_solution.csv"
+DEVKIT_DIR = "ILSVRC2012_devkit_t12"
+
+
+def _find_upwards(root: Path, name: str, levels: int = 3) -> Path | None:
+    # Kaggle's download keeps LOC_val_solution.csv three levels above ILSVRC/Data/CLS-LOC
+    for d in [root, *list(root.parents)[:levels]]:
+        if (d / name).exists():
+            return d / name
+    return None
+
+
+def read_val_solution_csv(path: Path) -> dict[str, str]:
+    """``LOC_val_solution.csv`` (``ImageId,PredictionString``; first token is the wnid) -> stem: wnid."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"ImageId", "PredictionString"} <= set(rows[0]):
+        raise DataError(f"{path}: expected the columns ImageId,PredictionString (Kaggle's ImageNet format)")
+    return {r["ImageId"].strip(): r["PredictionString"].split()[0] for r in rows if r["PredictionString"].strip()}
+
+
+def read_devkit_labels(devkit: Path) -> dict[str, str]:
+    """ILSVRC2012 devkit (``data/meta.mat`` + ``data/ILSVRC2012_validation_ground_truth.txt``) -> stem: wnid.
+
+    Line i of the ground truth is the ILSVRC2012_ID of ``ILSVRC2012_val_{i:08d}``; ``meta.mat`` maps
+    these ids (not in sorted-wnid order) to wnids.
+    """
+    from scipy.io import loadmat
+
+    meta = loadmat(str(devkit / "data" / "meta.mat"), squeeze_me=True)["synsets"]
+    id_to_wnid = {int(m["ILSVRC2012_ID"]): str(m["WNID"]) for m in meta}
+    truth = (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").read_text().split()
+    return {f"ILSVRC2012_val_{i:08d}": id_to_wnid[int(t)] for i, t in enumerate(truth, start=1)}
+
+
+def flat_val_labels(root: Path) -> tuple[dict[str, str], Path] | None:
+    """Labels of a flat ``val/`` (ImageNet's stock layout): ``(stem -> wnid, label file)`` or None."""
+    csv_path = _find_upwards(root, VAL_SOLUTION_CSV) or (
+        root / "val" / VAL_SOLUTION_CSV if (root / "val" / VAL_SOLUTION_CSV).exists() else None
+    )
+    if csv_path is not None:
+        return read_val_solution_csv(csv_path), csv_path
+    devkit = _find_upwards(root, DEVKIT_DIR, levels=1)
+    if devkit is not None and (devkit / "data" / "meta.mat").exists():
+        return read_devkit_labels(devkit), devkit
+    return None
+
+
+def val_files_by_class(root: Path, folders: list[str]) -> dict[str, list[Path]]:
+    """Test images per class folder from ``<root>/val``: ``val/<class>/*`` or ImageNet's flat ``val/*``.
+
+    A flat ``val/`` is labelled by ``LOC_val_solution.csv`` or the ILSVRC2012 devkit; without one
+    this stops with a :class:`DataError` (never a silent fallback to a split of train).
+    """
+    val_dir = root / "val"
+    if not val_dir.is_dir():
+        return {}
+    by_folder = {f: _list_images(val_dir / f) for f in folders if (val_dir / f).is_dir()}
+    if by_folder:
+        return by_folder
+    flat = _list_images(val_dir)
+    if not flat:
+        return {}
+    found = flat_val_labels(root)
+    if found is None:
+        raise DataError(
+            f"{val_dir} holds {len(flat)} images directly (ImageNet's stock flat layout) but no labels "
+            f"were found: put {VAL_SOLUTION_CSV} (Kaggle) in {root} or a parent folder, or the "
+            f"{DEVKIT_DIR}/ folder in {root} or {root.parent}; or sort val/ into val/<wnid>/ folders; "
+            f"or move val/ away to test on a held-out part of train"
+        )
+    labels, source = found
+    wanted = set(folders)
+    out: dict[str, list[Path]] = {}
+    unlabelled = [p for p in flat if p.stem not in labels]
+    if unlabelled:
+        raise DataError(
+            f"{len(unlabelled)} of {len(flat)} images in {val_dir} have no label in {source} "
+            f"(e.g. {unlabelled[0].name}); is it the label file of this val/ folder?"
+        )
+    for p in flat:
+        if labels[p.stem] in wanted:
+            out.setdefault(labels[p.stem], []).append(p)
+    return out
 
 
 def load_id_dataset(cfg: DataConfig, seed: int) -> IDDataset:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import platform
 import time
+import uuid
 from collections.abc import Callable
 
 from ood_core import __version__
 from ood_core.config import RunConfig
+from ood_core.publish import annotate_samples, write_dataset_card
 from ood_core.secrets import scrub_tree
 from ood_core.stages import STAGE_ORDER, STAGES, ShardPlan, StageContext
 from ood_core.stages.base import ModelHub
@@ -46,11 +48,46 @@ def make_context(cfg: RunConfig, root: str, name: str, keys: dict[str, str], log
         store = stage_store(root, u, keys)
         if not store.is_complete():
             raise StageNotReady(
-                f"stage '{name}' needs '{u}' ({store.url()}) to be complete, and it is not: "
-                f"run without --only, or include '{u}' in --only"
+                f"stage '{name}' needs '{u}' ({store.url()}) to be complete, and it is not"
+                f"{explain_key_change(cfg, root, u, keys)}: run without --only, or include '{u}' in --only"
             )
         upstream[u] = store
     return StageContext(cfg=cfg, store=stage_store(root, name, keys), upstream=upstream, log=log)
+
+
+def _diff(old: object, new: object, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON trees, as ``key (old -> new)``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if old == new else [f"{prefix} ({old!r} -> {new!r})"]
+
+
+def explain_key_change(cfg: RunConfig, root: str, name: str, keys: dict[str, str]) -> str:
+    """Why ``name`` has a new key: the settings that differ from its newest finished folder."""
+    stage = STAGES.get(name)()
+    finished = [s for s in list_stage_runs(root, name) if s.key != keys[name] and s.is_complete()]
+    if not finished:
+        return f" (no finished '{name}' folder exists under {root})"
+    old = finished[0].read_success()
+    changes = _diff(old.get("config", {}), stage.config_slice(cfg))
+    changes += [
+        f"upstream '{u}' key ({k} -> {keys[u]})" for u, k in sorted(old.get("upstream", {}).items()) if keys.get(u) != k
+    ]
+    what = "; ".join(changes[:5]) or "its schema or code version"
+    return (
+        f": its key changed from {finished[0].key} (the newest finished '{name}') to {keys[name]} "
+        f"because of: {what}"
+    )
+
+
+def load_stage_models(ctx: StageContext, name: str) -> None:
+    """Load the stage's models at its start (not in the first shard), unless the stage is done."""
+    roles = STAGES.get(name)().models
+    if roles and not ctx.store.is_complete():
+        ctx.models.load(roles)
 
 
 def shard_key(cfg: RunConfig, name: str, keys: dict[str, str]) -> str:
@@ -155,9 +192,11 @@ def content_donor(ctx: StageContext, index: int) -> StageStore | None:
 
 
 def _copy_shard(src: StageStore, dst: StageStore, index: int) -> None:
-    a, b = src.shard_paths(index), dst.shard_paths(index)
-    for kind in ("tar", "parquet", "stats"):  # stats last: it marks the shard done
-        dst.write_bytes(b[kind], src.read_bytes(a[kind]))
+    a = {**src.shard_paths(index), "rejected": src.rejected_path(index)}
+    b = {**dst.shard_paths(index), "rejected": dst.rejected_path(index)}
+    for kind in ("tar", "rejected", "parquet", "stats"):  # stats last: it marks the shard done
+        if kind != "rejected" or src.exists(a[kind]):
+            dst.write_bytes(b[kind], src.read_bytes(a[kind]))
 
 
 def run_shard(ctx: StageContext, name: str, index: int) -> dict:
@@ -182,6 +221,7 @@ def run_shard(ctx: StageContext, name: str, index: int) -> dict:
     shard = load_shard_plan(ctx, index)
     t0 = time.perf_counter()
     out = stage.run_shard(ctx, shard)
+    annotate_samples(out.samples, out.rows, lambda: ctx.dataset.classnames)
     stats = ctx.store.write_shard(index, out.samples, out.rows, stage.schema, time.perf_counter() - t0)
     return {**stats, "reused": False}
 
@@ -220,6 +260,7 @@ def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards:
         "python": platform.python_version(),
     }
     info = scrub_tree(info)  # e.g. credentials in a configured URL never reach the record
+    write_dataset_card(ctx.store, info)
     ctx.store.write_success(info)
     return info
 
@@ -281,10 +322,25 @@ def check_upstream_ready(cfg: RunConfig, root: str, only: list[str] | None, forc
 
 
 def write_run_record(root: str, cfg: RunConfig, keys: dict[str, str]) -> None:
-    """``<root>/_runs/latest.json``: which stage folders the latest run uses (for ``status``)."""
+    """``<root>/_runs/latest.json`` (which stage folders the latest run uses) and a copy in
+    ``_runs/history/`` so that a failed run never hides the stages an earlier run finished."""
     store = StageStore(root, "_runs", "latest")
-    record = {"preset": cfg.preset, "keys": keys, "config": scrub_tree(cfg.to_dict()), "time": time.time()}
-    store.write_bytes(store.base + ".json", json.dumps(record, indent=2, sort_keys=True).encode())
+    now = time.time()
+    record = {"preset": cfg.preset, "keys": keys, "config": scrub_tree(cfg.to_dict()), "time": now}
+    data = json.dumps(record, indent=2, sort_keys=True).encode()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    history = StageStore(root, "_runs", "history")
+    history.write_bytes(history.path(f"{stamp}-{uuid.uuid4().hex[:6]}.json"), data)
+    store.write_bytes(store.base + ".json", data)
+
+
+def read_run_history(root: str) -> list[dict]:
+    """Every recorded run, newest first (``_runs/history/*.json``)."""
+    store = StageStore(root, "_runs", "history")
+    if not store.exists(store.base):
+        return []
+    paths = sorted((p for p in store.fs.ls(store.base, detail=False) if p.endswith(".json")), reverse=True)
+    return [json.loads(store.read_bytes(p)) for p in paths]
 
 
 def read_run_record(root: str) -> dict | None:
@@ -307,9 +363,17 @@ def run_local(
     only: list[str] | None = None,
     force: list[str] | None = None,
     log: Callable[[str], None] = print,
+    check: bool = True,
 ) -> dict[str, dict]:
-    """Run the pipeline in this process without Prefect; returns each stage's ``_SUCCESS`` info."""
+    """Run the pipeline in this process without Prefect; returns each stage's ``_SUCCESS`` info.
+
+    ``check`` runs the preflight first (data, OOD sets, model ids, endpoint, output root).
+    """
     run, forced = selected_stages(only, force)
+    if check:
+        from ood_core.preflight import preflight
+
+        preflight(cfg, root)
     keys = resolve_keys(cfg)
     write_run_record(root, cfg, keys)
     results = {}
@@ -324,6 +388,7 @@ def run_local(
         started = time.time()
         ctx = make_context(cfg, root, name, keys, log)
         n_shards = plan_stage(ctx, name, keys)
+        load_stage_models(ctx, name)
         for index in range(n_shards):
             stats = run_shard(ctx, name, index)
             copied = f" (copied from {stats['copied_from']})" if stats.get("copied_from") else ""

@@ -151,6 +151,29 @@ def plot_roc(
     return _save(fig, path)
 
 
+def histogram_view(arrays: Mapping[str, np.ndarray], n_bins: int = 40) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+    """Values, bin edges and x label that show the separation of one method's score histograms.
+
+    Probability-like scores crowd just below 1 (NegLabel, SynOOD): on a linear axis every set falls
+    into the last bin. They are shown as ``-log10(1 - score)`` (monotone: higher is still more ID).
+    Bins span the 0.5-99.5 percentiles so that a few outliers do not squash the rest.
+    """
+    allv = np.concatenate(list(arrays.values())) if arrays else np.zeros(0)
+    label = "score (higher = more ID)"
+    if allv.size and allv.min() >= 0.0 and allv.max() <= 1.0 and np.median(allv) > 0.9:
+        arrays = {k: -np.log10(np.clip(1.0 - v, 1e-12, None)) for k, v in arrays.items()}
+        allv = np.concatenate(list(arrays.values()))
+        label = "-log10(1 - score) (higher = more ID)"
+    if not allv.size:
+        return dict(arrays), np.linspace(0.0, 1.0, n_bins + 1), label
+    lo, hi = np.percentile(allv, [0.5, 99.5])
+    if hi <= lo:
+        lo, hi = float(allv.min()), float(allv.max())
+    hi = hi if hi > lo else lo + 1.0
+    clipped = {k: np.clip(v, lo, hi) for k, v in arrays.items()}
+    return clipped, np.linspace(lo, hi, n_bins + 1), label
+
+
 def plot_score_histograms(scores: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """One panel per method overlaying score histograms; ``scores[method] = {"id": arr, set: arr}``."""
     methods = list(scores)
@@ -162,14 +185,13 @@ def plot_score_histograms(scores: Mapping[str, Mapping[str, Any]], path: str | o
     for ax, method in zip(axes, methods, strict=False):
         arrays = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in scores[method].items()}
         arrays = {k: v[np.isfinite(v)] for k, v in arrays.items() if v.size}
+        xlabel = "score (higher = more ID)"
         if arrays:
-            allv = np.concatenate(list(arrays.values()))
-            lo, hi = (float(allv.min()), float(allv.max())) if allv.size else (0.0, 1.0)
-            bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 41)
-            for name, v in arrays.items():
+            shown, bins, xlabel = histogram_view(arrays)
+            for name, v in shown.items():
                 ax.hist(v, bins=bins, density=True, alpha=0.45 if name != "id" else 0.6, label=str(name))
             ax.legend(fontsize=7)
-        ax.set(title=str(method), xlabel="score (higher = more ID)", ylabel="density")
+        ax.set(title=str(method), xlabel=xlabel, ylabel="density")
     for ax in axes[len(methods) :]:
         ax.axis("off")
     if not methods:

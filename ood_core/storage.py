@@ -29,6 +29,10 @@ import pyarrow.parquet as pq
 from schemas import ManifestSchema
 
 SUCCESS = "_SUCCESS.json"
+# Rows with these statuses are not training data: their samples go to ``rejected/NNNNNN.tar``
+# (kept for the report, with records that have no manifest row such as MLLM transcripts), so
+# ``shards/`` holds only what a consumer should use.
+REJECTED_STATUSES = frozenset({"rejected", "failed"})
 
 
 def canonical_json(obj: Any) -> str:
@@ -106,6 +110,10 @@ class StageStore:
             "stats": self.path("stats", f"{n}.json"),
         }
 
+    def rejected_path(self, index: int) -> str:
+        """``rejected/NNNNNN.tar``: the shard's set-aside samples (written only when there are any)."""
+        return self.path("rejected", f"{index:06d}.tar")
+
     # ------------------------------------------------------------ atomic io
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write under a temporary sibling name, then rename into place."""
@@ -137,14 +145,14 @@ class StageStore:
         paths = self.shard_paths(index)
         for row in rows:
             row["shard"] = index
-        tar = tar_bytes(samples)
+        kept, rejected = split_by_status(samples, rows)
+        tar = tar_bytes(kept)
         table = schema.table(rows)
         pqb = parquet_bytes(table)
         self.write_bytes(paths["tar"], tar)
-        self.write_bytes(paths["parquet"], pqb)
         stats = {
             "shard": index,
-            "samples": len(samples),
+            "samples": len(kept),
             "rows": len(rows),
             "counts": count_by_status(rows),
             "tar_sha256": sha256_bytes(tar),
@@ -152,6 +160,11 @@ class StageStore:
             "seconds": round(seconds, 3),
             "schema_version": schema.version,
         }
+        if rejected:
+            rtar = tar_bytes(rejected)
+            self.write_bytes(self.rejected_path(index), rtar)
+            stats.update(rejected_samples=len(rejected), rejected_sha256=sha256_bytes(rtar))
+        self.write_bytes(paths["parquet"], pqb)
         self.write_json(paths["stats"], stats)
         return stats
 
@@ -177,23 +190,34 @@ class StageStore:
             raise FileNotFoundError(f"no finished shards in {self.url()}")
         return pa.concat_tables(tables)
 
-    def iter_samples(self, index: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """Yield ``(key, {ext: bytes})`` from one shard or all finished shards, in order."""
+    def iter_samples(
+        self, index: int | None = None, rejected: bool = True
+    ) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """Yield ``(key, {ext: bytes})`` from one shard or all finished shards, in order: each shard's
+        published samples, then (``rejected=True``) its rejected ones."""
         for i in [index] if index is not None else self.shard_indices():
-            data = self.read_bytes(self.shard_paths(i)["tar"])
-            current: tuple[str, dict[str, bytes]] | None = None
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tf:
-                for member in tf:
-                    key, ext = member.name.split(".", 1)
-                    blob = tf.extractfile(member).read()
-                    if current and current[0] == key:
-                        current[1][ext] = blob
-                    else:
-                        if current:
-                            yield current
-                        current = (key, {ext: blob})
-            if current:
-                yield current
+            paths = self.shard_paths(i)
+            tars = [paths["tar"]]
+            if rejected and self.exists(self.rejected_path(i)):
+                tars.append(self.rejected_path(i))
+            for tar in tars:
+                yield from self._iter_tar(tar)
+
+    def _iter_tar(self, path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+        data = self.read_bytes(path)
+        current: tuple[str, dict[str, bytes]] | None = None
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tf:
+            for member in tf:
+                key, ext = member.name.split(".", 1)
+                blob = tf.extractfile(member).read()
+                if current and current[0] == key:
+                    current[1][ext] = blob
+                else:
+                    if current:
+                        yield current
+                    current = (key, {ext: blob})
+        if current:
+            yield current
 
     def load_samples(
         self, keys: set[str] | None = None, shards: set[int] | None = None
@@ -221,13 +245,14 @@ class StageStore:
 
     def shard_problems(self, index: int, deep: bool = True) -> list[str]:
         """Problems of one finished shard: missing files, sha256 mismatch, row/sample counts."""
-        paths = self.shard_paths(index)
+        paths = {**self.shard_paths(index), "rejected": self.rejected_path(index)}
         try:
             stats = self.shard_stats(index)
         except (OSError, ValueError) as err:
             return [f"{self.url()}/stats/{index:06d}.json: unreadable ({err})"]
         problems: list[str] = []
-        for kind in ("tar", "parquet"):
+        kinds = ("tar", "parquet", "rejected") if "rejected_sha256" in stats else ("tar", "parquet")
+        for kind in kinds:
             folder, name = paths[kind].rsplit("/", 2)[-2:]
             label = f"{self.url()}/{folder}/{name}"
             if not self.exists(paths[kind]):
@@ -240,15 +265,16 @@ class StageStore:
                 problems.append(f"{label}: sha256 differs from stats/{index:06d}.json (corrupted or rewritten)")
             elif kind == "parquet" and (n := pq.read_metadata(io.BytesIO(data)).num_rows) != stats["rows"]:
                 problems.append(f"{label}: {n} rows, stats say {stats['rows']}")
-            elif kind == "tar":
+            elif kind in ("tar", "rejected"):
+                expected = stats["samples"] if kind == "tar" else stats["rejected_samples"]
                 try:
                     with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tf:
                         n = len({m.name.split(".", 1)[0] for m in tf})
                 except tarfile.TarError as err:
                     problems.append(f"{label}: unreadable ({err})")
                 else:
-                    if n != stats["samples"]:
-                        problems.append(f"{label}: {n} samples, stats say {stats['samples']}")
+                    if n != expected:
+                        problems.append(f"{label}: {n} samples, stats say {expected}")
         return problems
 
     def shard_valid(self, index: int) -> bool:
@@ -280,6 +306,14 @@ class StageStore:
     def is_valid(self) -> bool:
         """Complete and every shard intact: the only kind of stage a rerun may reuse."""
         return self.is_complete() and not self.verify()
+
+
+def split_by_status(samples: list[Sample], rows: list[dict]) -> tuple[list[Sample], list[Sample]]:
+    """(published, set aside) samples. Set aside: rejected or failed rows, and records that are no
+    candidate at all (no manifest row, e.g. an MLLM transcript): the training shards stay uniform."""
+    status = {r["key"]: r["status"] for r in rows}
+    kept = [s for s in samples if s.key in status and status[s.key] not in REJECTED_STATUSES]
+    return kept, [s for s in samples if s.key not in status or status[s.key] in REJECTED_STATUSES]
 
 
 def count_by_status(rows: list[dict]) -> dict[str, dict[str, int]]:

@@ -18,6 +18,7 @@ from ood_core import secrets
 from ood_core.config import validate_config
 from ood_core.pipeline import (
     finalize_stage,
+    load_stage_models,
     make_context,
     plan_stage,
     resolve_keys,
@@ -26,6 +27,7 @@ from ood_core.pipeline import (
     stage_store,
     write_run_record,
 )
+from ood_core.publish import embed_images
 
 
 def _prefect_secret(name: str) -> str:
@@ -63,6 +65,16 @@ def _logger():
     return lambda msg: log.info(secrets.scrub(msg))
 
 
+@task(name="preflight", cache_policy=NO_CACHE)
+def preflight_task(cfg: dict, root: str) -> list[str]:
+    """Check data, OOD sets, model ids, endpoint and output root before any model is loaded."""
+    from ood_core.preflight import preflight
+
+    checks = preflight(validate_config(cfg), root)
+    get_run_logger().info(f"preflight passed: {', '.join(checks)}")
+    return checks
+
+
 @task(name="prepare-run", cache_policy=NO_CACHE)
 def prepare_run_task(
     cfg: dict, root: str, only: list[str] | None, force: list[str] | None
@@ -89,6 +101,9 @@ def plan_task(stage: str, cfg: dict, root: str, keys: dict[str, str], force: boo
     n_shards = plan_stage(ctx, stage, keys)
     done = sum(store.shard_done(i) for i in range(n_shards))
     get_run_logger().info(f"{stage}: {n_shards} shards, {done} already done")
+    # the stage's models load here, at its start, so a bad id fails before any shard (the shard
+    # tasks run in this process and reuse them)
+    load_stage_models(ctx, stage)
     return n_shards
 
 
@@ -132,5 +147,10 @@ def _publish(stage: str, store, info: dict) -> None:
         lines += [f"| {status} | {reason} | {n} |" for reason, n in sorted(reasons.items())]
     report = store.path("artifacts", "report.md")
     if store.exists(report):
-        lines += ["", store.read_bytes(report).decode()]
+        # the UI cannot follow links into the stage folder: the report's plots go in inline
+        def read(name: str) -> bytes | None:
+            path = store.path("artifacts", name)
+            return store.read_bytes(path) if store.exists(path) else None
+
+        lines += ["", embed_images(store.read_bytes(report).decode(), read)]
     create_markdown_artifact(secrets.scrub("\n".join(lines)), key=f"synth-ood-{stage}", description=f"synth-ood {stage} stage")

@@ -71,8 +71,12 @@ def prefect(env: dict, *args: str, timeout: float = 120) -> subprocess.Completed
 
 def test_deployment_run_completes_and_a_second_run_reuses_everything(server, tmp_path):
     env = server
-    prefect(env, "work-pool", "create", "cpu-pool", "--type", "process")
-    prefect(env, "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "tiny")
+    # as the README says: one script creates both pools from their templates and deploys everything
+    proc = subprocess.run(["deploy/deploy.sh"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"deploy/deploy.sh:\n{proc.stdout}\n{proc.stderr}"
+    assert "CUDA_VISIBLE_DEVICES" in prefect(env, "work-pool", "inspect", "gpu-pool").stdout  # the template applied
+    for name in ("imagenet", "food101", "tiny"):
+        prefect(env, "deployment", "inspect", f"synth-ood/{name}")
     worker_log = open(tmp_path / "worker.log", "w")
     worker = subprocess.Popen(
         [str(BIN / "prefect"), "worker", "start", "--pool", "cpu-pool"],
@@ -97,3 +101,5 @@ def test_deployment_run_completes_and_a_second_run_reuses_everything(server, tmp
         worker.wait(timeout=30)
     verify = subprocess.run([str(BIN / "synth-ood"), "verify", str(out)], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout
+    # the server's scheduler works (SQLAlchemy 2.1 made it fail with a bulk_dml error)
+    assert "bulk_dml" not in (Path(env["PREFECT_HOME"]) / "server.log").read_text()

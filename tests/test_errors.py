@@ -23,9 +23,10 @@ def test_only_downstream_stage_without_upstream_names_the_missing_stage(tmp_path
 
 def test_missing_imagefolder_names_the_folder(tmp_path):
     cfg = load_config("tiny", {"data.id_source": "imagefolder", "data.root": str(tmp_path / "imagenet")})
-    from ood_core.data import DataError
+    from ood_core.preflight import PreflightError
 
-    with pytest.raises(DataError, match=r"imagenet/train does not exist.*set data.root"):
+    # found by the preflight now, before any model load (it was a DataError from the first stage)
+    with pytest.raises(PreflightError, match=r"imagenet/train does not exist.*set data.root"):
         run_local(cfg, str(tmp_path / "run"), only=["sketch"], log=lambda m: None)
 
 

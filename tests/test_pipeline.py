@@ -65,7 +65,9 @@ def test_first_run_leaves_four_complete_verified_stages(tiny_run):
             with tarfile.open(tar) as tf:
                 names = tf.getnames()
             assert all(n.count(".") >= 1 and "." not in n.split(".")[0] for n in names)
-            assert len(list(wds.WebDataset(str(tar), shardshuffle=False))) == len({n.split(".")[0] for n in names})
+            # a shard whose every candidate was rejected publishes an empty tar (its samples are in rejected/)
+            samples = wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)
+            assert len(list(samples)) == len({n.split(".")[0] for n in names})
         for parquet in folder.glob("manifests/*.parquet"):
             table = pq.read_table(parquet)
             assert {"key", "status", "reason", "error"} <= set(table.column_names)
@@ -134,6 +136,44 @@ def test_report_has_every_method_with_its_temperature_and_the_leaked_labels(tiny
     assert {r["reason"] for r in rows if r["text"] in leaked} == {"leaks_eval_ood"}
 
 
+def _tar_json(paths) -> dict[str, object]:
+    import json
+
+    return {s["__key__"]: json.loads(s["json"]) if "json" in s else None
+            for t in sorted(paths) for s in wds.WebDataset(str(t), shardshuffle=False, empty_check=False)}
+
+
+def test_published_stage_folders_load_with_webdataset_and_datasets(tiny_run):
+    import datasets
+
+    out, _ = tiny_run
+    keys = read_run_record(str(out))["keys"]
+    classnames = ["astronaut", "cat", "coffee cup", "rocket", "motorcycle"]
+    n_rejected = 0
+    for stage in STAGE_ORDER:
+        folder = out / stage / keys[stage]
+        status = {r["key"]: r["status"] for r in pq.read_table(folder / "manifests").to_pylist()}
+        published = _tar_json(folder.glob("shards/*.tar"))
+        aside = _tar_json(folder.glob("rejected/*.tar"))
+        # training shards: kept / ok candidates only; everything else is set aside for the report
+        assert published and all(status[k] not in ("rejected", "failed") for k in published), stage
+        assert all(status.get(k) in (None, "rejected", "failed") for k in aside), stage
+        n_rejected += sum(status.get(k) == "rejected" for k in aside)
+        for meta in published.values():
+            if isinstance(meta, dict) and meta.get("class_idx", -1) >= 0:
+                assert meta["class_name"] == classnames[meta["class_idx"]], stage
+        # as the README says: the stage folder's dataset card, or the webdataset builder on its shards
+        ds = datasets.load_dataset(str(folder), split="train")
+        assert len(ds) == len(published), stage
+        if aside:
+            assert len(datasets.load_dataset(str(folder), "rejected", split="train")) == len(aside)
+    assert n_rejected > 0
+    elaborate = out / "elaborate" / keys["elaborate"]
+    ds = datasets.load_dataset("webdataset", data_files={"train": str(elaborate / "shards" / "*.tar")}, split="train")
+    meta = ds[0]["json"]
+    assert meta["status"] == "kept" and meta["label_text"] == meta["neg_label"] and meta["class_name"] in classnames
+
+
 def test_second_run_recomputes_nothing(tiny_run, model_cache):
     out, _ = tiny_run
     before = snapshot(out)
@@ -162,8 +202,9 @@ def test_deleted_shard_marker_reruns_only_that_shard(tiny_run, model_cache):
     after = snapshot(out)
     changed = {p for p in after if before.get(p) != after[p]}
     prefix = f"sketch/{key}/"
+    rejected = {"rejected/000001.tar"} if (folder / "rejected" / "000001.tar").exists() else set()
     assert {p[len(prefix):] for p in changed if p.startswith(prefix)} == {
-        "shards/000001.tar", "manifests/000001.parquet", "stats/000001.json", "_SUCCESS.json",
+        "shards/000001.tar", "manifests/000001.parquet", "stats/000001.json", "_SUCCESS.json", *rejected,
     }
     # downstream keys did not change, so nothing downstream was recomputed
     assert all(p.startswith(prefix) for p in changed), sorted(changed)

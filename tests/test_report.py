@@ -89,3 +89,32 @@ def test_image_grid_checks_captions(tmp_path):
     with pytest.raises(ValueError, match="captions"):
         image_grid([Image.new("RGB", (8, 8))], [], tmp_path / "g.png")
     assert _is_png(image_grid([], [], tmp_path / "empty.png"))
+
+
+def test_scores_crowded_below_one_are_shown_separated():
+    from ood_core.report import histogram_view
+
+    rng = np.random.default_rng(0)
+    arrays = {"id": 1 - 10 ** -rng.uniform(4, 6, 200), "ood": 1 - 10 ** -rng.uniform(1, 3, 200)}
+    # on the raw linear scale the whole ID set falls into the last of 40 bins
+    raw = np.linspace(min(a.min() for a in arrays.values()), 1.0, 41)
+    assert np.count_nonzero(np.histogram(arrays["id"], raw)[0]) == 1
+    shown, bins, label = histogram_view(arrays)
+    id_bins = np.nonzero(np.histogram(shown["id"], bins)[0])[0]
+    ood_bins = np.nonzero(np.histogram(shown["ood"], bins)[0])[0]
+    assert len(id_bins) > 5 and len(ood_bins) > 5 and id_bins.min() > ood_bins.max()
+    assert "log10" in label
+    # other scores keep their own scale
+    plain = {"id": rng.normal(5, 1, 100), "ood": rng.normal(0, 1, 100)}
+    assert histogram_view(plain)[2] == "score (higher = more ID)"
+
+
+def test_report_images_are_embedded_for_the_prefect_artifact():
+    import base64
+
+    from ood_core.publish import embed_images
+
+    md = "# r\\n![ROC](roc.png) and ![missing](gone.png)"
+    out = embed_images(md, {"roc.png": b"PNGDATA"}.get)
+    assert f"![ROC](data:image/png;base64,{base64.b64encode(b'PNGDATA').decode()})" in out
+    assert "![missing](gone.png)" in out

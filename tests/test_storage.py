@@ -115,3 +115,29 @@ def test_unreadable_stats_is_a_problem_not_a_crash(tmp_path):
     open(store.shard_paths(0)["stats"], "w").write("{not json")
     assert not store.shard_valid(0)
     assert "unreadable" in store.shard_problems(0)[0]
+
+
+def _write_judged(store: StageStore, index: int) -> dict:
+    samples = [Sample(f"s{i}", {"json": b'{"a": 1}', "png": b"x" * (i + 1)}) for i in range(4)]
+    status = ["kept", "rejected", "kept", "failed"]
+    rows = [{"key": s.key, "status": st, "reason": "r", "prompt": "p"} for s, st in zip(samples, status, strict=True)]
+    return store.write_shard(index, samples, rows, GENERATE, seconds=0.1)
+
+
+def test_training_shards_hold_kept_samples_only_rejected_ones_go_aside(tmp_path):
+    store = StageStore(str(tmp_path), "elaborate", "abc")
+    stats = _write_judged(store, 0)
+    paths = store.shard_paths(0)
+    assert [s["__key__"] for s in wds.WebDataset(paths["tar"], shardshuffle=False)] == ["s0", "s2"]
+    assert [s["__key__"] for s in wds.WebDataset(store.rejected_path(0), shardshuffle=False)] == ["s1", "s3"]
+    assert stats["samples"] == 2 and stats["rejected_samples"] == 2
+    # readers of the stage (report grid, downstream stages) still see every sample
+    assert sorted(store.load_samples()) == ["s0", "s1", "s2", "s3"]
+    assert sorted(k for k, _ in store.iter_samples(rejected=False)) == ["s0", "s2"]
+    store.write_success({"shards": 1})
+    assert store.verify() == []
+    data = bytearray(open(store.rejected_path(0), "rb").read())
+    data[600] ^= 0xFF
+    open(store.rejected_path(0), "wb").write(bytes(data))
+    problems = store.verify()
+    assert len(problems) == 1 and "rejected/000000.tar" in problems[0] and "sha256" in problems[0]

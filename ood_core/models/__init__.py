@@ -53,25 +53,43 @@ def resolve_device(name: str | Any = "auto") -> torch.device:
     return torch.device(name)
 
 
-def resolve_name(name: str, cache_dir: str) -> str:
+def hub_cache_dir(cache_dir: str | None) -> str | None:
+    """Where hub weights go: ``models.cache_dir`` when set, else None (Hugging Face's own cache)."""
+    return os.path.expanduser(cache_dir) if cache_dir else None
+
+
+def tiny_root(cache_dir: str | None) -> str:
+    """Folder of the locally built tiny models: never the Hugging Face hub cache.
+
+    ``models.cache_dir`` when set, else ``$SYNTH_OOD_TINY_DIR``, else ``$XDG_CACHE_HOME/synth-ood``.
+    """
+    if cache_dir:
+        return os.path.expanduser(cache_dir)
+    if os.environ.get("SYNTH_OOD_TINY_DIR"):
+        return os.path.expanduser(os.environ["SYNTH_OOD_TINY_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "synth-ood")
+
+
+def resolve_name(name: str, cache_dir: str | None) -> str:
     """``tiny://kind`` -> local dir of the built tiny model; other names pass through unchanged."""
     from ood_core.models import tiny
 
     if tiny.is_tiny(name):
-        return tiny.resolve(name, os.path.expanduser(cache_dir))
+        return tiny.resolve(name, tiny_root(cache_dir))
     return name
 
 
 def load_clip(
-    spec: ClipSpec, device: Any = "auto", cache_dir: str = "~/.cache/synth-ood/models"
+    spec: ClipSpec, device: Any = "auto", cache_dir: str | None = None
 ) -> ClipModel:
     """Load the CLIP model named by ``spec`` with the backend ``spec.backend``."""
     _ensure("clip")
-    return CLIP_BACKENDS.get(spec.backend)(spec, resolve_device(device), os.path.expanduser(cache_dir))
+    return CLIP_BACKENDS.get(spec.backend)(spec, resolve_device(device), hub_cache_dir(cache_dir))
 
 
 def load_mllm(
-    spec: MLLMSpec, device: Any = "auto", cache_dir: str = "~/.cache/synth-ood/models", endpoint: Any = None
+    spec: MLLMSpec, device: Any = "auto", cache_dir: str | None = None, endpoint: Any = None
 ) -> MLLMClient:
     """Load the multimodal LLM client named by ``spec`` with the backend ``spec.backend``.
 
@@ -79,23 +97,23 @@ def load_mllm(
     """
     _ensure("mllm")
     extra = {"endpoint": endpoint} if endpoint is not None else {}
-    return MLLM_BACKENDS.get(spec.backend)(spec, resolve_device(device), os.path.expanduser(cache_dir), **extra)
+    return MLLM_BACKENDS.get(spec.backend)(spec, resolve_device(device), hub_cache_dir(cache_dir), **extra)
 
 
 def load_inpainter(
-    spec: DiffusionSpec, device: Any = "auto", cache_dir: str = "~/.cache/synth-ood/models"
+    spec: DiffusionSpec, device: Any = "auto", cache_dir: str | None = None
 ) -> Inpainter:
     """Load the diffusion inpainting components named by ``spec`` with the backend ``spec.backend``."""
     _ensure("diffusion")
-    return DIFFUSION_BACKENDS.get(spec.backend)(spec, resolve_device(device), os.path.expanduser(cache_dir))
+    return DIFFUSION_BACKENDS.get(spec.backend)(spec, resolve_device(device), hub_cache_dir(cache_dir))
 
 
 def load_text_to_image(
-    spec: TextToImageSpec, device: Any = "auto", cache_dir: str = "~/.cache/synth-ood/models"
+    spec: TextToImageSpec, device: Any = "auto", cache_dir: str | None = None
 ) -> TextToImage:
     """Load the text-to-image pipeline named by ``spec`` with the backend ``spec.backend``."""
     _ensure("diffusion")
-    return DIFFUSION_BACKENDS.get(spec.backend)(spec, resolve_device(device), os.path.expanduser(cache_dir))
+    return DIFFUSION_BACKENDS.get(spec.backend)(spec, resolve_device(device), hub_cache_dir(cache_dir))
 
 
 __all__ = [
@@ -104,6 +122,8 @@ __all__ = [
     "DIFFUSION_BACKENDS",
     "resolve_device",
     "resolve_name",
+    "hub_cache_dir",
+    "tiny_root",
     "load_clip",
     "load_mllm",
     "load_inpainter",

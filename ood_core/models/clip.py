@@ -96,7 +96,7 @@ def _weights_path(pretrained: str) -> str:
 
 
 @CLIP_BACKENDS.register("open_clip")
-def load_open_clip(spec, device: torch.device, cache_dir: str) -> ClipModel:
+def load_open_clip(spec, device: torch.device, cache_dir: str | None) -> ClipModel:
     """Create ``spec.name`` with ``spec.pretrained`` (tag, file, dir or ``tiny://clip``)."""
     import open_clip
 

@@ -89,7 +89,7 @@ class Inpainter:
 
 
 @DIFFUSION_BACKENDS.register("sd-inpaint")
-def load_sd_inpaint(spec, device: torch.device, cache_dir: str) -> Inpainter:
+def load_sd_inpaint(spec, device: torch.device, cache_dir: str | None) -> Inpainter:
     """Load SD-inpainting components from ``spec.name`` (hub id, local dir or ``tiny://sd-inpaint``)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer

@@ -109,6 +109,7 @@ class ModelHub:
 
     def _get(self, role: str, spec: Any, loader: Callable) -> Any:
         from ood_core.models import resolve_device
+        from ood_core.preflight import model_help, model_id
 
         device = resolve_device(self.cfg.models.device)
         key = (role, spec.model_dump_json(), str(device), self.cfg.models.cache_dir)
@@ -117,11 +118,18 @@ class ModelHub:
                 self._cache[key] = loader(spec, device, self.cfg.models.cache_dir)
             except (OSError, RuntimeError, ValueError) as err:
                 raise ModelLoadError(
-                    scrub(f"could not load the {role} model {spec.model_dump()} on {device}: {err}\n")
-                    + f"Check models.{role} in the preset, hub access (or weights already in "
-                    f"models.cache_dir={self.cfg.models.cache_dir}), and free GPU memory."
+                    scrub(f"could not load the {role} model '{model_id(role, spec)}' on {device}: "
+                          f"{type(err).__name__}: {err}\n")
+                    + model_help(role, spec, self.cfg.models.cache_dir)
                 ) from err
         return self._cache[key]
+
+    def load(self, roles: tuple[str, ...]) -> None:
+        """Load the named models now (a stage's start), so a bad id fails before any shard work."""
+        getters = {"clip": self.clip, "mllm": self.mllm, "diffusion": self.inpainter, "t2i": self.text_to_image,
+                   "elaborate_mllm": self.elaborate_mllm}
+        for role in roles:
+            getters[role]()
 
     @classmethod
     def release(cls) -> None:
@@ -228,6 +236,8 @@ class Stage:
     name: str
     schema: ManifestSchema
     upstream: tuple[str, ...] = ()
+    # models loaded at the start of the stage (when it has shards to run): roles of ModelHub.load
+    models: tuple[str, ...] = ()
 
     def config_slice(self, cfg: RunConfig) -> dict:
         """The part of the config that determines this stage's output (goes into the key)."""

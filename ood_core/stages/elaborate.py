@@ -101,6 +101,7 @@ class ElaborateStage(Stage):
     name = "elaborate"
     schema = ELABORATE
     upstream = ("sketch", "generate")
+    models = ("clip", "elaborate_mllm")
 
     def config_slice(self, cfg: RunConfig) -> dict:
         return {

