@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from flows.local_api import configure_local_api
 
@@ -20,7 +21,7 @@ def synth_ood(
     out: str = "runs/tiny",
     only: list[str] | None = None,
     force: list[str] | None = None,
-    overrides: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, dict]:
     """Run (or resume) the pipeline; finished stages and shards are reused, never recomputed."""
     cfg = load_config(preset, overrides).to_dict()

@@ -38,6 +38,8 @@ def server(tmp_path_factory):
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "results"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
+        # the scheduler visits deployments every 60 s by default; a short loop keeps the test short
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "PWD": str(ROOT),
     }
@@ -97,3 +99,51 @@ def test_deployment_run_completes_and_a_second_run_reuses_everything(server, tmp
         worker.wait(timeout=30)
     verify = subprocess.run([str(BIN / "synth-ood"), "verify", str(out)], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout
+
+
+def _api(env: dict, path: str, body: dict | None = None) -> object:
+    req = urllib.request.Request(
+        env["PREFECT_API_URL"] + path,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"},
+        method="POST" if body is not None else "GET",
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_short_interval_schedule_creates_a_run_that_completes(server, tmp_path):
+    """The server's scheduler creates runs (it did not with SQLAlchemy 2.1) and the deployment is limited to one."""
+    env = server
+    subprocess.run([str(BIN / "prefect"), "work-pool", "create", "cpu-pool", "--type", "process"],
+                   env=env, cwd=ROOT, capture_output=True, timeout=120)  # may exist from the test above
+    out = tmp_path / "out"
+    params = {"out": str(out), "only": ["sketch"], "overrides": {"models.cache_dir": str(tmp_path / "models")}}
+    prefect(env, "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "tiny",
+            "--interval", "5", "--params", json.dumps(params))
+    deployment = _api(env, "/deployments/name/synth-ood/tiny")
+    assert deployment["concurrency_limit"] == 1  # from deploy/prefect.yaml
+    assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    worker_log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "cpu-pool"],
+        env=env, cwd=ROOT, stdout=worker_log, stderr=subprocess.STDOUT,
+    )
+    query = {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}}
+    try:
+        deadline, states = time.time() + 600, []
+        while time.time() < deadline:
+            states = [r["state_type"] for r in _api(env, "/flow_runs/filter", query) if r["auto_scheduled"]]
+            if "COMPLETED" in states or {"FAILED", "CRASHED"} & set(states):
+                break
+            time.sleep(2)
+        assert "COMPLETED" in states, f"no scheduled run completed: {states}; see {tmp_path / 'worker.log'}"
+        server_log = (Path(env["PREFECT_HOME"]) / "server.log").read_text()
+        assert "bulk_dml" not in server_log
+    finally:
+        # the schedule would keep creating runs: remove it with the deployment, then stop our worker
+        subprocess.run([str(BIN / "prefect"), "deployment", "delete", "synth-ood/tiny"],
+                       env=env, cwd=ROOT, capture_output=True, timeout=120)
+        worker.terminate()
+        worker.wait(timeout=30)
+    assert (out / "sketch").is_dir()
