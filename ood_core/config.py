@@ -7,6 +7,7 @@ key or bad value raises :class:`ConfigError` naming the key and what is allowed.
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -107,6 +108,9 @@ class GenerateConfig(_Strict):
     m_out: float = -5.0
     mask: Literal["full", "box"] = "full"
     shard_size: int = Field(16, ge=1)
+    # the generation round (e.g. a nightly run's date; not the `rounds` of noise optimisation):
+    # folded into generate's seed and key, so each round makes new data while sketch is reused
+    round: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$")
 
 
 class ElaborateConfig(_Strict):
@@ -159,7 +163,9 @@ def _set_path(tree: dict, dotted: str, raw: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {dotted}: '{k}' is a value, not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw) if isinstance(raw, str) and raw != "" else raw
+    value = yaml.safe_load(raw) if isinstance(raw, str) and raw != "" else raw
+    # YAML reads 2026-11-22 as a date; no config field is a date, so such a value stays text
+    node[keys[-1]] = raw if isinstance(value, datetime.date) else value
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:

@@ -160,6 +160,8 @@ def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards:
         "rows": sum(s["rows"] for s in stats),
         "samples": sum(s["samples"] for s in stats),
         "counts": merge_counts([s["counts"] for s in stats]),
+        # per shard (tar, manifest) bytes: a rerun checks them against one listing, reading no marker
+        "sizes": [[s.get("tar_size"), s.get("parquet_size")] for s in stats],
         "timings": {
             "shard_seconds": round(sum(s["seconds"] for s in stats), 3),
             "finalize_seconds": round(time.perf_counter() - t0, 3),
@@ -200,11 +202,19 @@ def run_local(
     only: list[str] | None = None,
     force: list[str] | None = None,
     log: Callable[[str], None] = print,
+    keep_last: int | None = None,
 ) -> dict[str, dict]:
-    """Run the pipeline in this process without Prefect; returns each stage's ``_SUCCESS`` info."""
+    """Run the pipeline in this process without Prefect; returns each stage's ``_SUCCESS`` info.
+
+    With a generation round, ``keep_last`` prunes the folders of older rounds once this one is done.
+    """
+    from ood_core.rounds import prune_rounds, record_round
+
     run, forced = selected_stages(only, force)
     keys = resolve_keys(cfg)
     write_run_record(root, cfg, keys)
+    if cfg.generate.round:
+        record_round(root, cfg.generate.round, keys)
     results = {}
     for name in run:
         store = stage_store(root, name, keys)
@@ -222,4 +232,6 @@ def run_local(
             log(f"[{name}] shard {index + 1}/{n_shards}: {stats['rows']} rows {stats['counts']}")
         results[name] = finalize_stage(ctx, name, keys, n_shards, started)
         log(f"[{name}] done -> {store.url()}")
+    if keep_last and cfg.generate.round:
+        prune_rounds(root, keep_last, cfg.generate.round, log)
     return results

@@ -60,6 +60,10 @@ def prepare_run_task(
     run, forced = selected_stages(only, force)
     keys = resolve_keys(config)
     write_run_record(root, config, keys)
+    if config.generate.round:
+        from ood_core.rounds import record_round
+
+        record_round(root, config.generate.round, keys)
     for name in run:
         get_run_logger().info(f"{name}: {stage_store(root, name, keys).url()}")
     return keys, run, sorted(forced)
@@ -122,3 +126,11 @@ def _publish(stage: str, store, info: dict) -> None:
     if store.exists(report):
         lines += ["", store.read_bytes(report).decode()]
     create_markdown_artifact("\n".join(lines), key=f"synth-ood-{stage}", description=f"synth-ood {stage} stage")
+
+
+@task(name="prune-rounds", cache_policy=NO_CACHE)
+def prune_rounds_task(root: str, keep_last: int, current: str) -> list[str]:
+    """Remove the folders of rounds older than the newest ``keep_last`` (never the current one's)."""
+    from ood_core.rounds import prune_rounds
+
+    return prune_rounds(root, keep_last, current, _logger())

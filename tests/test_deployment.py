@@ -122,7 +122,7 @@ def test_short_interval_schedule_creates_a_run_that_completes(server, tmp_path):
     prefect(env, "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "tiny",
             "--interval", "5", "--params", json.dumps(params))
     deployment = _api(env, "/deployments/name/synth-ood/tiny")
-    assert deployment["concurrency_limit"] == 1  # from deploy/prefect.yaml
+    assert deployment["global_concurrency_limit"]["limit"] == 1  # from deploy/prefect.yaml
     assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     worker_log = open(tmp_path / "worker.log", "w")
     worker = subprocess.Popen(

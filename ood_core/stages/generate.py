@@ -42,7 +42,8 @@ class GenerateStage(Stage):
             "seed": cfg.seed,
             "diffusion": cfg.models.diffusion.model_dump(mode="json"),
             "clip": cfg.models.clip.model_dump(mode="json"),
-            "generate": cfg.generate.model_dump(mode="json"),
+            # an empty round leaves keys as they were before rounds existed
+            "generate": cfg.generate.model_dump(mode="json", exclude={"round"} if not cfg.generate.round else None),
             # the energy scorer guiding the noise uses this scale
             "logit_scale": cfg.finetune.logit_scale,
         }
@@ -83,7 +84,7 @@ class GenerateStage(Stage):
         pipe = ctx.models.inpainter()
         score_fn = energy_score_fn(ctx.models.clip(), ctx.id_text_features, ctx.cfg.finetune.logit_scale)
         rec = ctx.records[item["source_key"]]
-        seed = derive_seed(ctx.cfg.seed, "generate", key)
+        seed = derive_seed(ctx.cfg.seed, "generate", key, *([ctx.cfg.generate.round] if ctx.cfg.generate.round else []))
         result = boundary_inpaint(
             pipe,
             load_image(rec, pipe.resolution),
