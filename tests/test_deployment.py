@@ -147,3 +147,49 @@ def test_short_interval_schedule_creates_a_run_that_completes(server, tmp_path):
         worker.terminate()
         worker.wait(timeout=30)
     assert (out / "sketch").is_dir()
+
+
+def test_fan_out_spreads_chunks_over_two_workers_on_an_s3_root(server, s3_bucket, tmp_path):
+    """Generate / elaborate / finetune run as chunk runs of synth-ood-shards/tiny-shards on two workers."""
+    import uuid
+
+    from ood_core.storage import StageStore
+
+    env = {**server, "FSSPEC_S3": os.environ["FSSPEC_S3"], "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    subprocess.run([str(BIN / "prefect"), "work-pool", "create", "cpu-pool", "--type", "process"],
+                   env=env, cwd=ROOT, capture_output=True, timeout=120)  # may exist from a test above
+    prefect(env, "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "tiny")
+    prefect(env, "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "tiny-shards")
+    logs = {name: tmp_path / f"{name}.log" for name in ("w1", "w2")}
+    workers = [
+        subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "cpu-pool", "--name", name],
+                         env=env, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        for name, log in logs.items()
+    ]
+    root = f"{s3_bucket}/fan-out-{uuid.uuid4().hex[:8]}"
+    params = {"out": root, "fan_out": "synth-ood-shards/tiny-shards", "chunk_size": 1, "max_in_flight": 4,
+              "overrides": {"models.cache_dir": str(tmp_path / "models")}}
+    try:
+        prefect(env, "deployment", "run", "synth-ood/tiny", "--params", json.dumps(params), "--watch", timeout=1500)
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait(timeout=60)
+    shard_deployment = _api(env, "/deployments/name/synth-ood-shards/tiny-shards")
+    runs = _api(env, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [shard_deployment["id"]]}}})
+    assert runs and all(r["state_type"] == "COMPLETED" for r in runs), [(r["name"], r["state_type"]) for r in runs]
+    by_worker = {name: {r["name"] for r in runs if r["id"] in log.read_text()} for name, log in logs.items()}
+    print("chunk runs per worker:", json.dumps({k: sorted(v) for k, v in by_worker.items()}, indent=1))
+    assert by_worker["w1"] and by_worker["w2"], "both workers ran chunks"
+    for stage in ("generate", "elaborate"):
+        assert any(n.startswith(stage) and not n.endswith("finalize") for n in by_worker["w1"] | by_worker["w2"])
+    keys = read_run_record(root)["keys"]
+    for stage in STAGE_ORDER:
+        assert StageStore(root, stage, keys[stage]).is_complete()
+    # artifacts are keyed by deployment, so tiny never overwrites imagenet's
+    arts = _api(env, "/artifacts/filter", {"artifacts": {"key": {"any_": ["synth-ood-tiny-finetune"]}}})
+    assert arts and "FPR95" in arts[0]["data"]
+    verify = subprocess.run([str(BIN / "synth-ood"), "verify", root], capture_output=True, text=True, env=env)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
