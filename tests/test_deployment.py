@@ -163,7 +163,8 @@ def test_fan_out_spreads_chunks_over_two_workers_on_an_s3_root(server, s3_bucket
     prefect(env, "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "tiny-shards")
     logs = {name: tmp_path / f"{name}.log" for name in ("w1", "w2")}
     workers = [
-        subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "cpu-pool", "--name", name],
+        # --limit 2: the parent takes one slot of one worker, so concurrent chunks must use both
+        subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "cpu-pool", "--name", name, "--limit", "2"],
                          env=env, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
         for name, log in logs.items()
     ]
@@ -180,7 +181,10 @@ def test_fan_out_spreads_chunks_over_two_workers_on_an_s3_root(server, s3_bucket
     shard_deployment = _api(env, "/deployments/name/synth-ood-shards/tiny-shards")
     runs = _api(env, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [shard_deployment["id"]]}}})
     assert runs and all(r["state_type"] == "COMPLETED" for r in runs), [(r["name"], r["state_type"]) for r in runs]
-    by_worker = {name: {r["name"] for r in runs if r["id"] in log.read_text()} for name, log in logs.items()}
+    # a worker's log also carries the output of the runs it started: count only its own submissions
+    submitted = {name: log.read_text() for name, log in logs.items()}
+    by_worker = {name: {r["name"] for r in runs if f"submitting flow run '{r['id']}'" in text}
+                 for name, text in submitted.items()}
     print("chunk runs per worker:", json.dumps({k: sorted(v) for k, v in by_worker.items()}, indent=1))
     assert by_worker["w1"] and by_worker["w2"], "both workers ran chunks"
     for stage in ("generate", "elaborate"):
