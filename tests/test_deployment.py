@@ -120,7 +120,7 @@ def test_short_interval_schedule_creates_a_run_that_completes(server, tmp_path):
     out = tmp_path / "out"
     params = {"out": str(out), "only": ["sketch"], "overrides": {"models.cache_dir": str(tmp_path / "models")}}
     prefect(env, "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "tiny",
-            "--interval", "5", "--params", json.dumps(params))
+            "--interval", "30", "--params", json.dumps(params))
     deployment = _api(env, "/deployments/name/synth-ood/tiny")
     assert deployment["global_concurrency_limit"]["limit"] == 1  # from deploy/prefect.yaml
     assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
@@ -133,7 +133,10 @@ def test_short_interval_schedule_creates_a_run_that_completes(server, tmp_path):
     try:
         deadline, states = time.time() + 1500, []  # generous: a busy 2-core machine took over 10 min
         while time.time() < deadline:
-            states = [r["state_type"] for r in _api(env, "/flow_runs/filter", query) if r["auto_scheduled"]]
+            try:
+                states = [r["state_type"] for r in _api(env, "/flow_runs/filter", query) if r["auto_scheduled"]]
+            except OSError:  # a busy server may not answer within 30 s; ask again
+                pass
             if "COMPLETED" in states or {"FAILED", "CRASHED"} & set(states):
                 break
             time.sleep(2)
@@ -183,7 +186,9 @@ def test_fan_out_spreads_chunks_over_two_workers_on_an_s3_root(server, s3_bucket
     assert runs and all(r["state_type"] == "COMPLETED" for r in runs), [(r["name"], r["state_type"]) for r in runs]
     # a worker's log also carries the output of the runs it started: count only its own submissions
     submitted = {name: log.read_text() for name, log in logs.items()}
-    by_worker = {name: {r["name"] for r in runs if f"submitting flow run '{r['id']}'" in text}
+    # two workers may both try to submit one run; the server aborts the second ("Aborted submission")
+    by_worker = {name: {r["name"] for r in runs if f"submitting flow run '{r['id']}'" in text
+                        and f"Aborted submission of flow run '{r['id']}'" not in text}
                  for name, text in submitted.items()}
     print("chunk runs per worker:", json.dumps({k: sorted(v) for k, v in by_worker.items()}, indent=1))
     assert by_worker["w1"] and by_worker["w2"], "both workers ran chunks"
