@@ -25,6 +25,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.out) if "://" not in args.out else args.out
     try:
         overrides = parse_overrides(args.set)
+        if args.round:
+            from ood_core.rounds import resolve_round
+
+            overrides["generate.round"] = resolve_round(args.round)
         cfg = load_config(args.preset, overrides)  # validate before any work or Prefect start-up
         selected_stages(_stages(args.only), _stages(args.force))
         # a missing upstream is one line here, not a failed flow run with Prefect's traceback
@@ -44,7 +48,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from ood_core.pipeline import run_local
 
         try:
-            results = run_local(cfg, out, _stages(args.only), _stages(args.force), check=False)
+            results = run_local(cfg, out, _stages(args.only), _stages(args.force), check=False,
+                                keep_last=args.keep_last)
         except (StageNotReady, DataError) as err:
             print(f"synth-ood: {err}", file=sys.stderr)
             return 2
@@ -58,7 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         try:
             results = synth_ood(
-                preset=args.preset, out=out, only=_stages(args.only), force=_stages(args.force), overrides=overrides
+                preset=args.preset, out=out, only=_stages(args.only), force=_stages(args.force), overrides=overrides,
+                keep_last=args.keep_last,
             )
         except StageNotReady as err:
             print(f"synth-ood: {err}", file=sys.stderr)
@@ -93,6 +99,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     history = read_run_history(args.dir)
     print(f"latest run in {args.dir} (preset {record['preset']}, {_when(record['time'])})")
+    from ood_core.rounds import list_rounds
+
+    rounds = list_rounds(args.dir)
+    if rounds:
+        latest = record["config"]["generate"].get("round", "")
+        print("rounds: " + ", ".join(r["round"] + (" (latest run)" if r["round"] == latest else "") for r in rounds))
     for name in STAGE_ORDER:
         store = StageStore(args.dir, name, record["keys"][name])
         if store.is_complete():
@@ -194,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", action="append", help="run only these stages (comma-separated)")
     r.add_argument("--force", action="append", help="recompute these stages (comma-separated)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. generate.rounds=2")
+    r.add_argument("--round", help="generation round (new data per round, sketch reused); @date = today (UTC)")
+    r.add_argument("--keep-last", type=int, metavar="K", help="with --round: prune all but the last K rounds' folders")
     r.add_argument("--no-prefect", action="store_true", help="run in-process without Prefect (debugging)")
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("status", help="per stage: done / partial / missing, counts by status and reason")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from flows.local_api import configure_local_api
 
@@ -10,8 +11,17 @@ configure_local_api()  # before Prefect reads its settings
 
 from prefect import flow, tags  # noqa: E402
 
+from flows.fanout import FAN_OUT_STAGES, chunked, run_chunks  # noqa: E402
 from ood_core.config import load_config  # noqa: E402
-from tasks import finalize_task, plan_task, preflight_task, prepare_run_task, shard_task  # noqa: E402
+from tasks import (  # noqa: E402
+    finalize_task,
+    pending_shards_task,
+    plan_task,
+    preflight_task,
+    prepare_run_task,
+    prune_rounds_task,
+    shard_task,
+)
 
 
 @flow(name="synth-ood", log_prints=True)
@@ -20,9 +30,27 @@ def synth_ood(
     out: str = "runs/tiny",
     only: list[str] | None = None,
     force: list[str] | None = None,
-    overrides: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    round: str = "",
+    keep_last: int | None = None,
+    fan_out: str | None = None,
+    chunk_size: int = 8,
+    max_in_flight: int = 8,
 ) -> dict[str, dict]:
-    """Run (or resume) the pipeline; finished stages and shards are reused, never recomputed."""
+    """Run (or resume) the pipeline; finished stages and shards are reused, never recomputed.
+
+    ``round`` (``@date``: the scheduled run's UTC date) makes a new generation round while sketch is
+    reused; ``keep_last`` then prunes all but the newest rounds' folders. ``fan_out`` names the
+    ``synth-ood-shards`` deployment (e.g. ``synth-ood-shards/imagenet-shards``) that runs the GPU
+    stages in chunks of ``chunk_size`` shards, at most ``max_in_flight`` chunk runs at a time; this
+    flow then only plans and waits (no GPU). Without it every shard runs in this flow run.
+    """
+    if round:
+        from prefect.runtime import flow_run
+
+        from ood_core.rounds import resolve_round
+
+        overrides = {**(overrides or {}), "generate.round": resolve_round(round, flow_run.scheduled_start_time)}
     cfg = load_config(preset, overrides).to_dict()
     preflight_task(cfg, out)
     keys, stages, forced = prepare_run_task(cfg, out, only, force)
@@ -32,7 +60,32 @@ def synth_ood(
         with tags("synth-ood", f"stage-{stage}"):
             started = time.time()
             n_shards = plan_task(stage, cfg, out, keys, force=stage in forced)
+            if fan_out and stage in FAN_OUT_STAGES:
+                results[stage] = _fan_out_stage(fan_out, stage, cfg, out, keys, n_shards, started, chunk_size, max_in_flight)
+                continue
             for index in range(n_shards):
                 shard_task(stage, cfg, out, keys, index, n_shards)
             results[stage] = finalize_task(stage, cfg, out, keys, n_shards, started)
+    if keep_last and cfg["generate"]["round"]:
+        prune_rounds_task(out, keep_last, cfg["generate"]["round"])
     return results
+
+
+def _fan_out_stage(
+    deployment: str, stage: str, cfg: dict, out: str, keys: dict[str, str], n_shards: int, started: float,
+    chunk_size: int, max_in_flight: int,
+) -> dict:
+    """Pending shards in chunks on the pool, then the stage-level step as one more run there."""
+    from prefect import get_run_logger
+
+    log = get_run_logger().info
+    params = {"stage": stage, "cfg": cfg, "root": out, "keys": keys, "n_shards": n_shards}
+    state = pending_shards_task(stage, out, keys, n_shards)
+    if state["pending"]:
+        run_chunks(deployment, stage, params, chunked(state["pending"], chunk_size), max_in_flight, log)
+        state = pending_shards_task(stage, out, keys, n_shards)
+    if not state["complete"]:
+        # training (finetune) needs the GPU: the stage-level step runs on the pool as well
+        run_chunks(deployment, stage, {**params, "finalize_started": started}, [[]], 1, log)
+    # cheap when a chunk run finished the stage; publishes the stage's summary either way
+    return finalize_task(stage, cfg, out, keys, n_shards, started)

@@ -7,6 +7,7 @@ key or bad value raises :class:`ConfigError` naming the key and what is allowed.
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -162,6 +163,9 @@ class GenerateConfig(_Strict):
     grad_batch: int = Field(2, ge=1)
     mask: Literal["full", "box"] = "full"
     shard_size: int = Field(16, ge=1)
+    # the generation round (e.g. a nightly run's date; not the `rounds` of noise optimisation):
+    # folded into generate's seed and key, so each round makes new data while sketch is reused
+    round: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$")
     # MM-OOD far branch: text-to-image samples of sketched outlier labels (kinds from sketch)
     t2i_kinds: list[Literal["far", "near"]] = ["far"]
     images_per_label: int = Field(4, ge=0)
@@ -310,7 +314,8 @@ def read_preset_yaml(path: Path) -> dict[str, Any]:
     return tree
 
 
-def _set_path(tree: dict, dotted: str, raw: str) -> None:
+def _set_path(tree: dict, dotted: str, raw: Any) -> None:
+    """Set ``a.b.c``; a string is parsed as YAML (``--set``), JSON values (numbers, lists) are kept."""
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
@@ -319,10 +324,12 @@ def _set_path(tree: dict, dotted: str, raw: str) -> None:
             raise ConfigError(f"--set {dotted}: '{k}' is a value, not a section")
         node = child
     try:
-        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.safe_load(raw) if isinstance(raw, str) and raw != "" else raw
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or type(err).__name__
         raise ConfigError(f"--set {dotted}={raw}: not a valid value ({problem}); quote it if it is text") from None
+    # YAML reads 2026-11-22 as a date; no config field is a date, so such a value stays text
+    node[keys[-1]] = raw if isinstance(value, datetime.date) else value
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
@@ -369,8 +376,12 @@ def validate_config(tree: dict[str, Any]) -> RunConfig:
         raise ConfigError(_explain(err, RunConfig)) from None
 
 
-def load_config(preset: str, overrides: dict[str, str] | list[str] | None = None) -> RunConfig:
-    """Load ``deploy/presets/<preset>.yaml`` (or a YAML path) and apply dotted overrides."""
+def load_config(preset: str, overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
+    """Load ``deploy/presets/<preset>.yaml`` (or a YAML path) and apply dotted overrides.
+
+    Override values are strings as typed after ``--set`` or JSON values as typed after
+    ``prefect deployment run -p overrides='{"generate.rounds": 4}'``; both are validated by the config.
+    """
     path = Path(preset)
     if not path.suffix:
         path = PRESET_DIR / f"{preset}.yaml"

@@ -202,7 +202,7 @@ def _copy_shard(src: StageStore, dst: StageStore, index: int) -> None:
 def run_shard(ctx: StageContext, name: str, index: int) -> dict:
     """Run one shard unless it is done and intact here, or can be copied from an equal-keyed folder."""
     if ctx.store.shard_done(index):
-        problems = ctx.store.shard_problems(index)
+        problems = ctx.store.shard_problems(index, deep=False)  # cheap; `synth-ood verify` re-hashes
         if not problems:
             return {**ctx.store.shard_stats(index), "reused": True}
         ctx.log(f"[{name}] shard {index} is not intact ({problems[0]}); recomputing it")
@@ -249,6 +249,8 @@ def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards:
         "rows": sum(s["rows"] for s in stats),
         "samples": sum(s["samples"] for s in stats),
         "counts": merge_counts([s["counts"] for s in stats]),
+        # per shard (tar, manifest) bytes: a rerun checks them against one listing, reading no marker
+        "sizes": [[s.get("tar_size"), s.get("parquet_size")] for s in stats],
         "timings": {
             "shard_seconds": round(sum(s["seconds"] for s in stats), 3),
             "finalize_seconds": round(time.perf_counter() - t0, 3),
@@ -364,11 +366,15 @@ def run_local(
     force: list[str] | None = None,
     log: Callable[[str], None] = print,
     check: bool = True,
+    keep_last: int | None = None,
 ) -> dict[str, dict]:
     """Run the pipeline in this process without Prefect; returns each stage's ``_SUCCESS`` info.
 
-    ``check`` runs the preflight first (data, OOD sets, model ids, endpoint, output root).
+    ``check`` runs the preflight first (data, OOD sets, model ids, endpoint, output root). With a
+    generation round, ``keep_last`` prunes the folders of older rounds once this one is done.
     """
+    from ood_core.rounds import prune_rounds, record_round
+
     run, forced = selected_stages(only, force)
     if check:
         from ood_core.preflight import preflight
@@ -376,6 +382,8 @@ def run_local(
         preflight(cfg, root)
     keys = resolve_keys(cfg)
     write_run_record(root, cfg, keys)
+    if cfg.generate.round:
+        record_round(root, cfg.generate.round, keys)
     results = {}
     for name in run:
         store = stage_store(root, name, keys)
@@ -395,4 +403,6 @@ def run_local(
             log(f"[{name}] shard {index + 1}/{n_shards}: {stats['rows']} rows {stats['counts']}{copied}")
         results[name] = finalize_stage(ctx, name, keys, n_shards, started)
         log(f"[{name}] done -> {store.url()}")
+    if keep_last and cfg.generate.round:
+        prune_rounds(root, keep_last, cfg.generate.round, log)
     return results

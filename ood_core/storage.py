@@ -8,7 +8,13 @@
     ``_SUCCESS.json``              written last for the stage
 
 Every file is written under a temporary name and renamed into place, so a killed process never
-leaves a visible partial file. Paths go through fsspec: ``s3://`` or ``gs://`` roots work too.
+leaves a visible partial file; on object storage a single PUT (or a multipart upload completed at
+close) is already all-or-nothing, so objects are written straight to their final name. Paths go
+through fsspec: ``s3://`` or ``gs://`` roots work too.
+
+Reuse is cheap: a finished shard is trusted by its marker plus the sizes recorded in it and the
+rule that no file was modified after its marker (one folder listing per stage, not one read per
+shard). Re-hashing every byte is left to ``synth-ood verify``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ SUCCESS = "_SUCCESS.json"
 # (kept for the report, with records that have no manifest row such as MLLM transcripts), so
 # ``shards/`` holds only what a consumer should use.
 REJECTED_STATUSES = frozenset({"rejected", "failed"})
+
+# stores where one PUT is atomic and a rename is a copy plus a delete
+OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "abfs", "az", "memory"}
 
 
 def canonical_json(obj: Any) -> str:
@@ -115,8 +124,17 @@ class StageStore:
         return self.path("rejected", f"{index:06d}.tar")
 
     # ------------------------------------------------------------ atomic io
+    def on_object_store(self) -> bool:
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return bool(OBJECT_STORE_PROTOCOLS & set(protocols))
+
     def write_bytes(self, path: str, data: bytes) -> None:
-        """Write under a temporary sibling name, then rename into place."""
+        """Write atomically: one PUT on object storage, else a temporary sibling renamed into place."""
+        if self.on_object_store():
+            # a killed writer leaves no object (an unfinished multipart upload is invisible), and
+            # no temporary object to clean up; a rename would be a copy plus a delete
+            self.fs.pipe_file(path, data)
+            return
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
@@ -157,6 +175,8 @@ class StageStore:
             "counts": count_by_status(rows),
             "tar_sha256": sha256_bytes(tar),
             "parquet_sha256": sha256_bytes(pqb),
+            "tar_size": len(tar),
+            "parquet_size": len(pqb),
             "seconds": round(seconds, 3),
             "schema_version": schema.version,
         }
@@ -243,13 +263,49 @@ class StageStore:
         if self.exists(self.base):
             self.fs.rm(self.base, recursive=True)
 
+    def _listing(self, folder: str) -> dict[str, dict]:
+        """``name -> info`` of one folder in one listing (one request per 1,000 objects on S3)."""
+        d = self.path(folder)
+        try:
+            infos = self.fs.ls(d, detail=True, refresh=True)  # never a cached listing: others write too
+        except FileNotFoundError:
+            return {}
+        return {info["name"].rstrip("/").rsplit("/", 1)[1]: info for info in infos}
+
+    def _file_info(self, path: str) -> dict | None:
+        try:
+            return self.fs.info(path)
+        except FileNotFoundError:
+            return None
+
+    def _cheap_problems(self, index: int, stats: dict, marker: dict | None, files: dict[str, dict | None]) -> list[str]:
+        """Trust a finished shard by its marker: files present, sizes as recorded, none newer than the marker."""
+        problems = []
+        marker_time = _info_time(marker) if marker else None
+        for kind, info in files.items():
+            folder = "shards" if kind == "tar" else "manifests"
+            label = f"{self.url()}/{folder}/{index:06d}.{kind}"
+            if info is None:
+                problems.append(f"{label}: missing")
+            elif f"{kind}_size" in stats and info.get("size") != stats[f"{kind}_size"]:
+                problems.append(f"{label}: {info.get('size')} bytes, stats/{index:06d}.json says {stats[f'{kind}_size']}")
+            elif marker_time is not None and (t := _info_time(info)) is not None and t > marker_time:
+                problems.append(f"{label}: modified after stats/{index:06d}.json (rewritten or corrupted)")
+        return problems
+
     def shard_problems(self, index: int, deep: bool = True) -> list[str]:
-        """Problems of one finished shard: missing files, sha256 mismatch, row/sample counts."""
+        """Problems of one finished shard: missing files, sha256 mismatch, row/sample counts.
+
+        ``deep=False`` is the cheap check a rerun uses (sizes and modification times, no reads).
+        """
         paths = {**self.shard_paths(index), "rejected": self.rejected_path(index)}
         try:
             stats = self.shard_stats(index)
         except (OSError, ValueError) as err:
             return [f"{self.url()}/stats/{index:06d}.json: unreadable ({err})"]
+        if not deep and "tar_size" in stats:  # markers written before sizes were recorded get the deep check
+            files = {kind: self._file_info(paths[kind]) for kind in ("tar", "parquet")}
+            return self._cheap_problems(index, stats, self._file_info(paths["stats"]), files)
         problems: list[str] = []
         kinds = ("tar", "parquet", "rejected") if "rejected_sha256" in stats else ("tar", "parquet")
         for kind in kinds:
@@ -257,8 +313,6 @@ class StageStore:
             label = f"{self.url()}/{folder}/{name}"
             if not self.exists(paths[kind]):
                 problems.append(f"{label}: missing")
-                continue
-            if not deep:
                 continue
             data = self.read_bytes(paths[kind])
             if sha256_bytes(data) != stats[f"{kind}_sha256"]:
@@ -278,8 +332,9 @@ class StageStore:
         return problems
 
     def shard_valid(self, index: int) -> bool:
-        """Finished and intact: the only kind of shard a rerun may reuse."""
-        return self.shard_done(index) and not self.shard_problems(index)
+        """Finished and (by the cheap check) intact: the only kind of shard a rerun may reuse."""
+        # no separate existence check: a missing marker is an unreadable one
+        return not self.shard_problems(index, deep=False)
 
     def invalidate_shard(self, index: int) -> None:
         """Drop a shard's marker (and the stage's, which no longer holds) so the shard reruns."""
@@ -290,22 +345,62 @@ class StageStore:
     def verify(self, deep: bool = True) -> list[str]:
         """Problems found, empty if consistent: missing files, hash mismatches, row counts."""
         problems: list[str] = []
+        sizes = None
         if not self.is_complete():
             problems.append(f"{self.url()}: missing {SUCCESS}")
             expected = None
         else:
-            expected = self.read_success().get("shards")
-        done = self.shard_indices()
+            success = self.read_success()
+            expected, sizes = success.get("shards"), success.get("sizes")
+        if deep:
+            done = self.shard_indices()
+        else:
+            markers = {n: i for n, i in self._listing("stats").items() if n.endswith(".json") and n[0].isdigit()}
+            done = sorted(int(n.split(".")[0]) for n in markers)
         if expected is not None and done != list(range(expected)):
             missing = sorted(set(range(expected)) - set(done))
             problems.append(f"{self.url()}: shards without stats marker: {missing}")
-        for i in done:
-            problems += self.shard_problems(i, deep)
+        if deep:
+            for i in done:
+                problems += self.shard_problems(i, deep)
+        else:
+            problems += self._cheap_stage_problems(done, markers, sizes)
+        return problems
+
+    def _cheap_stage_problems(
+        self, done: list[int], markers: dict[str, dict], sizes: list | None = None
+    ) -> list[str]:
+        """The cheap check of every finished shard: three listings, plus the sizes ``_SUCCESS.json``
+        copied from the markers (else one batched read of the markers)."""
+        tars, manifests = self._listing("shards"), self._listing("manifests")
+        problems: list[str] = []
+        if sizes is not None and done == list(range(len(sizes))) and all(a is not None for pair in sizes for a in pair):
+            for i in done:
+                stats = {"tar_size": sizes[i][0], "parquet_size": sizes[i][1]}
+                files = {"tar": tars.get(f"{i:06d}.tar"), "parquet": manifests.get(f"{i:06d}.parquet")}
+                problems += self._cheap_problems(i, stats, markers[f"{i:06d}.json"], files)
+            return problems
+        paths = [self.shard_paths(i)["stats"] for i in done]
+        blobs = self.fs.cat(paths, on_error="return") if paths else {}  # concurrent on object storage
+        for i, path in zip(done, paths, strict=True):
+            blob = blobs.get(path) if isinstance(blobs, dict) else None
+            try:
+                if isinstance(blob, Exception) or blob is None:
+                    raise OSError(blob)
+                stats = json.loads(blob)
+            except (OSError, ValueError) as err:
+                problems.append(f"{self.url()}/stats/{i:06d}.json: unreadable ({err})")
+                continue
+            if "tar_size" not in stats:
+                problems += self.shard_problems(i, deep=True)
+                continue
+            files = {"tar": tars.get(f"{i:06d}.tar"), "parquet": manifests.get(f"{i:06d}.parquet")}
+            problems += self._cheap_problems(i, stats, markers[f"{i:06d}.json"], files)
         return problems
 
     def is_valid(self) -> bool:
-        """Complete and every shard intact: the only kind of stage a rerun may reuse."""
-        return self.is_complete() and not self.verify()
+        """Complete and every shard intact by the cheap check: the only kind of stage a rerun may reuse."""
+        return self.is_complete() and not self.verify(deep=False)
 
 
 def split_by_status(samples: list[Sample], rows: list[dict]) -> tuple[list[Sample], list[Sample]]:
@@ -368,6 +463,19 @@ def list_stage_runs(root: str, stage: str) -> list[StageStore]:
             stores.append((info.get("mtime") or info.get("LastModified") or 0, info["name"].rsplit("/", 1)[1]))
     stores.sort(key=lambda t: (_as_time(t[0]), t[1]), reverse=True)
     return [StageStore(root, stage, k) for _, k in stores]
+
+
+def _info_time(info: dict) -> float | None:
+    """Modification time from an fsspec info dict (local ``mtime``, S3 ``LastModified``, memory ``created``)."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        if info.get(key) is not None:
+            value = info[key]
+            if isinstance(value, str):
+                from datetime import datetime
+
+                value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            return _as_time(value)
+    return None
 
 
 def _as_time(value: Any) -> float:

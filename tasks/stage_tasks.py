@@ -9,6 +9,7 @@ source of truth, and deleting a marker makes exactly that shard run again.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -52,14 +53,6 @@ def _shard_cache_key(_ctx: Any, p: dict[str, Any]) -> str | None:
     return f"synth-ood/{p['stage']}/{store.key}/shard-{p['index']:06d}@{_root_tag(p['root'])}"
 
 
-def _stage_cache_key(_ctx: Any, p: dict[str, Any]) -> str | None:
-    store = stage_store(p["root"], p["stage"], p["keys"])
-    # the shard tasks just before have checked every shard's hashes; here the markers suffice
-    if not store.is_complete() or len(store.shard_indices()) != store.read_success()["shards"]:
-        return None
-    return f"synth-ood/{p['stage']}/{store.key}/success@{_root_tag(p['root'])}"
-
-
 def _logger():
     log = get_run_logger()
     return lambda msg: log.info(secrets.scrub(msg))
@@ -84,6 +77,10 @@ def prepare_run_task(
     run, forced = selected_stages(only, force)
     keys = resolve_keys(config)
     write_run_record(root, config, keys)
+    if config.generate.round:
+        from ood_core.rounds import record_round
+
+        record_round(root, config.generate.round, keys)
     for name in run:
         get_run_logger().info(f"{name}: {stage_store(root, name, keys).url()}")
     return keys, run, sorted(forced)
@@ -127,9 +124,11 @@ def shard_task(stage: str, cfg: dict, root: str, keys: dict[str, str], index: in
     return stats
 
 
-@task(name="finalize-stage", task_run_name="finalize-{stage}", cache_key_fn=_stage_cache_key, persist_result=True)
+# never a cache hit: a complete stage returns its _SUCCESS.json at once, and a fully reused run
+# must still publish its summary
+@task(name="finalize-stage", task_run_name="finalize-{stage}", cache_policy=NO_CACHE)
 def finalize_task(stage: str, cfg: dict, root: str, keys: dict[str, str], n_shards: int, started: float) -> dict:
-    """The stage-level step (training, report), then ``_SUCCESS.json``."""
+    """The stage-level step (training, report), then ``_SUCCESS.json``; publishes the stage's summary."""
     config = validate_config(cfg)
     ctx = make_context(config, root, stage, keys, _logger())
     info = finalize_stage(ctx, stage, keys, n_shards, started)
@@ -145,6 +144,11 @@ def _publish(stage: str, store, info: dict) -> None:
     lines = [f"## {stage} `{info['key']}`", "", f"{store.url()}", "", "| status | reason | count |", "|---|---|---|"]
     for status, reasons in sorted(info["counts"].items()):
         lines += [f"| {status} | {reason} | {n} |" for reason, n in sorted(reasons.items())]
+    t = info.get("timings") or {}
+    if t:
+        rate = info["rows"] / t["shard_seconds"] if t.get("shard_seconds") else 0.0
+        lines += ["", f"{info['shards']} shards, {info['rows']} rows; shard time {t['shard_seconds']} s "
+                  f"({rate:.2f} rows/s), stage-level step {t['finalize_seconds']} s, wall {t['wall_seconds']} s"]
     report = store.path("artifacts", "report.md")
     if store.exists(report):
         # the UI cannot follow links into the stage folder: the report's plots go in inline
@@ -153,4 +157,34 @@ def _publish(stage: str, store, info: dict) -> None:
             return store.read_bytes(path) if store.exists(path) else None
 
         lines += ["", embed_images(store.read_bytes(report).decode(), read)]
-    create_markdown_artifact(secrets.scrub("\n".join(lines)), key=f"synth-ood-{stage}", description=f"synth-ood {stage} stage")
+    create_markdown_artifact(secrets.scrub("\n".join(lines)), key=artifact_key(stage), description=f"synth-ood {stage} stage")
+
+
+def artifact_key(stage: str) -> str:
+    """``synth-ood-<deployment>-<stage>`` in a deployment run (``tiny`` never overwrites ``imagenet``)."""
+    from prefect.runtime import deployment
+
+    name = deployment.name
+    if not name:
+        return f"synth-ood-{stage}"
+    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    return f"synth-ood-{slug}-{stage}"
+
+
+@task(name="prune-rounds", cache_policy=NO_CACHE)
+def prune_rounds_task(root: str, keep_last: int, current: str) -> list[str]:
+    """Remove the folders of rounds older than the newest ``keep_last`` (never the current one's)."""
+    from ood_core.rounds import prune_rounds
+
+    return prune_rounds(root, keep_last, current, _logger())
+
+
+@task(name="pending-shards", task_run_name="pending-{stage}", cache_policy=NO_CACHE)
+def pending_shards_task(stage: str, root: str, keys: dict[str, str], n_shards: int) -> dict:
+    """``{"pending": [shards to run], "complete": bool}`` by the cheap check (one listing when complete)."""
+    store = stage_store(root, stage, keys)
+    if store.is_valid():
+        return {"pending": [], "complete": True}
+    pending = [i for i in range(n_shards) if not store.shard_valid(i)]
+    get_run_logger().info(f"{stage}: {n_shards - len(pending)}/{n_shards} shards done, {len(pending)} to run")
+    return {"pending": pending, "complete": False}

@@ -15,3 +15,19 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 # a fresh PREFECT_HOME means the local API creates its database first: slow on a busy 2-core machine
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks` helpers
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """``s3://synth-ood`` on moto's S3 server on 127.0.0.1; child processes inherit the endpoint (FSSPEC_S3)."""
+    from benchmarks.moto_s3 import moto_s3
+
+    with moto_s3("synth-ood") as root:
+        yield root

@@ -38,6 +38,8 @@ def server(tmp_path_factory):
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "results"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
+        # the scheduler visits deployments every 60 s by default; a short loop keeps the test short
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "PWD": str(ROOT),
     }
@@ -103,3 +105,106 @@ def test_deployment_run_completes_and_a_second_run_reuses_everything(server, tmp
     assert verify.returncode == 0, verify.stdout
     # the server's scheduler works (SQLAlchemy 2.1 made it fail with a bulk_dml error)
     assert "bulk_dml" not in (Path(env["PREFECT_HOME"]) / "server.log").read_text()
+
+
+def _api(env: dict, path: str, body: dict | None = None) -> object:
+    req = urllib.request.Request(
+        env["PREFECT_API_URL"] + path,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"},
+        method="POST" if body is not None else "GET",
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_short_interval_schedule_creates_a_run_that_completes(server, tmp_path):
+    """The server's scheduler creates runs (it did not with SQLAlchemy 2.1) and the deployment is limited to one."""
+    env = server
+    subprocess.run([str(BIN / "prefect"), "work-pool", "create", "cpu-pool", "--type", "process"],
+                   env=env, cwd=ROOT, capture_output=True, timeout=120)  # may exist from the test above
+    out = tmp_path / "out"
+    params = {"out": str(out), "only": ["sketch"], "overrides": {"models.cache_dir": str(tmp_path / "models")}}
+    prefect(env, "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "tiny",
+            "--interval", "30", "--params", json.dumps(params))
+    deployment = _api(env, "/deployments/name/synth-ood/tiny")
+    assert deployment["global_concurrency_limit"]["limit"] == 1  # from deploy/prefect.yaml
+    assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    worker_log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "cpu-pool"],
+        env=env, cwd=ROOT, stdout=worker_log, stderr=subprocess.STDOUT,
+    )
+    query = {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}}
+    try:
+        deadline, states = time.time() + 1500, []  # generous: a busy 2-core machine took over 10 min
+        while time.time() < deadline:
+            try:
+                states = [r["state_type"] for r in _api(env, "/flow_runs/filter", query) if r["auto_scheduled"]]
+            except OSError:  # a busy server may not answer within 30 s; ask again
+                pass
+            if "COMPLETED" in states or {"FAILED", "CRASHED"} & set(states):
+                break
+            time.sleep(2)
+        assert "COMPLETED" in states, f"no scheduled run completed: {states}; see {tmp_path / 'worker.log'}"
+        server_log = (Path(env["PREFECT_HOME"]) / "server.log").read_text()
+        assert "bulk_dml" not in server_log
+    finally:
+        # the schedule would keep creating runs: remove it with the deployment, then stop our worker
+        subprocess.run([str(BIN / "prefect"), "deployment", "delete", "synth-ood/tiny"],
+                       env=env, cwd=ROOT, capture_output=True, timeout=120)
+        worker.terminate()
+        worker.wait(timeout=30)
+    assert (out / "sketch").is_dir()
+
+
+def test_fan_out_spreads_chunks_over_two_workers_on_an_s3_root(server, s3_bucket, tmp_path):
+    """Generate / elaborate / finetune run as chunk runs of synth-ood-shards/tiny-shards on two workers."""
+    import uuid
+
+    from ood_core.storage import StageStore
+
+    env = {**server, "FSSPEC_S3": os.environ["FSSPEC_S3"], "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    subprocess.run([str(BIN / "prefect"), "work-pool", "create", "cpu-pool", "--type", "process"],
+                   env=env, cwd=ROOT, capture_output=True, timeout=120)  # may exist from a test above
+    prefect(env, "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "tiny")
+    prefect(env, "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "tiny-shards")
+    logs = {name: tmp_path / f"{name}.log" for name in ("w1", "w2")}
+    workers = [
+        # no --limit: runs left scheduled by a deleted deployment keep a worker's slots taken (Prefect 3.8.8)
+        subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "cpu-pool", "--name", name],
+                         env=env, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        for name, log in logs.items()
+    ]
+    root = f"{s3_bucket}/fan-out-{uuid.uuid4().hex[:8]}"
+    params = {"out": root, "fan_out": "synth-ood-shards/tiny-shards", "chunk_size": 1, "max_in_flight": 4,
+              "overrides": {"models.cache_dir": str(tmp_path / "models")}}
+    try:
+        prefect(env, "deployment", "run", "synth-ood/tiny", "--params", json.dumps(params), "--watch", timeout=1500)
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait(timeout=60)
+    shard_deployment = _api(env, "/deployments/name/synth-ood-shards/tiny-shards")
+    runs = _api(env, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [shard_deployment["id"]]}}})
+    assert runs and all(r["state_type"] == "COMPLETED" for r in runs), [(r["name"], r["state_type"]) for r in runs]
+    # a worker's log also carries the output of the runs it started: count only its own submissions
+    submitted = {name: log.read_text() for name, log in logs.items()}
+    # two workers may both try to submit one run; the server aborts the second ("Aborted submission")
+    by_worker = {name: {r["name"] for r in runs if f"submitting flow run '{r['id']}'" in text
+                        and f"Aborted submission of flow run '{r['id']}'" not in text}
+                 for name, text in submitted.items()}
+    print("chunk runs per worker:", json.dumps({k: sorted(v) for k, v in by_worker.items()}, indent=1))
+    assert by_worker["w1"] and by_worker["w2"], "both workers ran chunks"
+    for stage in ("generate", "elaborate"):
+        assert any(n.startswith(stage) and not n.endswith("finalize") for n in by_worker["w1"] | by_worker["w2"])
+    keys = read_run_record(root)["keys"]
+    for stage in STAGE_ORDER:
+        assert StageStore(root, stage, keys[stage]).is_complete()
+    # artifacts are keyed by deployment, so tiny never overwrites imagenet's
+    arts = _api(env, "/artifacts/filter", {"artifacts": {"key": {"any_": ["synth-ood-tiny-finetune"]}}})
+    assert arts and "FPR95" in arts[0]["data"]
+    verify = subprocess.run([str(BIN / "synth-ood"), "verify", root], capture_output=True, text=True, env=env)
+    assert verify.returncode == 0, verify.stdout + verify.stderr

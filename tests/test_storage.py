@@ -141,3 +141,55 @@ def test_training_shards_hold_kept_samples_only_rejected_ones_go_aside(tmp_path)
     open(store.rejected_path(0), "wb").write(bytes(data))
     problems = store.verify()
     assert len(problems) == 1 and "rejected/000000.tar" in problems[0] and "sha256" in problems[0]
+
+
+def test_reuse_trusts_marker_and_sizes_without_reading_shards_verify_rehashes(tmp_path, monkeypatch):
+    import os
+
+    store = StageStore(str(tmp_path), "generate", "k")
+    stats = [_write(store, i) for i in range(3)]
+    store.write_success({"shards": 3, "sizes": [[s["tar_size"], s["parquet_size"]] for s in stats]})
+    assert store.shard_stats(1)["tar_size"] == os.path.getsize(store.shard_paths(1)["tar"])
+    # a same-size flip with the old mtime put back: only a full re-hash can see it
+    path = store.shard_paths(1)["tar"]
+    st = os.stat(path)
+    data = bytearray(open(path, "rb").read())
+    data[600] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    reads: list[str] = []
+    real_read = StageStore.read_bytes
+    monkeypatch.setattr(StageStore, "read_bytes", lambda self, p: reads.append(p) or real_read(self, p))
+    assert store.is_valid() and store.shard_valid(1)
+    assert not [p for p in reads if p.endswith((".tar", ".parquet"))], "the cheap check must not read shard data"
+    assert [p.rsplit("/", 1)[1] for p in reads if "/stats/" not in p] == ["_SUCCESS.json"]
+    assert "sha256" in store.verify()[0]  # `synth-ood verify` re-hashes
+
+
+def test_cheap_check_catches_truncated_and_rewritten_files(tmp_path):
+    import os
+
+    store = StageStore(str(tmp_path), "generate", "k")
+    for i in range(3):
+        _write(store, i)
+    store.write_success({"shards": 3})
+    tar = store.shard_paths(0)["tar"]
+    open(tar, "r+b").truncate(512)
+    parquet = store.shard_paths(2)["parquet"]
+    data = open(parquet, "rb").read()
+    later = os.stat(store.shard_paths(2)["stats"]).st_mtime_ns + 5_000_000_000
+    open(parquet, "wb").write(data)  # same bytes, but written after the marker: not trusted
+    os.utime(parquet, ns=(later, later))
+    problems = store.verify(deep=False)
+    assert any("shards/000000.tar: 512 bytes" in p for p in problems)
+    assert any("manifests/000002.parquet: modified after" in p for p in problems)
+    assert not store.is_valid() and not store.shard_valid(0) and store.shard_valid(1) and not store.shard_valid(2)
+
+
+def test_stage_check_uses_sizes_from_success_and_still_sees_a_truncated_shard(tmp_path):
+    store = StageStore(str(tmp_path), "generate", "k")
+    stats = [_write(store, i) for i in range(2)]
+    store.write_success({"shards": 2, "sizes": [[s["tar_size"], s["parquet_size"]] for s in stats]})
+    assert store.is_valid()
+    open(store.shard_paths(1)["tar"], "r+b").truncate(512)
+    assert any("shards/000001.tar: 512 bytes" in p for p in store.verify(deep=False))

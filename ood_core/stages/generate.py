@@ -111,6 +111,16 @@ class Generator:
 GENERATORS: Registry[type[Generator]] = Registry("generator")
 
 
+def _round(g) -> dict:
+    # an empty generation round leaves keys as they were before rounds existed
+    return {"round": g.round} if g.round else {}
+
+
+def sample_seed(cfg: RunConfig, key: str) -> int:
+    """A generated sample's seed: run seed, sample key and the generation round (a new round, new data)."""
+    return derive_seed(cfg.seed, "generate", key, *([cfg.generate.round] if cfg.generate.round else []))
+
+
 @GENERATORS.register("boundary")
 class BoundaryGenerator(Generator):
     """SynOOD boundary inpainting of one selected ID image per item."""
@@ -123,7 +133,8 @@ class BoundaryGenerator(Generator):
             "seed": cfg.seed,
             "diffusion": cfg.models.diffusion.model_dump(mode="json"),
             "clip": cfg.models.clip.model_dump(mode="json"),
-            "generate": {k: getattr(g, k) for k in ("steps", "strength", "guidance", "rounds", "lr", "m_out", "mask")},
+            "generate": {k: getattr(g, k) for k in ("steps", "strength", "guidance", "rounds", "lr", "m_out",
+                                                   "grad_batch", "mask")} | _round(g),
             # the energy scorer guiding the noise uses this scale
             "logit_scale": cfg.finetune.logit_scale,
         }
@@ -163,7 +174,7 @@ class BoundaryGenerator(Generator):
         pipe = ctx.models.inpainter()
         score_fn = energy_score_fn(ctx.models.clip(), ctx.id_text_features, ctx.cfg.finetune.logit_scale)
         rec = ctx.records[item["source_key"]]
-        seed = derive_seed(ctx.cfg.seed, "generate", key)
+        seed = sample_seed(ctx.cfg, key)
         t0 = time.perf_counter()
         result = boundary_inpaint(
             pipe,
@@ -218,7 +229,7 @@ class TextToImageGenerator(Generator):
         return {
             "seed": cfg.seed,
             "t2i": cfg.models.t2i.model_dump(mode="json"),
-            "generate": {k: getattr(g, k) for k in ("t2i_steps", "t2i_guidance", "t2i_template")},
+            "generate": {k: getattr(g, k) for k in ("t2i_steps", "t2i_guidance", "t2i_template")} | _round(g),
         }
 
     def shard_size(self, cfg: RunConfig) -> int:
@@ -251,7 +262,7 @@ class TextToImageGenerator(Generator):
         pipe = ctx.models.text_to_image()
         template = T2I_TEMPLATES[g.t2i_template]
         prompts = [template.format(label=it["label"]) for it in items]
-        seeds = [derive_seed(ctx.cfg.seed, "generate", self.key(it)) for it in items]
+        seeds = [sample_seed(ctx.cfg, self.key(it)) for it in items]
         t0 = time.perf_counter()
         images = pipe.generate(prompts, seeds, steps=g.t2i_steps, guidance=g.t2i_guidance)
         per_image = round((time.perf_counter() - t0) / len(items), 3)
@@ -278,7 +289,8 @@ class GenerateStage(Stage):
             "diffusion": cfg.models.diffusion.model_dump(mode="json"),
             "t2i": cfg.models.t2i.model_dump(mode="json"),
             "clip": cfg.models.clip.model_dump(mode="json"),
-            "generate": cfg.generate.model_dump(mode="json"),
+            # an empty round leaves keys as they were before rounds existed
+            "generate": cfg.generate.model_dump(mode="json", exclude={"round"} if not cfg.generate.round else None),
             # the energy scorer guiding the noise uses this scale
             "logit_scale": cfg.finetune.logit_scale,
         }
