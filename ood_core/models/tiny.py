@@ -161,10 +161,10 @@ def _byte_bpe_tokenizer(specials: list[str], vocab_size: int = 1000):
     return tok
 
 
-# ---------------------------------------------------------------- sd-inpaint
-@_register("sd-inpaint")
-def _build_sd_inpaint(out: Path, seed: int) -> None:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+# ---------------------------------------------------------------- stable diffusion
+def _save_sd_pipeline(out: Path, pipeline_cls: type, unet_in_channels: int, unet_sample_size: int) -> None:
+    """A tiny SD pipeline (UNet + VAE + CLIP text model + DDIM) of ``pipeline_cls``, saved to ``out``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = _clip_tokenizer()
@@ -182,10 +182,9 @@ def _build_sd_inpaint(out: Path, seed: int) -> None:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    # SD-2-inpainting shape: 9 input channels = 4 noisy latents + 1 mask + 4 masked-image latents.
     unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=9,
+        sample_size=unet_sample_size,
+        in_channels=unet_in_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -215,7 +214,7 @@ def _build_sd_inpaint(out: Path, seed: int) -> None:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    pipe = StableDiffusionInpaintPipeline(
+    pipe = pipeline_cls(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -228,70 +227,20 @@ def _build_sd_inpaint(out: Path, seed: int) -> None:
     pipe.save_pretrained(str(out), safe_serialization=True)
 
 
-# ---------------------------------------------------------------- sd-t2i
+@_register("sd-inpaint")
+def _build_sd_inpaint(out: Path, seed: int) -> None:
+    """SD-2-inpainting shape: 9 input channels = 4 noisy latents + 1 mask + 4 masked-image latents."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    _save_sd_pipeline(out, StableDiffusionInpaintPipeline, unet_in_channels=9, unet_sample_size=8)
+
+
 @_register("sd-t2i")
 def _build_sd_t2i(out: Path, seed: int) -> None:
     """SD-1.5-shaped text-to-image: 4-channel UNet + VAE + CLIP text model, saved as a pipeline."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline
 
-    tokenizer = _clip_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=64,
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(out), safe_serialization=True)
+    _save_sd_pipeline(out, StableDiffusionPipeline, unet_in_channels=4, unet_sample_size=16)
 
 
 # ---------------------------------------------------------------- llava
