@@ -38,6 +38,7 @@ def _sets(url: str, models: str) -> dict[str, str]:
         "models.endpoint.backoff_max": "0.05",
         "models.endpoint.breaker_cooldown": "0",
         "sketch.far_labels": "0",
+        "sketch.fine_labels": "0",  # one MLLM request each: the script counts context requests only
         "sketch.near_per_class": "0",
         "sketch.sources_per_class": "3",
         "sketch.shard_size": "64",
