@@ -25,7 +25,7 @@ CARD = "README.md"
 def annotate_samples(
     samples: list[Sample], rows: list[dict], classnames: Sequence[str] | Callable[[], Sequence[str]]
 ) -> None:
-    """Add ``class_name`` and ``label_text`` to every sample's JSON (in place)."""
+    """Add ``class_name`` and ``label_text`` to every sample's JSON and drop its null fields (in place)."""
     with_json = [s for s in samples if "json" in s.files]
     if not with_json:
         return
@@ -35,6 +35,9 @@ def annotate_samples(
         meta = json.loads(s.files["json"])
         if not isinstance(meta, dict):
             continue
+        # null is absence (the manifest has every column): `datasets` infers a field's type from the
+        # first samples, and a null there (a boundary image's `label`) cannot take a later string
+        meta = {k: v for k, v in meta.items() if v is not None}
         row = by_key.get(s.key, {})
         idx = meta.get("class_idx", row.get("class_idx"))
         if isinstance(idx, int) and 0 <= idx < len(names):
