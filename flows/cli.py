@@ -30,6 +30,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             overrides["generate.round"] = resolve_round(args.round)
         cfg = load_config(args.preset, overrides)  # validate before any work or Prefect start-up
+        from ood_core.rounds import check_keep_last
+
+        check_keep_last(cfg.finetune.rounds_window, args.keep_last)
         selected_stages(_stages(args.only), _stages(args.force))
         # a missing upstream is one line here, not a failed flow run with Prefect's traceback
         check_upstream_ready(cfg, out, _stages(args.only), _stages(args.force))

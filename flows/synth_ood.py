@@ -13,6 +13,7 @@ from prefect import flow, tags  # noqa: E402
 
 from flows.fanout import FAN_OUT_STAGES, chunked, run_chunks  # noqa: E402
 from ood_core.config import load_config  # noqa: E402
+from ood_core.rounds import check_keep_last  # noqa: E402
 from tasks import (  # noqa: E402
     finalize_task,
     pending_shards_task,
@@ -52,6 +53,7 @@ def synth_ood(
 
         overrides = {**(overrides or {}), "generate.round": resolve_round(round, flow_run.scheduled_start_time)}
     cfg = load_config(preset, overrides).to_dict()
+    check_keep_last(cfg["finetune"]["rounds_window"], keep_last)  # before any work, not at the end
     preflight_task(cfg, out)
     keys, stages, forced = prepare_run_task(cfg, out, only, force)
     results = {}

@@ -261,6 +261,9 @@ class FinetuneConfig(_Strict):
     mm_ood_near_ratio: float = Field(0.5, ge=0.0, le=1.0)
     # which kinds of kept synthetic images train the adapter (boundary = SynOOD, far = MM-OOD)
     synthetic_kinds: list[Literal["boundary", "far", "near"]] = ["boundary"]
+    # train on the kept synthetic images (and elaborated labels) of the last K generation rounds,
+    # this one included (1: this round only); the rounds it reads go into finetune's key
+    rounds_window: int = Field(1, ge=1)
 
 
 class RunConfig(_Strict):

@@ -27,14 +27,32 @@ class StageNotReady(RuntimeError):
     """An upstream stage a run needs is not complete."""
 
 
-def resolve_keys(cfg: RunConfig) -> dict[str, str]:
-    """Every stage's content key; each hashes its config slice and its upstream keys."""
+def resolve_keys(cfg: RunConfig, root: str | None = None) -> dict[str, str]:
+    """Every stage's content key; each hashes its config slice and its upstream keys.
+
+    With ``root``, a stage with a round window (finetune's ``rounds_window`` > 1) also hashes the
+    earlier rounds' folders it reads, recorded under ``root``; they are added to the keys as
+    ``<stage>@<round>`` entries, so a new round changes its key and the same set gives the same key.
+    """
+    from ood_core.rounds import round_window
+
     keys: dict[str, str] = {}
     for name in STAGE_ORDER:
         stage = STAGES.get(name)()
-        up = {u: keys[u] for u in stage.upstream}
-        keys[name] = stage_key(name, stage.schema.version, stage.config_slice(cfg), up)
+        if root is not None and stage.round_window:
+            keys.update(round_window(root, cfg.generate.round, stage.window_size(cfg), keys, stage.round_window))
+        keys[name] = stage_key(name, stage.schema.version, stage.config_slice(cfg), upstream_keys(name, keys))
     return keys
+
+
+def upstream_keys(name: str, keys: dict[str, str]) -> dict[str, str]:
+    """The keys of the folders stage ``name`` reads: its upstream stages and their windowed rounds."""
+    from ood_core.rounds import window_base
+
+    stage = STAGES.get(name)()
+    up = {u: keys[u] for u in stage.upstream}
+    up.update({k: v for k, v in keys.items() if k not in up and window_base(k) in stage.round_window})
+    return up
 
 
 def stage_store(root: str, name: str, keys: dict[str, str]) -> StageStore:
@@ -42,10 +60,16 @@ def stage_store(root: str, name: str, keys: dict[str, str]) -> StageStore:
 
 
 def make_context(cfg: RunConfig, root: str, name: str, keys: dict[str, str], log=print) -> StageContext:
-    stage = STAGES.get(name)()
+    from ood_core.rounds import window_base
+
     upstream = {}
-    for u in stage.upstream:
-        store = stage_store(root, u, keys)
+    for u, key in upstream_keys(name, keys).items():
+        store = StageStore(root, window_base(u), key)
+        if u != window_base(u) and not store.is_complete():
+            raise StageNotReady(
+                f"stage '{name}' reads the earlier round's folder '{u}' ({store.url()}), which is no longer "
+                f"complete (pruned or deleted since the run started): run again to use the rounds present"
+            )
         if not store.is_complete():
             raise StageNotReady(
                 f"stage '{name}' needs '{u}' ({store.url()}) to be complete, and it is not"
@@ -73,9 +97,9 @@ def explain_key_change(cfg: RunConfig, root: str, name: str, keys: dict[str, str
         return f" (no finished '{name}' folder exists under {root})"
     old = finished[0].read_success()
     changes = _diff(old.get("config", {}), stage.config_slice(cfg))
-    changes += [
-        f"upstream '{u}' key ({k} -> {keys[u]})" for u, k in sorted(old.get("upstream", {}).items()) if keys.get(u) != k
-    ]
+    up, old_up = upstream_keys(name, keys), old.get("upstream", {})
+    changes += [f"upstream '{u}' key ({old_up.get(u)} -> {up.get(u)})" for u in sorted(set(up) | set(old_up))
+                if up.get(u) != old_up.get(u)]
     what = "; ".join(changes[:5]) or "its schema or code version"
     return (
         f": its key changed from {finished[0].key} (the newest finished '{name}') to {keys[name]} "
@@ -96,7 +120,7 @@ def shard_key(cfg: RunConfig, name: str, keys: dict[str, str]) -> str:
     sliced = stage.shard_slice(cfg)
     if sliced is None:
         return keys[name]
-    return stage_key(f"{name}/shards", stage.schema.version, sliced, {u: keys[u] for u in stage.upstream})
+    return stage_key(f"{name}/shards", stage.schema.version, sliced, upstream_keys(name, keys))
 
 
 def read_plan(store: StageStore) -> dict | None:
@@ -162,7 +186,7 @@ def content_keys(cfg: RunConfig, name: str, keys: dict[str, str], shards: list[S
     stage = STAGES.get(name)()
     if not hasattr(stage, "shard_content_slice"):
         return []
-    up = {u: keys[u] for u in stage.upstream}
+    up = upstream_keys(name, keys)
     out: list[str | None] = []
     for p in shards:
         sliced = stage.shard_content_slice(cfg, p.items)
@@ -244,7 +268,7 @@ def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards:
         "key": keys[name],
         "schema_version": stage.schema.version,
         "config": stage.config_slice(ctx.cfg),
-        "upstream": {u: keys[u] for u in stage.upstream},
+        "upstream": upstream_keys(name, keys),
         "shards": n_shards,
         "rows": sum(s["rows"] for s in stats),
         "samples": sum(s["samples"] for s in stats),
@@ -310,7 +334,7 @@ def check_upstream_ready(cfg: RunConfig, root: str, only: list[str] | None, forc
     """Raise StageNotReady before any work when a selected stage needs an upstream stage that is
     neither complete nor part of this run (so the message is the whole output, under any runner)."""
     run, _ = selected_stages(only, force)
-    keys = resolve_keys(cfg)
+    keys = resolve_keys(cfg, root)
     for name in run:
         for u in STAGES.get(name)().upstream:
             if u in run:
@@ -373,14 +397,15 @@ def run_local(
     ``check`` runs the preflight first (data, OOD sets, model ids, endpoint, output root). With a
     generation round, ``keep_last`` prunes the folders of older rounds once this one is done.
     """
-    from ood_core.rounds import prune_rounds, record_round
+    from ood_core.rounds import check_keep_last, prune_rounds, record_round
 
     run, forced = selected_stages(only, force)
+    check_keep_last(cfg.finetune.rounds_window, keep_last)
     if check:
         from ood_core.preflight import preflight
 
         preflight(cfg, root)
-    keys = resolve_keys(cfg)
+    keys = resolve_keys(cfg, root)
     write_run_record(root, cfg, keys)
     if cfg.generate.round:
         record_round(root, cfg.generate.round, keys)

@@ -75,7 +75,7 @@ def prepare_run_task(
     """Validate the config, compute every stage key, record the run; returns (keys, stages, forced)."""
     config = validate_config(cfg)
     run, forced = selected_stages(only, force)
-    keys = resolve_keys(config)
+    keys = resolve_keys(config, root)
     write_run_record(root, config, keys)
     if config.generate.round:
         from ood_core.rounds import record_round

@@ -238,6 +238,13 @@ class Stage:
     upstream: tuple[str, ...] = ()
     # models loaded at the start of the stage (when it has shards to run): roles of ModelHub.load
     models: tuple[str, ...] = ()
+    # upstream stages whose folders of earlier generation rounds this stage reads too (as
+    # ``<stage>@<round>`` upstream entries), over ``window_size`` rounds
+    round_window: tuple[str, ...] = ()
+
+    def window_size(self, cfg: RunConfig) -> int:
+        """How many generation rounds, this one included, the ``round_window`` stages are read from."""
+        return 1
 
     def config_slice(self, cfg: RunConfig) -> dict:
         """The part of the config that determines this stage's output (goes into the key)."""

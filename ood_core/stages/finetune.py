@@ -31,6 +31,7 @@ from ood_core.stages.base import (
     npy_load,
     row,
 )
+from ood_core.storage import StageStore
 from schemas import FINETUNE
 
 FEATURE_SHARD = 256
@@ -43,13 +44,19 @@ class FinetuneStage(Stage):
     schema = FINETUNE
     upstream = ("sketch", "elaborate")
     models = ("clip",)
+    round_window = ("elaborate",)
+
+    def window_size(self, cfg: RunConfig) -> int:
+        return cfg.finetune.rounds_window
 
     def config_slice(self, cfg: RunConfig) -> dict:
         return {
             "seed": cfg.seed,
             "data": data_content(cfg.data, cfg.seed),
             "clip": cfg.models.clip.model_dump(mode="json"),
-            "finetune": cfg.finetune.model_dump(mode="json"),
+            # the window's effect is the set of rounds it reads, which the key hashes as upstream
+            # folders (so the same set gives the same key, and a window of 1 keeps the old keys)
+            "finetune": cfg.finetune.model_dump(mode="json", exclude={"rounds_window"}),
         }
 
     def shard_slice(self, cfg: RunConfig) -> dict:
@@ -81,7 +88,7 @@ class FinetuneStage(Stage):
         for name, recs in _ood_sets(ctx).items():
             items += [{"key": r.key, "role": f"ood:{name}", "class_idx": -1, "label_idx": -1} for r in recs.values()]
         dups = _cross_dups(ctx)
-        kept = [r for r in ctx.upstream_rows("elaborate", status="kept") if r["key"] not in dups]
+        kept = [r for r in window_rows(ctx, status="kept") if r["key"] not in dups]
         if not kept:
             raise RuntimeError(
                 "finetune: elaborate kept no synthetic image; see the rejection reasons with "
@@ -94,6 +101,8 @@ class FinetuneStage(Stage):
                 "class_idx": r["class_idx"],
                 "label_idx": n_id + r["neg_index"],
                 "up_shard": r["shard"],
+                # an earlier round's image: which folder, under which key (this round's need neither)
+                **({"up": r["up"], "up_key": r["up_key"]} if "up" in r else {}),
             }
             for r in kept
         ]
@@ -106,12 +115,16 @@ class FinetuneStage(Stage):
 
         size = ctx.cfg.data.image_size
         ood = {k: rec for recs in _ood_sets(ctx).values() for k, rec in recs.items()}
-        synthetic = [it for it in shard.items if it["role"] == "synthetic"]
-        syn_files = (
-            ctx.upstream["elaborate"].load_samples({it["key"] for it in synthetic}, {it["up_shard"] for it in synthetic})
-            if synthetic
-            else {}
-        )
+        by_folder: dict[str, list[dict]] = {}
+        for it in shard.items:
+            if it["role"] == "synthetic":
+                by_folder.setdefault(it.get("up", "elaborate"), []).append(it)
+        syn_files = {}
+        for up, its in by_folder.items():
+            files = ctx.upstream[up].load_samples({it.get("up_key", it["key"]) for it in its},
+                                                  {it["up_shard"] for it in its})
+            syn_files.update({it["key"]: files[it.get("up_key", it["key"])] for it in its
+                              if it.get("up_key", it["key"]) in files})
         out = ShardOutput()
         images, loaded = [], []
 
@@ -181,7 +194,7 @@ class FinetuneStage(Stage):
 
         # 3. SynOOD image side: source ID images paired 1:1 with their kept synthetic images
         syn_rows = by_role["synthetic"]
-        source_of = {r["key"]: r["source_key"] for r in ctx.upstream_rows("elaborate", status="kept")}
+        source_of = {r["key"]: r["source_key"] for r in window_rows(ctx, status="kept")}
         neg_index = torch.tensor([r["label_idx"] - n_id for r in syn_rows])
         if fc.synood_data == "sources":
             # a source whose feature failed to load leaves its synthetic image unpaired (still trained on)
@@ -291,6 +304,7 @@ class FinetuneStage(Stage):
             "train": {"adapter_loss": img_hist, "negatives_loss": txt_hist, "samples": len(x_train)},
             # EOE scores with the sketched labels, MM-OOD with sketched + elaborated (mixed near/far)
             "outlier_labels": {"eoe": outliers, "mm_ood": mm_labels},
+            **_window_summary(ctx),
             "artifacts": ctx.store.url() + "/artifacts",
         }
 
@@ -341,6 +355,8 @@ class FinetuneStage(Stage):
             f"- cached features: {sizes}",
             f"- synthetic images: {format_counts(ctx.upstream['elaborate'].read_success()['counts'], '; ')}"
             f"; near-duplicates across shards (left out): {len(_cross_dups(ctx))}",
+            *[f"- trained on the kept images of {len(window_folders(ctx))} rounds: this one and "
+              + ", ".join(n.split("@", 1)[1] for n, _ in window_folders(ctx)[1:])] * (len(window_folders(ctx)) > 1),
             "",
             report.metrics_table_markdown(results, ctx.cfg.finetune.fpr_convention,
                                           temperatures=extra["temperatures"]),
@@ -353,6 +369,12 @@ class FinetuneStage(Stage):
             "![Kept and rejected synthetic images](synthetic_grid.png)",
         ]
         store.write_bytes(art("report.md"), "\n".join(md).encode())
+
+
+def _window_summary(ctx: StageContext) -> dict:
+    """``{"rounds": {folder name: elaborate key}}`` when finetune trains on earlier rounds too."""
+    folders = window_folders(ctx)
+    return {"rounds": {name: store.key for name, store in folders}} if len(folders) > 1 else {}
 
 
 def mix_labels(near: list[str], far: list[str], near_ratio: float) -> list[str]:
@@ -375,10 +397,11 @@ def mix_labels(near: list[str], far: list[str], near_ratio: float) -> list[str]:
 
 
 def mm_ood_labels(ctx: StageContext) -> list[str]:
-    """The MM-OOD label set: kept rows of elaborate's outlier-label table (sketched + elaborated), mixed."""
+    """The MM-OOD label set: kept rows of elaborate's outlier-label table (sketched + elaborated), mixed;
+    over every round finetune reads (this round's labels first)."""
     from ood_core.stages.elaborate import read_outlier_table
 
-    kept = [r for r in read_outlier_table(ctx.upstream["elaborate"]) if r["status"] == "kept"]
+    kept = [r for _, store in window_folders(ctx) for r in read_outlier_table(store) if r["status"] == "kept"]
     near = list(dict.fromkeys(r["label"] for r in kept if r["kind"] == "near"))
     far = list(dict.fromkeys(r["label"] for r in kept if r["kind"] == "far" and r["label"] not in near))
     return mix_labels(near, far, ctx.cfg.finetune.mm_ood_near_ratio)
@@ -386,7 +409,7 @@ def mm_ood_labels(ctx: StageContext) -> list[str]:
 
 def select_synthetic(ctx: StageContext, rows: list[dict]) -> list[dict]:
     """The cached synthetic features whose kind is in ``finetune.synthetic_kinds`` (the training set)."""
-    kinds = {r["key"]: r["kind"] or "boundary" for r in ctx.upstream_rows("elaborate", status="kept")}
+    kinds = {r["key"]: r["kind"] or "boundary" for r in window_rows(ctx, status="kept")}
     wanted = set(ctx.cfg.finetune.synthetic_kinds)
     chosen = [r for r in rows if kinds.get(r["key"], "boundary") in wanted]
     if not chosen:
@@ -397,10 +420,37 @@ def select_synthetic(ctx: StageContext, rows: list[dict]) -> list[dict]:
     return chosen
 
 
+def window_folders(ctx: StageContext) -> list[tuple[str, StageStore]]:
+    """The elaborate folders finetune trains on: this round's, then earlier rounds' (``finetune.rounds_window``)."""
+    earlier = sorted((n, s) for n, s in ctx.upstream.items() if n.startswith("elaborate@"))
+    return [("elaborate", ctx.upstream["elaborate"]), *earlier]
+
+
+def window_key(store: StageStore, key: str) -> str:
+    """An earlier round's sample key inside finetune (the same key may name an image of each round)."""
+    return f"r{store.key[:10]}_{key}"
+
+
+def window_rows(ctx: StageContext, **where) -> list[dict]:
+    """Elaborate manifest rows of every round finetune reads; an earlier round's row gets its own key
+    (``window_key``) and says where its image is (``up``: the folder's name, ``up_key``: its key there)."""
+    rows = []
+    for name, store in window_folders(ctx):
+        for r in ctx.upstream_rows(name, **where):
+            rows.append(r if name == "elaborate" else {**r, "key": window_key(store, r["key"]), "up": name,
+                                                      "up_key": r["key"]})
+    return rows
+
+
 def _cross_dups(ctx: StageContext) -> dict:
+    """Near-duplicates across the shards of each round (each round's images are deduplicated on their own)."""
     from ood_core.stages.elaborate import read_cross_shard_duplicates
 
-    return read_cross_shard_duplicates(ctx.upstream["elaborate"])
+    dups = {}
+    for name, store in window_folders(ctx):
+        found = read_cross_shard_duplicates(store)
+        dups.update(found if name == "elaborate" else {window_key(store, k): v for k, v in found.items()})
+    return dups
 
 
 def _ood_sets(ctx: StageContext) -> dict[str, dict]:
