@@ -13,6 +13,7 @@ from prefect import flow, tags  # noqa: E402
 
 from flows.fanout import FAN_OUT_STAGES, chunked, run_chunks  # noqa: E402
 from ood_core.config import load_config  # noqa: E402
+from ood_core.pipeline import check_upstream_ready  # noqa: E402
 from ood_core.rounds import check_keep_last  # noqa: E402
 from tasks import (  # noqa: E402
     finalize_task,
@@ -52,8 +53,11 @@ def synth_ood(
         from ood_core.rounds import resolve_round
 
         overrides = {**(overrides or {}), "generate.round": resolve_round(round, flow_run.scheduled_start_time)}
-    cfg = load_config(preset, overrides).to_dict()
-    check_keep_last(cfg["finetune"]["rounds_window"], keep_last)  # before any work, not at the end
+    config = load_config(preset, overrides)
+    check_keep_last(config.finetune.rounds_window, keep_last)  # before any work, not at the end
+    # `only` on missing upstream outputs fails now, naming the stage (not after preflight and retries)
+    check_upstream_ready(config, out, only, force)
+    cfg = config.to_dict()
     preflight_task(cfg, out)
     keys, stages, forced = prepare_run_task(cfg, out, only, force)
     results = {}

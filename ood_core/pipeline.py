@@ -341,9 +341,10 @@ def check_upstream_ready(cfg: RunConfig, root: str, only: list[str] | None, forc
                 continue
             store = stage_store(root, u, keys)
             if not store.is_complete():
+                wider = json.dumps([s for s in STAGE_ORDER if s in run or s == u])
                 raise StageNotReady(
                     f"stage '{name}' needs '{u}' ({store.url()}) to be complete, and it is not: "
-                    f"run without --only, or include '{u}' in --only"
+                    f"run without --only, or include '{u}' in --only (a deployment run: -p only='{wider}')"
                 )
 
 

@@ -51,3 +51,21 @@ def test_passing_failure_fails_the_shard_instead_of_recording_a_failed_row(tmp_p
     monkeypatch.undo()
     run_local(cfg, str(tmp_path / "run"), only=["sketch"], log=lambda m: None)
     assert store.is_valid()
+
+
+def test_flow_with_only_on_missing_upstream_fails_at_once_naming_it(tmp_path):
+    """`-p only='["elaborate"]'` on a root without generate's folder: the flow fails before any work."""
+    from flows.synth_ood import synth_ood
+    from ood_core.pipeline import resolve_keys
+    from ood_core.storage import StageStore
+
+    out = tmp_path / "run"
+    overrides = {"models.cache_dir": str(tmp_path / "m")}
+    sketch = StageStore(str(out), "sketch", resolve_keys(load_config("tiny", overrides))["sketch"])
+    sketch.write_json(sketch.success_path(), {})  # sketch done, generate missing
+    with pytest.raises(StageNotReady) as err:
+        synth_ood.fn(preset="tiny", out=str(out), only=["elaborate"], overrides=overrides)
+    msg = str(err.value)
+    assert "stage 'elaborate' needs 'generate'" in msg and str(out / "generate") in msg
+    assert """-p only='["generate", "elaborate"]'""" in msg
+    assert sorted(p.name for p in out.iterdir()) == ["sketch"]  # no preflight, run record or stage folder

@@ -131,6 +131,8 @@ def test_finetune_trains_on_the_kept_images_of_the_last_rounds(two_rounds):
     assert results["B"]["finetune"]["summary"]["rounds"] == {"elaborate": keys["B"]["elaborate"],
                                                              "elaborate@A": keys["A"]["elaborate"]}
     assert results["B"]["finetune"]["upstream"]["elaborate@A"] == keys["A"]["elaborate"]
+    report = StageStore(root, "finetune", keys["B"]["finetune"]).path("artifacts", "report.md")
+    assert "trained on the kept images of this round and of A" in Path(report).read_text()
 
     def synthetic(round_name: str) -> list[str]:
         rows = StageStore(root, "finetune", keys[round_name]["finetune"]).read_manifest().to_pylist()

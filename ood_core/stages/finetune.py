@@ -355,8 +355,7 @@ class FinetuneStage(Stage):
             f"- cached features: {sizes}",
             f"- synthetic images: {format_counts(ctx.upstream['elaborate'].read_success()['counts'], '; ')}"
             f"; near-duplicates across shards (left out): {len(_cross_dups(ctx))}",
-            *[f"- trained on the kept images of {len(window_folders(ctx))} rounds: this one and "
-              + ", ".join(n.split("@", 1)[1] for n, _ in window_folders(ctx)[1:])] * (len(window_folders(ctx)) > 1),
+            *_window_lines(ctx),
             "",
             report.metrics_table_markdown(results, ctx.cfg.finetune.fpr_convention,
                                           temperatures=extra["temperatures"]),
@@ -375,6 +374,12 @@ def _window_summary(ctx: StageContext) -> dict:
     """``{"rounds": {folder name: elaborate key}}`` when finetune trains on earlier rounds too."""
     folders = window_folders(ctx)
     return {"rounds": {name: store.key for name, store in folders}} if len(folders) > 1 else {}
+
+
+def _window_lines(ctx: StageContext) -> list[str]:
+    """The report's line naming the earlier rounds finetune trained on (none for this round alone)."""
+    earlier = [name.split("@", 1)[1] for name, _ in window_folders(ctx)[1:]]
+    return [f"- trained on the kept images of this round and of {', '.join(earlier)}"] if earlier else []
 
 
 def mix_labels(near: list[str], far: list[str], near_ratio: float) -> list[str]:
