@@ -227,5 +227,28 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def entry() -> None:
+    """The ``synth-ood`` command: :func:`main`, then exit without interpreter finalization.
+
+    pyarrow's native thread pools can abort a finished process while Python tears down its
+    modules ("terminate called without an active exception", exit -6; apache/arrow#34314), which
+    turned a successful run into a failed command. Exit handlers (Prefect's temporary server,
+    logging) still run; only the finalization that races those threads is skipped.
+    """
+    import atexit
+    import os
+
+    try:
+        code = main()
+    except SystemExit as exit_:  # argparse errors and --help
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        if not isinstance(exit_.code, int | None):
+            print(exit_.code, file=sys.stderr)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

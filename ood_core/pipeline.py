@@ -381,7 +381,17 @@ def selected_stages(only: list[str] | None, force: list[str] | None) -> tuple[li
         if name not in STAGE_ORDER:
             raise ValueError(f"unknown stage '{name}': stages are {', '.join(STAGE_ORDER)}")
     run = [s for s in STAGE_ORDER if not only or s in only]
-    return run, set(force or [])
+    return run, with_dependents(force or [])
+
+
+def with_dependents(stages: list[str]) -> set[str]:
+    """``stages`` and every stage that reads them, directly or not: forcing generate must not leave
+    elaborate and finetune built from the bytes it replaced."""
+    closed = set(stages)
+    for name in STAGE_ORDER:  # upstream before downstream, so one pass closes the set
+        if closed & set(STAGES.get(name).upstream):
+            closed.add(name)
+    return closed
 
 
 def run_local(

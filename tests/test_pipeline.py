@@ -250,15 +250,18 @@ def test_corrupted_byte_fails_verify_and_a_rerun_repairs_only_that_shard(tiny_ru
     assert cli("verify", str(out)).returncode == 0
 
 
-def test_force_recomputes_only_that_stage(tiny_run, model_cache):
+def test_force_recomputes_that_stage_and_what_reads_it(tiny_run, model_cache):
     out, _ = tiny_run
     keys = resolve_keys(load_config("tiny", {"models.cache_dir": model_cache}))
     before = snapshot(out)
     cli(*tiny_args(out, model_cache, "--force", "elaborate"))
     after = snapshot(out)
     changed = {p for p in after if before.get(p) != after[p]}
-    assert changed and all(p.startswith(f"elaborate/{keys['elaborate']}/") for p in changed), sorted(changed)
+    # elaborate and finetune (which reads it) are rewritten; sketch and generate are not touched
+    recomputed = (f"elaborate/{keys['elaborate']}/", f"finetune/{keys['finetune']}/")
+    assert changed and all(p.startswith(recomputed) for p in changed), sorted(changed)
     assert f"elaborate/{keys['elaborate']}/shards/000000.tar" in changed
+    assert f"finetune/{keys['finetune']}/_SUCCESS.json" in changed
     assert cli("verify", str(out)).returncode == 0
 
 

@@ -23,3 +23,13 @@ def test_energy_scale_is_part_of_the_generate_key():
     assert a["sketch"] == b["sketch"] and a["generate"] != b["generate"]
     c = resolve_keys(load_config("tiny", {"models.device": "cuda", "models.cache_dir": "/elsewhere"}))
     assert c == a  # where models run and are cached does not change any output folder
+
+
+def test_forcing_a_stage_forces_every_stage_that_reads_it():
+    from ood_core.pipeline import selected_stages
+
+    assert selected_stages(None, ["generate"])[1] == {"generate", "elaborate", "finetune"}
+    assert selected_stages(None, ["finetune"])[1] == {"finetune"}
+    assert selected_stages(None, ["sketch"])[1] == {"sketch", "generate", "elaborate", "finetune"}
+    # only limits what runs, not what force means: a stage that does not run is not cleared
+    assert selected_stages(["generate"], ["generate"]) == (["generate"], {"generate", "elaborate", "finetune"})
