@@ -352,3 +352,31 @@ def test_a_worker_killed_in_the_middle_of_generate_loses_nothing_and_rewrites_no
         assert StageStore(root, stage, keys[stage]).is_complete()
     verify = subprocess.run([str(BIN / "synth-ood"), "verify", root], capture_output=True, text=True, env=env)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_gpu_limit_runs_one_chunk_at_a_time_per_gpu(server, tmp_path):
+    """$SYNTH_OOD_GPU_LIMIT names a global concurrency limit (server-side): two holders never overlap."""
+    env = {**server, "SYNTH_OOD_GPU_LIMIT": "gpu-test-0"}
+    script = (
+        "import sys, time\n"
+        "from flows.shards import gpu_slot\n"
+        "with gpu_slot():\n"
+        "    start = time.time(); time.sleep(2)\n"
+        "    open(sys.argv[1], 'w').write(f'{start} {time.time()}')\n"
+    )
+    missing = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x")], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "gpu-test-0" in missing.stderr  # no such limit: an error, not unbounded
+    prefect(env, "global-concurrency-limit", "create", "gpu-test-0", "--limit", "1")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"run{i}")], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        for p in procs:
+            assert p.wait(timeout=300) == 0, p.stdout.read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    (a0, a1), (b0, b1) = sorted(tuple(map(float, (tmp_path / f"run{i}").read_text().split())) for i in range(2))
+    assert a1 <= b0, "the two holders of one GPU's slot overlapped"
