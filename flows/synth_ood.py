@@ -38,6 +38,7 @@ def synth_ood(
     fan_out: str | None = None,
     chunk_size: int = 8,
     max_in_flight: int = 8,
+    stale_after: float = 600.0,
 ) -> dict[str, dict]:
     """Run (or resume) the pipeline; finished stages and shards are reused, never recomputed.
 
@@ -46,6 +47,8 @@ def synth_ood(
     ``synth-ood-shards`` deployment (e.g. ``synth-ood-shards/imagenet-shards``) that runs the GPU
     stages in chunks of ``chunk_size`` shards, at most ``max_in_flight`` chunk runs at a time; this
     flow then only plans and waits (no GPU). Without it every shard runs in this flow run.
+    A chunk run that crashed, or sent no heartbeat for ``stale_after`` seconds (its worker was
+    killed; 0 turns the check off), is submitted once more after a delay.
     """
     if round:
         from prefect.runtime import flow_run
@@ -67,7 +70,9 @@ def synth_ood(
             started = time.time()
             n_shards = plan_task(stage, cfg, out, keys, force=stage in forced)
             if fan_out and stage in FAN_OUT_STAGES:
-                results[stage] = _fan_out_stage(fan_out, stage, cfg, out, keys, n_shards, started, chunk_size, max_in_flight)
+                results[stage] = _fan_out_stage(
+                    fan_out, stage, cfg, out, keys, n_shards, started, chunk_size, max_in_flight, stale_after
+                )
                 continue
             for index in range(n_shards):
                 shard_task(stage, cfg, out, keys, index, n_shards)
@@ -79,7 +84,7 @@ def synth_ood(
 
 def _fan_out_stage(
     deployment: str, stage: str, cfg: dict, out: str, keys: dict[str, str], n_shards: int, started: float,
-    chunk_size: int, max_in_flight: int,
+    chunk_size: int, max_in_flight: int, stale_after: float = 0.0,
 ) -> dict:
     """Pending shards in chunks on the pool, then the stage-level step as one more run there."""
     from prefect import get_run_logger
@@ -88,10 +93,12 @@ def _fan_out_stage(
     params = {"stage": stage, "cfg": cfg, "root": out, "keys": keys, "n_shards": n_shards}
     state = pending_shards_task(stage, out, keys, n_shards)
     if state["pending"]:
-        run_chunks(deployment, stage, params, chunked(state["pending"], chunk_size), max_in_flight, log)
+        run_chunks(deployment, stage, params, chunked(state["pending"], chunk_size), max_in_flight, log,
+                   stale_seconds=stale_after or None)
         state = pending_shards_task(stage, out, keys, n_shards)
     if not state["complete"]:
         # training (finetune) needs the GPU: the stage-level step runs on the pool as well
-        run_chunks(deployment, stage, {**params, "finalize_started": started}, [[]], 1, log)
+        run_chunks(deployment, stage, {**params, "finalize_started": started}, [[]], 1, log,
+                   stale_seconds=stale_after or None)
     # cheap when a chunk run finished the stage; publishes the stage's summary either way
     return finalize_task(stage, cfg, out, keys, n_shards, started)

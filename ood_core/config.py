@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "deploy" / "presets"
 
@@ -79,7 +80,8 @@ class EndpointConfig(_Strict):
 
 
 class ModelsConfig(_Strict):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: the first GPU of the worker's CUDA_VISIBLE_DEVICES (one worker per GPU), else cpu
+    device: str = "auto"
     # None: Hugging Face's own cache and variables (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE); a path
     # here overrides them. Locally built tiny models go to their own folder (see models.tiny_root).
     cache_dir: str | None = None
@@ -88,6 +90,17 @@ class ModelsConfig(_Strict):
     diffusion: DiffusionSpec = DiffusionSpec()
     t2i: TextToImageSpec = TextToImageSpec()
     endpoint: EndpointConfig = EndpointConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v):
+            from pydantic_core import PydanticCustomError
+
+            raise PydanticCustomError(
+                "device", "expected 'auto', 'cpu', 'cuda' or 'cuda:N' (N counts the GPUs in CUDA_VISIBLE_DEVICES)"
+            )
+        return v
 
 
 # ---------------------------------------------------------------- data

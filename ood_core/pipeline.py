@@ -111,6 +111,9 @@ def load_stage_models(ctx: StageContext, name: str) -> None:
     """Load the stage's models at its start (not in the first shard), unless the stage is done."""
     roles = STAGES.get(name)().models
     if roles and not ctx.store.is_complete():
+        from ood_core.models import describe_device, resolve_device
+
+        ctx.log(f"[{name}] models on {describe_device(resolve_device(ctx.cfg.models.device))}")
         ctx.models.load(roles)
 
 
@@ -244,10 +247,47 @@ def run_shard(ctx: StageContext, name: str, index: int) -> dict:
     stage = STAGES.get(name)()
     shard = load_shard_plan(ctx, index)
     t0 = time.perf_counter()
-    out = stage.run_shard(ctx, shard)
+    try:
+        out = stage.run_shard(ctx, shard)
+    except Exception as exc:
+        # the whole shard failed (a model, the device, storage): the same exception goes on (its type
+        # decides retries), with a note naming the stage, the shard and the samples it held
+        exc.add_note(
+            f"{SHARD_FAILED}{name} shard {index} ({ctx.store.url()}) failed on samples "
+            f"{_item_keys(shard.items)}: {type(exc).__name__}: {exc}"
+        )
+        raise
     annotate_samples(out.samples, out.rows, lambda: ctx.dataset.classnames)
+    failures = describe_failures(out.rows)
+    if failures:
+        ctx.log(f"[{name}] shard {index}: {failures}")
     stats = ctx.store.write_shard(index, out.samples, out.rows, stage.schema, time.perf_counter() - t0)
     return {**stats, "reused": False}
+
+
+SHARD_FAILED = "shard failed: "
+
+
+def shard_failure(exc: BaseException) -> str | None:
+    """The note ``run_shard`` added to an exception from a shard (stage, shard, samples), if any."""
+    notes = [n for n in getattr(exc, "__notes__", []) if n.startswith(SHARD_FAILED)]
+    return notes[-1][len(SHARD_FAILED):] if notes else None
+
+
+def _item_keys(items: list[dict], limit: int = 5) -> str:
+    keys = [str(it.get("key") or it.get("label") or it.get("kind") or "?") for it in items]
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def describe_failures(rows: list[dict], limit: int = 5) -> str:
+    """``N sample(s) failed: key (reason): error; ...`` for a shard's failed rows, or ``""``."""
+    failed = [r for r in rows if r.get("status") == "failed"]
+    if not failed:
+        return ""
+    parts = [f"{r['key']} ({r.get('reason')}): {r.get('error') or 'no error text'}" for r in failed[:limit]]
+    more = f"; and {len(failed) - limit} more (see the manifest's error column)" if len(failed) > limit else ""
+    return f"{len(failed)} sample(s) failed: " + "; ".join(parts) + more
 
 
 def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards: int, started: float) -> dict:

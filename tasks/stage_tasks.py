@@ -25,6 +25,7 @@ from ood_core.pipeline import (
     resolve_keys,
     run_shard,
     selected_stages,
+    shard_failure,
     stage_store,
     write_run_record,
 )
@@ -116,7 +117,12 @@ def shard_task(stage: str, cfg: dict, root: str, keys: dict[str, str], index: in
     """Run one shard of one stage (skipped when its stats marker exists)."""
     config = validate_config(cfg)
     ctx = make_context(config, root, stage, keys, _logger())
-    stats = run_shard(ctx, stage, index)
+    try:
+        stats = run_shard(ctx, stage, index)
+    except Exception as exc:
+        # the flow run's log names the stage, the shard and its samples (the traceback follows)
+        get_run_logger().error(secrets.scrub(shard_failure(exc) or f"{stage} shard {index} failed: {exc}"))
+        raise
     verb = f"done in {stats['seconds']:.1f}s"
     if stats["reused"]:
         verb = f"copied from {stats['copied_from']}" if "copied_from" in stats else "reused"

@@ -43,14 +43,31 @@ def _ensure(role: str) -> None:
 
 
 def resolve_device(name: str | Any = "auto") -> torch.device:
-    """``"auto"`` -> cuda if available else cpu; anything else -> ``torch.device(name)``."""
+    """``"auto"`` -> the first GPU this process sees, else cpu; anything else -> ``torch.device(name)``.
+
+    A process sees the GPUs ``CUDA_VISIBLE_DEVICES`` names (its worker's: one worker per GPU), so
+    ``auto`` is ``cuda:0`` of that list, i.e. the worker's own GPU, never the host's GPU 0.
+    """
     import torch
 
     if isinstance(name, torch.device):
         return name
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(name)
+
+
+def describe_device(device: torch.device) -> str:
+    """``cuda:0 (host GPU 3 of CUDA_VISIBLE_DEVICES=3,5)`` -- which physical GPU a run uses, for its log."""
+    if device.type != "cuda":
+        return str(device)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return f"{device} (no CUDA_VISIBLE_DEVICES: host GPU {device.index or 0})"
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    index = device.index or 0
+    host = ids[index] if index < len(ids) else "?"
+    return f"{device} (host GPU {host} of CUDA_VISIBLE_DEVICES={visible})"
 
 
 def hub_cache_dir(cache_dir: str | None) -> str | None:
