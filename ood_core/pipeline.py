@@ -222,8 +222,15 @@ def run_shard(ctx: StageContext, name: str, index: int) -> dict:
     t0 = time.perf_counter()
     out = stage.run_shard(ctx, shard)
     annotate_samples(out.samples, out.rows, lambda: ctx.dataset.classnames)
-    stats = ctx.store.write_shard(index, out.samples, out.rows, stage.schema, time.perf_counter() - t0)
+    stats = ctx.store.write_shard(index, out.samples, out.rows, stage.schema, time.perf_counter() - t0, out.stats)
     return {**stats, "reused": False}
+
+
+def shard_rate(stats: dict) -> str:
+    """`` (N images/s, batch B)`` for a shard that recorded its throughput (generate), else ``""``."""
+    if stats.get("images_per_s") is None or stats.get("reused"):
+        return ""
+    return f" ({stats['images_per_s']:.2f} images/s, {stats['s_per_image']:.3f} s/image, batch {stats['batch_used']})"
 
 
 def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards: int, started: float) -> dict:
@@ -400,7 +407,8 @@ def run_local(
         for index in range(n_shards):
             stats = run_shard(ctx, name, index)
             copied = f" (copied from {stats['copied_from']})" if stats.get("copied_from") else ""
-            log(f"[{name}] shard {index + 1}/{n_shards}: {stats['rows']} rows {stats['counts']}{copied}")
+            log(f"[{name}] shard {index + 1}/{n_shards}: {stats['rows']} rows {stats['counts']}{copied}"
+                f"{shard_rate(stats)}")
         results[name] = finalize_stage(ctx, name, keys, n_shards, started)
         log(f"[{name}] done -> {store.url()}")
     if keep_last and cfg.generate.round:
