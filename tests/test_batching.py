@@ -263,3 +263,26 @@ def test_text_to_image_batches_through_the_same_helper_with_equal_bytes(cache):
     assert [_png(im) for im in batch] == [_png(im) for im in alone]
     assert len({_png(im) for im in batch}) == 3
     assert Image.open(io.BytesIO(_png(batch[0]))).size == (32, 32)
+
+
+# ---------------------------------------------------------------- the benchmark's GPU path, checked small on the CPU
+def test_benchmark_projection_and_sd2_construction(score_fn):
+    """The 50k-image projection arithmetic, and the SD-2-inpainting build (shrunk) through one batch."""
+    from benchmarks.generate_bench import (
+        build_sd2_inpainter,
+        project_gpu_hours,
+        sd2_inpaint_configs,
+        unet_rows_per_image,
+    )
+    from ood_core.models.diffusion import InpaintJob, boundary_inpaint_batch
+
+    assert unet_rows_per_image(20, 0.6, 3, 8.0) == 72  # SynOOD: 3 rounds x 12 steps x 2 (guidance)
+    assert project_gpu_hours(2.0) == pytest.approx(50_000 / 2.0 / 3600)
+    full = sd2_inpaint_configs(512)
+    assert full["unet"]["in_channels"] == 9 and full["unet"]["sample_size"] == 64
+    assert full["unet"]["block_out_channels"] == [320, 640, 1280, 1280] and full["unet"]["cross_attention_dim"] == 1024
+    inp = build_sd2_inpainter("cpu", "bf16", resolution=32, width=0.1)
+    assert inp.dtype == torch.float32 and inp.unet.config.in_channels == 9
+    jobs = [InpaintJob(_photo(i), "grass", seed=i) for i in range(2)]
+    res = boundary_inpaint_batch(inp, jobs, score_fn=score_fn, rounds=2, steps=2, strength=1.0, guidance=8.0)
+    assert [r.image.size for r in res] == [(32, 32)] * 2 and all(np.isfinite(r.round_scores).all() for r in res)
