@@ -2,21 +2,21 @@
 
 On the CPU, PyTorch picks kernels by shape: oneDNN convolutions use another algorithm for a
 batch of one, NNPACK takes over from 16 images, MKL's GEMM takes another path for fewer than
-about 12 rows, and GroupNorm/convolution follow the input's memory layout (a batch of one is
-"channels-last" by accident after some reshapes). Each choice changes float rounding, so the same
-seed would give slightly different pixels at batch 1 and batch 4.
+about 12 rows (and, for some narrow outputs, depends on a row's position in the block), and
+GroupNorm/convolution follow the input's memory layout (a batch of one is "channels-last" by
+accident after some reshapes). Each choice changes float rounding, so the same seed would give
+slightly different pixels at batch 1 and batch 4.
 
-:func:`batch_invariant` removes those choices while it is active: NNPACK off, matrix products padded to at least ``MIN_ROWS`` rows
-(their rows then come out of the same MKL kernel whatever the batch), convolutions of one image
-run as two (the second all zeros; oneDNN gives the same per-image result from two images on),
-and contiguous inputs for convolution, GroupNorm and attention. It works at the ATen level (``TorchDispatchMode``), so the
-backward pass of the decode-with-gradient step is covered too. On CUDA no such guarantee exists
+:func:`batch_invariant` removes those choices while it is active: NNPACK off; matrix products
+(also 1x1 convolutions and linear layers on broadcast weights) padded to at least ``MIN_ROWS``
+rows and a multiple of ``COL_MULTIPLE`` columns, so each output element comes out of the same
+MKL kernel whatever the batch; convolutions of one image run as two (the second all zeros;
+oneDNN gives the same per-image result from two images on); contiguous inputs for convolution,
+GroupNorm and attention. It works at the ATen level (``TorchDispatchMode``), so the backward pass
+of the decode-with-gradient step is covered too. These are measured properties of this build's
+kernels (MKL 2024.2, oneDNN 3.12, AVX-512), not promises of the libraries: tests/test_batching.py
+checks the whole sampler and the stage byte for byte. On CUDA no such guarantee exists
 (cuBLAS/cuDNN choose kernels by shape); there samples agree within float tolerance only.
-
-Known gap: on some inputs the CLIP scorer's backward pass still differs by one float ulp between
-a batch of one and a batch of four (found on one of six tiny-preset images; not located further),
-which can move one pixel of the saved PNG by one level. tests/test_batching.py checks exact
-bytes on its own images and a one-level bound through the stage.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ aten = torch.ops.aten
 # MKL's GEMM gives row results independent of the row count from 12 rows on (measured with
 # MKL 2024.2 on AVX-512); 16 leaves a margin. tests/test_batching.py checks the whole sampler.
 MIN_ROWS = 16
+# ... and for some narrow outputs (5 columns: 5 ID classes) on the row's position in the block
+COL_MULTIPLE = 16
 
 
 def _contig(a):
@@ -47,6 +49,19 @@ def _pad_rows(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
     return x, m
 
 
+def _gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``bias + a @ b`` with at least ``MIN_ROWS`` rows and a multiple of ``COL_MULTIPLE`` columns:
+    MKL then computes each output element the same way whatever the other rows are."""
+    m, n = a.shape[0], b.shape[1]
+    a, _ = _pad_rows(a, 0)
+    b = b.contiguous()
+    extra = -n % COL_MULTIPLE
+    if extra:
+        b = torch.cat([b, b.new_zeros((b.shape[0], extra))], 1)
+    y = torch.mm(a, b)[:m, :n]
+    return y + bias if bias is not None else y
+
+
 def _pad_batch(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     x = x.contiguous()
     return torch.cat([x, torch.zeros_like(x)]), 1
@@ -61,16 +76,13 @@ def _pointwise(weight, _bias_or_sizes, stride, padding, dilation, transposed, ou
 def _conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     # oneDNN blocks a 1x1 convolution by the batch's pixel count; a padded GEMM over pixels does not
     n, c, h, w = x.shape
-    rows, m = _pad_rows(x.permute(0, 2, 3, 1).reshape(n * h * w, c), 0)
-    w2 = weight.reshape(weight.shape[0], c).t().contiguous()
-    y = (torch.addmm(bias, rows, w2) if bias is not None else torch.mm(rows, w2))[:m]
+    y = _gemm(x.permute(0, 2, 3, 1).reshape(n * h * w, c), weight.reshape(weight.shape[0], c).t(), bias)
     return y.reshape(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
 
 
 def _conv1x1_grad_input(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n, o, h, w = grad.shape
-    rows, m = _pad_rows(grad.permute(0, 2, 3, 1).reshape(n * h * w, o), 0)
-    gx = torch.mm(rows, weight.reshape(o, -1).contiguous())[:m]
+    gx = _gemm(grad.permute(0, 2, 3, 1).reshape(n * h * w, o), weight.reshape(o, -1))
     return gx.reshape(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
 
 
@@ -89,22 +101,16 @@ class _BatchInvariantMode(TorchDispatchMode):
         kwargs = kwargs or {}
         op = func.overloadpacket
         if op is aten.mm:
-            a, m = _pad_rows(args[0], 0)
-            return func(a, _contig(args[1]))[:m]
-        if op is aten.addmm:
-            bias, a, b = args[:3]
-            a, m = _pad_rows(a, 0)
-            if bias.dim() == 2 and bias.shape[0] == m and m < MIN_ROWS:
-                bias, _ = _pad_rows(bias, 0)
-            return func(bias, a, _contig(b), *args[3:], **kwargs)[:m]
+            return _gemm(args[0], args[1])
+        if op is aten.addmm and not kwargs and len(args) == 3:
+            return _gemm(args[1], args[2], args[0])
         if op is aten.bmm:
             a, b = args
             if b.stride(0) == 0:
                 # a linear layer on a non-contiguous input (nn.MultiheadAttention with batch_first)
                 # arrives as a batched product with a broadcast weight: compute it as the one matrix
                 # product a contiguous input (e.g. a batch of one) would get
-                rows, m = _pad_rows(a.reshape(-1, a.shape[-1]), 0)
-                return torch.mm(rows, b[0].contiguous())[:m].reshape(a.shape[0], a.shape[1], b.shape[-1])
+                return _gemm(a.reshape(-1, a.shape[-1]), b[0]).reshape(a.shape[0], a.shape[1], b.shape[-1])
             a, m = _pad_rows(a, 1)
             return func(a, _contig(b))[:, :m]
         if op is aten.convolution and _pointwise(*args[1:]):
