@@ -286,3 +286,33 @@ def test_benchmark_projection_and_sd2_construction(score_fn):
     jobs = [InpaintJob(_photo(i), "grass", seed=i) for i in range(2)]
     res = boundary_inpaint_batch(inp, jobs, score_fn=score_fn, rounds=2, steps=2, strength=1.0, guidance=8.0)
     assert [r.image.size for r in res] == [(32, 32)] * 2 and all(np.isfinite(r.round_scores).all() for r in res)
+
+
+def test_a_bad_item_fails_alone_and_the_rest_of_its_batch_is_kept():
+    from ood_core.stages.base import ShardOutput, StageContext
+    from ood_core.stages.generate import Generator, run_batched
+
+    class Fake(Generator):
+        name = "fake"
+        calls: list[list[str]] = []
+
+        def key(self, item):
+            return item["k"]
+
+        def columns(self, item):
+            return {"kind": "fake"}
+
+        def generate_batch(self, ctx, items):
+            self.calls.append([it["k"] for it in items])
+            if any(it["k"] == "bad" for it in items):
+                raise ValueError("cannot decode bad")
+            return [({"key": it["k"], "status": "ok", "reason": "ok"}, {"png": b"x"}) for it in items]
+
+    out = ShardOutput()
+    logs: list[str] = []
+    stats = run_batched(Fake(), StageContext(load_config("tiny"), None, {}, log=logs.append),
+                        [{"k": k} for k in ("a", "bad", "c", "d", "e")], out, 3)
+    assert [(r["key"], r["status"]) for r in out.rows] == [
+        ("a", "ok"), ("bad", "failed"), ("c", "ok"), ("d", "ok"), ("e", "ok")]
+    assert Fake.calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"], ["d", "e"]]
+    assert stats["images"] == 5 and stats["batch_used"] == 3 and logs[-1].startswith("[generate] fake: 5/5 images")

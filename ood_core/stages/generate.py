@@ -87,12 +87,17 @@ class Generator:
         except Exception as err:  # noqa: BLE001 - every candidate gets a row, failures included
             if is_shard_error(err):
                 raise
-            for it in batch:
-                out.add(row(self.key(it), "failed", type(err).__name__, f"{type(err).__name__}: {err}",
-                            **self.columns(it)))
+            if is_out_of_memory(err):
+                raise MemoryError(f"generate ({self.name}): out of memory at batch size {len(batch)}: {err}") from err
+            self._failed(batch, err, out)
             return
         for r, files in results:
             out.add(r, files)
+
+    def _failed(self, batch: list[dict], err: BaseException, out: ShardOutput) -> None:
+        for it in batch:
+            out.add(row(self.key(it), "failed", type(err).__name__, f"{type(err).__name__}: {err}",
+                        **self.columns(it)))
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -143,8 +148,10 @@ def run_batched(gen: Generator, ctx: StageContext, items: list[dict], out: Shard
                 size = max(1, len(batch) // 2)
                 ctx.log(f"[generate] {name}: out of memory at batch {len(batch)}; retrying at batch {size}")
                 continue
-            if is_shard_error(err) or len(batch) == 1:
-                gen._guarded(ctx, batch, out)  # raises a shard error again, or records the failed row
+            if is_shard_error(err):
+                raise
+            if len(batch) == 1:
+                gen._failed(batch, err, out)
             else:
                 for it in batch:
                     gen._guarded(ctx, [it], out)
