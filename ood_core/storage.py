@@ -157,7 +157,8 @@ class StageStore:
 
     # ------------------------------------------------------------ shards
     def write_shard(
-        self, index: int, samples: list[Sample], rows: list[dict], schema: ManifestSchema, seconds: float
+        self, index: int, samples: list[Sample], rows: list[dict], schema: ManifestSchema, seconds: float,
+        extra: dict | None = None,
     ) -> dict:
         """Write tar, then manifest, then the stats marker (last: it means 'done')."""
         paths = self.shard_paths(index)
@@ -179,6 +180,7 @@ class StageStore:
             "parquet_size": len(pqb),
             "seconds": round(seconds, 3),
             "schema_version": schema.version,
+            **(extra or {}),
         }
         if rejected:
             rtar = tar_bytes(rejected)

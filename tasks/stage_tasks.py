@@ -26,6 +26,7 @@ from ood_core.pipeline import (
     run_shard,
     selected_stages,
     shard_failure,
+    shard_rate,
     stage_store,
     write_run_record,
 )
@@ -126,7 +127,8 @@ def shard_task(stage: str, cfg: dict, root: str, keys: dict[str, str], index: in
     verb = f"done in {stats['seconds']:.1f}s"
     if stats["reused"]:
         verb = f"copied from {stats['copied_from']}" if "copied_from" in stats else "reused"
-    get_run_logger().info(f"{stage} shard {index + 1}/{n_shards} {verb}: {stats['rows']} rows {stats['counts']}")
+    get_run_logger().info(f"{stage} shard {index + 1}/{n_shards} {verb}: {stats['rows']} rows {stats['counts']}"
+                          f"{shard_rate(stats)}")
     return stats
 
 
@@ -155,6 +157,11 @@ def _publish(stage: str, store, info: dict) -> None:
         rate = info["rows"] / t["shard_seconds"] if t.get("shard_seconds") else 0.0
         lines += ["", f"{info['shards']} shards, {info['rows']} rows; shard time {t['shard_seconds']} s "
                   f"({rate:.2f} rows/s), stage-level step {t['finalize_seconds']} s, wall {t['wall_seconds']} s"]
+    rates = (info.get("summary") or {}).get("throughput") or {}
+    if rates:
+        lines += ["", "| generator | images | seconds | images/s | s/image | batch (asked / used) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {g} | {t['images']} | {t['seconds']} | {t['images_per_s']} | {t['s_per_image']} | "
+                  f"{t['batch_size']} / {t['batch_used']} |" for g, t in sorted(rates.items())]
     report = store.path("artifacts", "report.md")
     if store.exists(report):
         # the UI cannot follow links into the stage folder: the report's plots go in inline

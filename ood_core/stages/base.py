@@ -38,6 +38,8 @@ class ShardPlan:
 class ShardOutput:
     rows: list[dict] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
+    # extra entries for the shard's stats marker (e.g. generate's throughput and batch size)
+    stats: dict = field(default_factory=dict)
 
     def add(self, row: dict, files: dict[str, bytes] | None = None) -> None:
         self.rows.append(row)

@@ -76,23 +76,10 @@ class Generator:
         raise NotImplementedError
 
     def run(self, ctx: StageContext, items: list[dict], out: ShardOutput) -> None:
-        """Batches of ``batch_size``; a failed batch is retried item by item so one bad item fails alone."""
-        size = self.batch_size(ctx.cfg)
-        for start in range(0, len(items), size):
-            batch = items[start : start + size]
-            if len(batch) == 1:
-                self._guarded(ctx, batch, out)
-                continue
-            try:
-                results = self.generate_batch(ctx, batch)
-            except Exception as err:  # noqa: BLE001 - retried item by item below
-                if is_shard_error(err):
-                    raise
-                for it in batch:
-                    self._guarded(ctx, [it], out)
-                continue
-            for r, files in results:
-                out.add(r, files)
+        """Every item through :func:`run_batched` with this generator's batch size; the shard's
+        throughput and the batch size that worked go into its stats."""
+        stats = run_batched(self, ctx, items, out, self.batch_size(ctx.cfg))
+        out.stats.update(stats)
 
     def _guarded(self, ctx: StageContext, batch: list[dict], out: ShardOutput) -> None:
         try:
@@ -100,12 +87,95 @@ class Generator:
         except Exception as err:  # noqa: BLE001 - every candidate gets a row, failures included
             if is_shard_error(err):
                 raise
-            for it in batch:
-                out.add(row(self.key(it), "failed", type(err).__name__, f"{type(err).__name__}: {err}",
-                            **self.columns(it)))
+            if is_out_of_memory(err):
+                raise MemoryError(f"generate ({self.name}): out of memory at batch size {len(batch)}: {err}") from err
+            self._failed(batch, err, out)
             return
         for r, files in results:
             out.add(r, files)
+
+    def _failed(self, batch: list[dict], err: BaseException, out: ShardOutput) -> None:
+        for it in batch:
+            out.add(row(self.key(it), "failed", type(err).__name__, f"{type(err).__name__}: {err}",
+                        **self.columns(it)))
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA out-of-memory: ``torch.OutOfMemoryError`` (matched by name: no torch import here) or a
+    RuntimeError saying so (older PyTorch, cuDNN/cuBLAS workspaces)."""
+    return type(err).__name__ == "OutOfMemoryError" or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    )
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_batched(gen: Generator, ctx: StageContext, items: list[dict], out: ShardOutput, size: int) -> dict:
+    """Generate ``items`` in batches of ``size``, the one batching loop of every generator.
+
+    1. A batch that runs out of accelerator memory is split in half and retried, down to batch 1;
+       the smaller size is kept for the rest of the shard. Out of memory at batch 1 fails the
+       shard (raised, for Prefect to retry), never a candidate.
+    2. Any other failure of a batch is retried item by item, so one bad item fails alone.
+    3. Progress (images done / total, rate, ETA) is logged after each batch; returns the stats
+       the shard records: images, seconds, images/s, s/image, batch size asked and used.
+    """
+    name = gen.name
+    total, done, start = len(items), 0, 0
+    t0 = time.perf_counter()
+    configured = size
+    while start < total:
+        batch = items[start : start + size]
+        try:
+            results = gen.generate_batch(ctx, batch)
+        except Exception as err:  # noqa: BLE001 - out of memory is halved, others retried per item
+            if is_out_of_memory(err):
+                _free_accelerator_memory()
+                if len(batch) == 1:
+                    raise MemoryError(
+                        f"generate ({name}): out of memory at batch size 1 ({type(err).__name__}: {err}); "
+                        "lower models.diffusion.resolution, set models.diffusion.vae_slicing: true, or use a "
+                        "GPU with more memory"
+                    ) from err
+                size = max(1, len(batch) // 2)
+                ctx.log(f"[generate] {name}: out of memory at batch {len(batch)}; retrying at batch {size}")
+                continue
+            if is_shard_error(err):
+                raise
+            if len(batch) == 1:
+                gen._failed(batch, err, out)
+            else:
+                for it in batch:
+                    gen._guarded(ctx, [it], out)
+        else:
+            for r, files in results:
+                out.add(r, files)
+        start += len(batch)
+        done += len(batch)
+        elapsed = time.perf_counter() - t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        ctx.log(f"[generate] {name}: {done}/{total} images, {rate:.2f} images/s, ETA {eta:.0f} s (batch {size})")
+    seconds = time.perf_counter() - t0
+    if size < configured:
+        ctx.log(f"[generate] {name}: batch size {size} worked (configured {configured})")
+    return {
+        "generator": name,
+        "images": total,
+        "generate_seconds": round(seconds, 3),
+        "images_per_s": round(total / seconds, 4) if seconds > 0 else None,
+        "s_per_image": round(seconds / total, 4) if total else None,
+        "batch_size": configured,
+        "batch_used": size,
+    }
 
 
 GENERATORS: Registry[type[Generator]] = Registry("generator")
@@ -131,7 +201,7 @@ class BoundaryGenerator(Generator):
         g = cfg.generate
         return {
             "seed": cfg.seed,
-            "diffusion": cfg.models.diffusion.model_dump(mode="json"),
+            "diffusion": cfg.models.diffusion.key_dump(),
             "clip": cfg.models.clip.model_dump(mode="json"),
             "generate": {k: getattr(g, k) for k in ("steps", "strength", "guidance", "rounds", "lr", "m_out",
                                                    "grad_batch", "mask")} | _round(g),
@@ -161,61 +231,66 @@ class BoundaryGenerator(Generator):
         return {"kind": "boundary", "source_key": item["source_key"], "class_idx": item["class_idx"],
                 "prompt": item["prompt"]}
 
-    def generate_batch(self, ctx: StageContext, items: list[dict]) -> list[tuple[dict, dict[str, bytes]]]:
-        return [self._one(ctx, it) for it in items]
+    def batch_size(self, cfg: RunConfig) -> int:
+        return cfg.generate.batch
 
-    def _one(self, ctx: StageContext, item: dict) -> tuple[dict, dict[str, bytes]]:
+    def generate_batch(self, ctx: StageContext, items: list[dict]) -> list[tuple[dict, dict[str, bytes]]]:
+        """All ``items`` through the sampler together (each with its own seed, prompt, mask, target)."""
         from ood_core.data import load_image
-        from ood_core.models.diffusion import boundary_inpaint, center_box_mask, energy_score_fn
+        from ood_core.models.diffusion import (
+            InpaintJob,
+            boundary_inpaint_batch,
+            center_box_mask,
+            energy_score_fn,
+        )
         from ood_core.models.diffusion import resolve_m_out as _m_out
 
         g = ctx.cfg.generate
-        key = self.key(item)
         pipe = ctx.models.inpainter()
         score_fn = energy_score_fn(ctx.models.clip(), ctx.id_text_features, ctx.cfg.finetune.logit_scale)
-        rec = ctx.records[item["source_key"]]
-        seed = sample_seed(ctx.cfg, key)
+        m_out = _m_out(g.m_out, len(ctx.dataset.classnames))
+        recs = [ctx.records[it["source_key"]] for it in items]
+        seeds = [sample_seed(ctx.cfg, self.key(it)) for it in items]
+        jobs = [
+            InpaintJob(load_image(rec, pipe.resolution), it["prompt"], seed,
+                       center_box_mask(pipe.resolution) if g.mask == "box" else None, m_out)
+            for it, rec, seed in zip(items, recs, seeds, strict=True)
+        ]
         t0 = time.perf_counter()
-        result = boundary_inpaint(
-            pipe,
-            load_image(rec, pipe.resolution),
-            item["prompt"],
-            score_fn=score_fn,
-            seed=seed,
-            mask=center_box_mask(pipe.resolution) if g.mask == "box" else None,
-            rounds=g.rounds,
-            steps=g.steps,
-            strength=g.strength,
-            guidance=g.guidance,
-            lr=g.lr,
-            m_out=_m_out(g.m_out, len(ctx.dataset.classnames)),
-            grad_batch=g.grad_batch,
+        results = boundary_inpaint_batch(
+            pipe, jobs, score_fn=score_fn, rounds=g.rounds, steps=g.steps, strength=g.strength,
+            guidance=g.guidance, lr=g.lr, grad_batch=g.grad_batch,
         )
-        r = row(
-            key,
-            "ok",
-            "ok",
-            None,
-            kind="boundary",
-            source_key=rec.key,
-            class_idx=rec.class_idx,
-            prompt=item["prompt"],
-            seed=seed,
-            rounds=g.rounds,
-            score_before=result.score_before,
-            score_after=result.score_after,
-            prompt_id="synood_context",
-            model_id=ctx.cfg.models.diffusion.name,
-            seconds=round(time.perf_counter() - t0, 3),
-            moved_toward_ood=result.moved_toward_ood,
-        )
-        ctx.log(
-            f"[generate] {key}: energy score {result.score_before:.2f} -> {result.score_after:.2f} "
-            f"(target {result.m_out:.2f}, {g.rounds} rounds, moved toward OOD: {result.moved_toward_ood})"
-        )
-        # timings stay in the manifest only: the shard's bytes depend on the seed alone
-        meta = {**{k: v for k, v in r.items() if k != "seconds"}, "round_scores": result.round_scores}
-        return r, {"png": png_bytes(result.image), "json": json.dumps(meta, sort_keys=True).encode()}
+        per_image = round((time.perf_counter() - t0) / len(items), 3)
+        out = []
+        for it, rec, seed, result in zip(items, recs, seeds, results, strict=True):
+            key = self.key(it)
+            r = row(
+                key,
+                "ok",
+                "ok",
+                None,
+                kind="boundary",
+                source_key=rec.key,
+                class_idx=rec.class_idx,
+                prompt=it["prompt"],
+                seed=seed,
+                rounds=g.rounds,
+                score_before=result.score_before,
+                score_after=result.score_after,
+                prompt_id="synood_context",
+                model_id=ctx.cfg.models.diffusion.name,
+                seconds=per_image,
+                moved_toward_ood=result.moved_toward_ood,
+            )
+            ctx.log(
+                f"[generate] {key}: energy score {result.score_before:.2f} -> {result.score_after:.2f} "
+                f"(target {result.m_out:.2f}, {g.rounds} rounds, moved toward OOD: {result.moved_toward_ood})"
+            )
+            # timings stay in the manifest only: the shard's bytes depend on the seed alone
+            meta = {**{k: v for k, v in r.items() if k != "seconds"}, "round_scores": result.round_scores}
+            out.append((r, {"png": png_bytes(result.image), "json": json.dumps(meta, sort_keys=True).encode()}))
+        return out
 
 
 @GENERATORS.register("t2i")
@@ -228,7 +303,7 @@ class TextToImageGenerator(Generator):
         g = cfg.generate
         return {
             "seed": cfg.seed,
-            "t2i": cfg.models.t2i.model_dump(mode="json"),
+            "t2i": cfg.models.t2i.key_dump(),
             "generate": {k: getattr(g, k) for k in ("t2i_steps", "t2i_guidance", "t2i_template")} | _round(g),
         }
 
@@ -276,6 +351,26 @@ class TextToImageGenerator(Generator):
         return results
 
 
+def throughput(shard_stats: list[dict]) -> dict:
+    """``{generator: {images, seconds, images_per_s, s_per_image, batch_size, batch_used}}`` summed
+    over shards (shards from before throughput was recorded are left out; ``batch_used`` is the
+    smallest batch any shard fell back to)."""
+    out: dict[str, dict] = {}
+    for st in shard_stats:
+        if "generator" not in st:
+            continue
+        t = out.setdefault(st["generator"], {"images": 0, "seconds": 0.0, "batch_size": st["batch_size"],
+                                             "batch_used": st["batch_used"], "shards": 0})
+        t["images"] += st["images"]
+        t["seconds"] = round(t["seconds"] + st["generate_seconds"], 3)
+        t["batch_used"] = min(t["batch_used"], st["batch_used"])
+        t["shards"] += 1
+    for t in out.values():
+        t["images_per_s"] = round(t["images"] / t["seconds"], 4) if t["seconds"] > 0 else None
+        t["s_per_image"] = round(t["seconds"] / t["images"], 4) if t["images"] else None
+    return out
+
+
 @STAGES.register("generate")
 class GenerateStage(Stage):
     name = "generate"
@@ -286,11 +381,12 @@ class GenerateStage(Stage):
     def config_slice(self, cfg: RunConfig) -> dict:
         return {
             "seed": cfg.seed,
-            "diffusion": cfg.models.diffusion.model_dump(mode="json"),
-            "t2i": cfg.models.t2i.model_dump(mode="json"),
+            "diffusion": cfg.models.diffusion.key_dump(),
+            "t2i": cfg.models.t2i.key_dump(),
             "clip": cfg.models.clip.model_dump(mode="json"),
-            # an empty round leaves keys as they were before rounds existed
-            "generate": cfg.generate.model_dump(mode="json", exclude={"round"} if not cfg.generate.round else None),
+            # an empty round leaves keys as they were before rounds existed; the boundary batch
+            # size changes no byte (tests/test_batching.py), so it is not in the key
+            "generate": cfg.generate.model_dump(mode="json", exclude={"batch"} | ({"round"} if not cfg.generate.round else set())),
             # the energy scorer guiding the noise uses this scale
             "logit_scale": cfg.finetune.logit_scale,
         }
@@ -304,6 +400,10 @@ class GenerateStage(Stage):
             gen = GENERATORS.get(name)()
             plans += chunk(gen.items(ctx), gen.shard_size(ctx.cfg), start=len(plans))
         return plans
+
+    def finalize(self, ctx: StageContext) -> dict:
+        """Throughput per generator over this folder's shards (``_SUCCESS.json`` and the artifact)."""
+        return {"throughput": throughput([ctx.store.shard_stats(i) for i in ctx.store.shard_indices()])}
 
     def run_shard(self, ctx: StageContext, shard: ShardPlan) -> ShardOutput:
         out = ShardOutput()
