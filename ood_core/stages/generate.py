@@ -46,6 +46,13 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
+def sample_files(r: dict, image, **meta: object) -> dict[str, bytes]:
+    """A generated sample's files: the PNG and its row (plus ``meta``) as JSON. Timings stay in the
+    manifest only, so the shard's bytes depend on the seed alone."""
+    doc = {**{k: v for k, v in r.items() if k != "seconds"}, **meta}
+    return {"png": png_bytes(image), "json": json.dumps(doc, sort_keys=True).encode()}
+
+
 class Generator:
     """One kind of generated sample: plan items, the config they depend on, a batch generator."""
 
@@ -287,9 +294,7 @@ class BoundaryGenerator(Generator):
                 f"[generate] {key}: energy score {result.score_before:.2f} -> {result.score_after:.2f} "
                 f"(target {result.m_out:.2f}, {g.rounds} rounds, moved toward OOD: {result.moved_toward_ood})"
             )
-            # timings stay in the manifest only: the shard's bytes depend on the seed alone
-            meta = {**{k: v for k, v in r.items() if k != "seconds"}, "round_scores": result.round_scores}
-            out.append((r, {"png": png_bytes(result.image), "json": json.dumps(meta, sort_keys=True).encode()}))
+            out.append((r, sample_files(r, result.image, round_scores=result.round_scores)))
         return out
 
 
@@ -346,8 +351,7 @@ class TextToImageGenerator(Generator):
         for it, prompt, seed, image in zip(items, prompts, seeds, images, strict=True):
             r = row(self.key(it), "ok", "ok", None, **self.columns(it), prompt=prompt, prompt_id=g.t2i_template,
                     seed=seed, model_id=ctx.cfg.models.t2i.name, seconds=per_image)
-            meta = {k: v for k, v in r.items() if k != "seconds"}
-            results.append((r, {"png": png_bytes(image), "json": json.dumps(meta, sort_keys=True).encode()}))
+            results.append((r, sample_files(r, image)))
         return results
 
 
