@@ -200,6 +200,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_world(args: argparse.Namespace) -> int:
+    from ood_core.world.build import main as world_main
+
+    return world_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="synth-ood", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -219,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-hash every shard and manifest against its stats file")
     v.add_argument("dir")
     v.set_defaults(func=cmd_verify)
+    w = sub.add_parser("world", help="build or show the trained world models (`synth-ood world build -h`)", add_help=False)
+    w.add_argument("rest", nargs=argparse.REMAINDER)
+    w.set_defaults(func=cmd_world)
     return p
 
 

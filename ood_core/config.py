@@ -140,7 +140,7 @@ class ModelsConfig(_Strict):
 
 # ---------------------------------------------------------------- data
 class DataConfig(_Strict):
-    id_source: Literal["skimage", "imagefolder"] = "skimage"
+    id_source: Literal["skimage", "imagefolder", "world"] = "skimage"
     root: str | None = None
     classnames: Literal["imagenet", "folder"] = "folder"
     max_classes: int | None = Field(None, ge=1)
@@ -170,7 +170,7 @@ class SketchConfig(_Strict):
     near_per_class: int = Field(3, ge=0)
     near_images: int = Field(0, ge=0)
     max_label_words: int = Field(3, ge=1)
-    lexicon: Literal["wordnet", "imagenet21k"] = "imagenet21k"
+    lexicon: Literal["wordnet", "imagenet21k", "world"] = "imagenet21k"
     lexicon_limit: int | None = Field(None, ge=1)
     neg_keep_fraction: float = Field(0.15, gt=0.0, le=1.0)
     neg_percentile: float = Field(95.0, ge=0.0, le=100.0)

@@ -50,6 +50,9 @@ BAD_INPUT_REASONS = (
 
 log = logging.getLogger("synth_ood.data")
 
+# Packages of their own that register ID sources, OOD sets and pixel sources (imported on demand).
+DATA_PLUGINS = ("ood_core.world.source",)
+
 # Bundled colour photos used as ID classes, in a fixed order (never derived from a set or a listing).
 SKIMAGE_ID_CLASSES: list[tuple[str, str]] = [
     ("astronaut", "astronaut"),
@@ -179,6 +182,28 @@ def skimage_path(name: str) -> Path:
     raise DataError(f"scikit-image has no bundled photo '{name}' in {d}")
 
 
+@dataclass(frozen=True)
+class PixelSource:
+    """Pixels made by code, not read from a file: sources ``<scheme>:<spec>`` such as ``world:...``.
+
+    ``version`` enters the data identity, so a renderer change gives new stage keys downstream.
+    """
+
+    load: Callable[[str], Image.Image]
+    version: str
+
+
+PIXEL_SOURCES: Registry[PixelSource] = Registry("pixel source", plugins=DATA_PLUGINS)
+
+
+def pixel_source(source: str) -> PixelSource | None:
+    """The registered :class:`PixelSource` of ``source`` (by its ``scheme:`` prefix), else None."""
+    scheme, sep, _ = source.partition(":")
+    if not sep or not scheme.isalnum() or scheme == "skimage":
+        return None
+    return PIXEL_SOURCES.get(scheme) if scheme in PIXEL_SOURCES else None
+
+
 def _source_path(source: str) -> Path:
     if source.startswith("skimage:"):
         return skimage_path(source.split(":", 1)[1])
@@ -285,7 +310,10 @@ def load_image(rec: ImageRecord, size: int | None = None) -> Image.Image:
     Non-square images are centre-cropped to a square before resizing (the CLIP convention), so
     objects are never squashed. An unusable file raises :class:`ImageDecodeError`.
     """
-    if rec.source.startswith("skimage:"):
+    made = pixel_source(rec.source)
+    if made is not None:
+        im = made.load(rec.source)
+    elif rec.source.startswith("skimage:"):
         im = _decoded(rec.source).copy()
     else:
         # a crop box is in source pixels: only whole images may be decoded at a reduced scale
@@ -324,7 +352,7 @@ def image_bytes_per_pixel(rec: ImageRecord) -> float:
     deterministic) / pixels of the crop. A file that cannot be read ranks last (-1).
     """
     try:
-        if rec.crop is None:
+        if rec.crop is None and pixel_source(rec.source) is None:
             path = _source_path(rec.source)
             w, h = probe_image(path)
             return os.path.getsize(path) / float(w * h)
@@ -389,7 +417,7 @@ def _usable(
 
 
 # ---------------------------------------------------------------- ID sources
-ID_SOURCES: Registry[Callable[[DataConfig, int], IDDataset]] = Registry("ID source")
+ID_SOURCES: Registry[Callable[[DataConfig, int], IDDataset]] = Registry("ID source", plugins=DATA_PLUGINS)
 
 
 @ID_SOURCES.register("skimage")
@@ -632,7 +660,7 @@ def load_id_dataset(cfg: DataConfig, seed: int) -> IDDataset:
 
 
 # ---------------------------------------------------------------- OOD sets
-OOD_SETS: Registry[Callable[[str, DataConfig, int], list[ImageRecord]]] = Registry("OOD set")
+OOD_SETS: Registry[Callable[[str, DataConfig, int], list[ImageRecord]]] = Registry("OOD set", plugins=DATA_PLUGINS)
 
 
 def _tiny_ood(name: str, cfg: DataConfig, seed: int) -> list[ImageRecord]:
@@ -715,6 +743,8 @@ def ood_classnames(name: str, cfg: DataConfig | None = None) -> list[str]:
     key = name.lower()
     if key in OOD_CLASSNAMES:
         return list(OOD_CLASSNAMES[key])
+    if name in OOD_SETS and getattr(OOD_SETS.get(name), "classnames", None):
+        return list(OOD_SETS.get(name).classnames)  # a registered set that names its classes
     folder = _resolve_folder(name, cfg) if cfg is not None else None
     if folder is None and name.startswith("folder:"):
         folder = Path(name.split(":", 1)[1])

@@ -29,10 +29,13 @@ def content_spec(spec: BaseModel) -> dict[str, Any]:
     return {k: v for k, v in spec.model_dump(mode="json").items() if k not in INFRA_FIELDS}
 
 
-def _source_entry(source: str, roots: list[Path]) -> tuple[str, int]:
+def _source_entry(source: str, roots: list[Path]) -> tuple[str, int | str]:
     """A record's source as (path relative to its data root, size in bytes)."""
-    from ood_core.data import skimage_path
+    from ood_core.data import pixel_source, skimage_path
 
+    made = pixel_source(source)
+    if made is not None:
+        return source, made.version
     if source.startswith("skimage:"):
         return source, os.path.getsize(skimage_path(source.split(":", 1)[1]))
     path = Path(source)

@@ -141,7 +141,7 @@ def _wordnet_words(directory: str, pos: str) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------- sources
-LEXICONS: Registry[Callable[[], Lexicon]] = Registry("lexicon")
+LEXICONS: Registry[Callable[[], Lexicon]] = Registry("lexicon", plugins=("ood_core.world.source",))
 
 
 @LEXICONS.register("wordnet")

@@ -39,12 +39,12 @@ def model_id(role: str, spec: Any) -> str:
 
 def _hub_repo(role: str, spec: Any) -> str | None:
     """The Hugging Face repo a spec downloads from, or None (local, tiny, endpoint, or not a hub id)."""
-    from ood_core.models import tiny
+    from ood_core.models import is_model_uri
 
     if role == "mllm" and spec.backend == "openai":
         return None
     name = spec.pretrained if role == "clip" else spec.name
-    if not name or tiny.is_tiny(name) or Path(name).expanduser().exists():
+    if not name or is_model_uri(name) or Path(name).expanduser().exists():
         return None
     if role == "clip":
         # open_clip's pretrained tags (e.g. ViT-B-16 / openai) name a hub repo in its registry
@@ -187,6 +187,14 @@ def _check_models(cfg: RunConfig) -> list[str]:
         name = spec.pretrained if role == "clip" else spec.name
         if tiny.is_tiny(name) and name[len(tiny.TINY_PREFIX) :].strip("/") not in tiny.kinds():
             problems.append(f"models.{role}: unknown tiny model '{name}' (known: {', '.join(tiny.kinds())})")
+            continue
+        if name.startswith("world://"):
+            from ood_core.world.weights import WorldWeightsError, resolve
+
+            try:
+                resolve(name)  # hashes the shipped files: a damaged weight file is named before any work
+            except WorldWeightsError as err:
+                problems.append(f"models.{role}: {err}")
             continue
         if name.startswith(("/", "./", "~")) and not Path(name).expanduser().exists():
             problems.append(f"models.{role}: local model folder {name} does not exist")

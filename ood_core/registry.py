@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -9,11 +10,24 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps a name to a factory; unknown names fail with the list of known ones."""
+    """Maps a name to a factory; unknown names fail with the list of known ones.
 
-    def __init__(self, kind: str):
+    ``plugins`` names modules that register more items when imported (a package of its own such
+    as :mod:`ood_core.world`); they are imported on the first lookup that needs them, so a
+    registry stays cheap to import and its owner never imports the plug-in.
+    """
+
+    def __init__(self, kind: str, plugins: tuple[str, ...] = ()):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._plugins = plugins
+        self._plugins_loaded = not plugins
+
+    def _load_plugins(self) -> None:
+        if not self._plugins_loaded:
+            self._plugins_loaded = True
+            for module in self._plugins:
+                importlib.import_module(module)
 
     def register(self, name: str, item: T | None = None) -> Callable[[T], T] | T:
         """Register ``item`` under ``name``; usable as a decorator when ``item`` is omitted."""
@@ -28,6 +42,8 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
+        if name not in self._items:
+            self._load_plugins()
         try:
             return self._items[name]
         except KeyError:
@@ -35,7 +51,10 @@ class Registry(Generic[T]):
             raise KeyError(f"unknown {self.kind} '{name}': known {self.kind}s are {known}") from None
 
     def names(self) -> list[str]:
+        self._load_plugins()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
+        if name not in self._items:
+            self._load_plugins()
         return name in self._items

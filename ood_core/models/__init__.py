@@ -88,12 +88,24 @@ def tiny_root(cache_dir: str | None) -> str:
     return os.path.join(xdg, "synth-ood")
 
 
+# Model id schemes resolved to local folders: ``scheme://`` -> module whose ``resolve`` does it.
+MODEL_SCHEMES = {"tiny://": "ood_core.models.tiny", "world://": "ood_core.world.weights"}
+
+
+def is_model_uri(name: str | None) -> bool:
+    """Whether ``name`` is a ``tiny://`` or ``world://`` id (a local model, not a hub id)."""
+    return bool(name) and str(name).startswith(tuple(MODEL_SCHEMES))
+
+
 def resolve_name(name: str, cache_dir: str | None) -> str:
-    """``tiny://kind`` -> local dir of the built tiny model; other names pass through unchanged."""
+    """``tiny://kind`` -> the built tiny model's dir, ``world://model`` -> the shipped world model's
+    verified dir; other names pass through unchanged."""
     from ood_core.models import tiny
 
     if tiny.is_tiny(name):
         return tiny.resolve(name, tiny_root(cache_dir))
+    if is_model_uri(name):
+        return importlib.import_module(MODEL_SCHEMES["world://"]).resolve(name)
     return name
 
 
@@ -139,6 +151,7 @@ __all__ = [
     "DIFFUSION_BACKENDS",
     "resolve_device",
     "resolve_name",
+    "is_model_uri",
     "hub_cache_dir",
     "tiny_root",
     "load_clip",

@@ -100,11 +100,11 @@ def load_open_clip(spec, device: torch.device, cache_dir: str | None) -> ClipMod
     """Create ``spec.name`` with ``spec.pretrained`` (tag, file, dir or ``tiny://clip``)."""
     import open_clip
 
-    from ood_core.models import tiny
+    from ood_core.models import is_model_uri, tiny
 
     tiny.register_clip_configs()
     pretrained = spec.pretrained
-    if tiny.is_tiny(pretrained):
+    if is_model_uri(pretrained):
         pretrained = _weights_path(resolve_name(pretrained, cache_dir))
     elif pretrained and Path(pretrained).expanduser().is_dir():
         pretrained = _weights_path(str(Path(pretrained).expanduser()))
