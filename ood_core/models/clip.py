@@ -105,9 +105,16 @@ def load_open_clip(spec, device: torch.device, cache_dir: str | None) -> ClipMod
     tiny.register_clip_configs()
     pretrained = spec.pretrained
     if is_model_uri(pretrained):
-        pretrained = _weights_path(resolve_name(pretrained, cache_dir))
-    elif pretrained and Path(pretrained).expanduser().is_dir():
-        pretrained = _weights_path(str(Path(pretrained).expanduser()))
+        pretrained = resolve_name(pretrained, cache_dir)
+    folder = Path(pretrained).expanduser() if pretrained else None
+    if folder is not None and (folder / "open_clip_config.json").is_file():
+        # a checkpoint folder with its own config (and tokenizer): open_clip's local-dir schema
+        # reads all three, as for a folder downloaded from the hub; spec.name only names it
+        name = f"local-dir:{folder}"
+        model, _, preprocess = open_clip.create_model_and_transforms(name, device=device, cache_dir=cache_dir)
+        return ClipModel(model, preprocess, open_clip.get_tokenizer(name, cache_dir=cache_dir), device)
+    if folder is not None and folder.is_dir():
+        pretrained = _weights_path(str(folder))
     model, _, preprocess = open_clip.create_model_and_transforms(
         spec.name, pretrained=pretrained, device=device, cache_dir=cache_dir
     )

@@ -1,0 +1,213 @@
+"""Training recipe of the world CLIP: an open_clip custom ViT trained contrastively on the world.
+
+The folder it writes is an open_clip ``local-dir`` checkpoint (``open_clip_config.json`` +
+``open_clip_model.safetensors``) with a world-sized word-level Hugging Face tokenizer beside it
+(``tokenizer.json``), read by ``open_clip.create_model_and_transforms("local-dir:<dir>")`` and
+``open_clip.get_tokenizer("local-dir:<dir>")``: the same calls that load a published checkpoint
+folder. Training sees every world concept (ID, near, far, validation ones too): it plays the part
+of CLIP's web-scale pre-training, in which ImageNet's OOD benchmarks' concepts also appeared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import concepts as C
+from . import render as R
+
+MODEL_NAME = "synthood-world-vit"
+TRAIN_TAG, EVAL_TAG = "clip-train", "clip-eval"
+CONTEXT_LENGTH = 20
+SPECIALS = ("[PAD]", "[UNK]", "[BOS]")  # ids 0, 1, 2; [EOS] takes the last id (open_clip's argmax pooling)
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.25, 0.25, 0.25)
+
+SETTINGS = {
+    "images": 20000, "id_share": 0.4, "near_share": 0.25, "epochs": 12, "batch": 128, "lr": 1e-3,
+    "weight_decay": 0.1, "warmup_steps": 100,
+    "vision": {"image_size": 64, "patch_size": 8, "width": 96, "layers": 3, "head_width": 32},
+    "text": {"width": 64, "heads": 2, "layers": 2}, "embed_dim": 64,
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------- tokenizer
+def build_tokenizer(out_dir: Path) -> int:
+    """A lower-casing word-level tokenizer over the world's vocabulary; returns its size."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = [w for w in C.vocabulary() if w not in SPECIALS]
+    vocab = {tok: i for i, tok in enumerate([*SPECIALS, *words, "[EOS]"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
+                                   eos_token="[EOS]", model_max_length=CONTEXT_LENGTH)  # fmt: skip
+    fast.save_pretrained(str(out_dir))
+    return len(vocab)
+
+
+def model_config(vocab_size: int) -> dict:
+    s = SETTINGS
+    return {
+        "embed_dim": s["embed_dim"],
+        "vision_cfg": dict(s["vision"]),
+        "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": vocab_size, "hf_tokenizer_name": "local",
+                     **s["text"]},
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------- data
+def _concept_draw(rng: np.random.Generator, n: int) -> list[str]:
+    s = SETTINGS
+    n_id, n_near = int(n * s["id_share"]), int(n * s["near_share"])
+    near = C.NEAR_EVAL + C.NEAR_VAL
+    out = [C.ID_CLASSES[i % len(C.ID_CLASSES)] for i in range(n_id)]
+    out += [near[i % len(near)] for i in range(n_near)]
+    out += [C.FAR_CONCEPTS[int(i)] for i in rng.integers(0, len(C.FAR_CONCEPTS), n - n_id - n_near)]
+    return [out[int(i)] for i in rng.permutation(len(out))]
+
+
+def _pixels(images) -> "torch.Tensor":  # noqa: F821
+    import torch
+
+    arr = np.stack([np.asarray(im, np.float32) / 255.0 for im in images])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def render_set(seed: int, tag: str, concepts: list[str], progress: bool = False):
+    """Scenes and images of ``concepts`` (index i of each concept under ``tag``)."""
+    from tqdm.auto import tqdm
+
+    counts: dict[str, int] = {}
+    scenes = []
+    for c in concepts:
+        counts[c] = counts.get(c, 0) + 1
+        scenes.append(R.scene_for(seed, c, counts[c], tag))
+    images = [R.render(s) for s in tqdm(scenes, desc="[world] clip: render", disable=not progress, leave=False)]
+    return scenes, images
+
+
+# ---------------------------------------------------------------- build
+def build(out_dir: Path, seed: int = 0, progress: bool = True) -> dict:
+    """Train the world CLIP into ``out_dir`` (an open_clip local-dir checkpoint); its competence."""
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    s = SETTINGS
+    # 1. tokenizer and model of the world's size
+    vocab_size = build_tokenizer(out_dir)
+    cfg = model_config(vocab_size)
+    (out_dir / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": cfg, "preprocess_cfg": {"mean": list(MEAN), "std": list(STD), "interpolation": "bicubic",
+                                              "resize_mode": "shortest"}}, indent=2))  # fmt: skip
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out_dir}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.CLIP(**cfg)
+        # 2. the data: rendered once, captions drawn anew each epoch
+        rng = R.rng_for(seed, TRAIN_TAG)
+        scenes, images = render_set(seed, TRAIN_TAG, _concept_draw(rng, s["images"]), progress)
+        pixels = _pixels(images)
+        # 3. contrastive training (CLIP's symmetric cross-entropy), AdamW with warm-up + cosine
+        opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+        steps_per_epoch = len(scenes) // s["batch"]
+        total = steps_per_epoch * s["epochs"]
+
+        def lr_at(step: int) -> float:
+            if step < s["warmup_steps"]:
+                return s["lr"] * (step + 1) / s["warmup_steps"]
+            return s["lr"] * 0.5 * (1 + math.cos(math.pi * (step - s["warmup_steps"]) / max(1, total - s["warmup_steps"])))
+
+        model.train()
+        bar = tqdm(total=total, desc="[world] clip: train", disable=not progress)
+        step = 0
+        gen = torch.Generator().manual_seed(seed)
+        for epoch in range(s["epochs"]):
+            order = torch.randperm(len(scenes), generator=gen)
+            cap_rng = R.rng_for(seed, TRAIN_TAG, "captions", str(epoch))
+            for b in range(steps_per_epoch):
+                idx = order[b * s["batch"] : (b + 1) * s["batch"]]
+                # the same concept twice in a batch is not a negative: soft targets over equal captions
+                texts = [R.captions(scenes[int(i)], cap_rng, 1)[0] for i in idx]
+                x = pixels[idx]
+                if bool(cap_rng.random() < 0.5):
+                    x = x.flip(-1)  # mirror: no world concept depends on left/right except positions
+                    texts = [t.replace("left", "\0").replace("right", "left").replace("\0", "right") for t in texts]
+                img = F.normalize(model.encode_image(x), dim=-1)
+                txt = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
+                logits = model.logit_scale.exp() * img @ txt.t()
+                same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
+                target = same / same.sum(1, keepdim=True)
+                loss = (torch.sum(-target * logits.log_softmax(1), 1).mean()
+                        + torch.sum(-target * logits.log_softmax(0).t(), 1).mean()) / 2  # fmt: skip
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+                step += 1
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        bar.close()
+    # 4. weights, written under a temporary name and renamed into place
+    model.eval()
+    tmp = out_dir / ".open_clip_model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, out_dir / "open_clip_model.safetensors")
+    record = {"settings": {**s, "context_length": CONTEXT_LENGTH, "vocab_size": vocab_size, "train_tag": TRAIN_TAG}}
+    (out_dir / "BUILD.json").write_text(json.dumps(record, indent=2))
+    return evaluate(out_dir, seed=seed + 1000)
+
+
+# ---------------------------------------------------------------- competence
+def load(model_dir: Path | str):
+    """The world CLIP in ``model_dir`` through the pipeline's own loader."""
+    from ood_core.config import ClipSpec
+    from ood_core.models import load_clip
+
+    return load_clip(ClipSpec(backend="open_clip", name=MODEL_NAME, pretrained=str(model_dir)), "cpu")
+
+
+def evaluate(model_dir: Path | str, seed: int, per_concept: int = 25, clip=None) -> dict:
+    """Zero-shot ID accuracy and MCM AUROC per evaluation OOD set, on fresh images (tag ``clip-eval``)."""
+    import torch
+
+    from ood_core.metrics import ood_metrics
+
+    t0 = time.perf_counter()
+    clip = clip or load(model_dir)
+    text = clip.encode_texts([f"a photo of a {c}" for c in C.ID_CLASSES])
+
+    def mcm_and_pred(concepts):
+        scenes, images = render_set(seed, EVAL_TAG, [c for c in concepts for _ in range(per_concept)])
+        probs = torch.softmax(clip.encode_images(images) @ text.t(), dim=-1)  # MCM: T = 1 on cosines
+        return scenes, probs.max(1).values.numpy(), probs.argmax(1).numpy()
+
+    scenes, id_mcm, pred = mcm_and_pred(C.ID_CLASSES)
+    truth = np.array([C.ID_CLASSES.index(s.concept) for s in scenes])
+    out: dict = {"id_accuracy": float((pred == truth).mean())}
+    for name, concepts in C.EVAL_SETS.items():
+        _, ood_mcm, _ = mcm_and_pred(concepts)
+        out[f"mcm_auroc_{name}"] = float(ood_metrics(id_mcm, ood_mcm)["auroc"])
+    out["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    return out
