@@ -60,11 +60,17 @@ class DiffusionRuntime(_Strict):
     ``channels_last``: ``auto`` = on CUDA only. ``vae_slicing`` decodes one image at a time (the
     decode with gradients is the memory peak at 512 px); ``vae_tiling`` decodes in tiles.
     ``compile``: ``torch.compile`` the UNet (pays off for long runs on a GPU: the first batches
-    compile for minutes, and each new batch size compiles again). ``batch_invariant``: ``auto`` = on
-    the CPU, a sample's bytes do not depend on the batch size (``ood_core.models.invariant``).
+    compile for minutes, and each new batch size compiles again). ``batch_invariant``: off by
+    default; on, CPU kernels that try to give a sample the same bytes at any batch size
+    (``ood_core.models.invariant``: best effort, measured on one machine's kernels only, slower).
 
-    Only ``dtype`` and ``grad_dtype`` change the images beyond float rounding: they enter keys
-    when not at their default; the others never do (like ``models.device``).
+    Every field here can change a sample's bytes: ``dtype``/``grad_dtype`` the precision on a
+    GPU; ``attention``, ``channels_last``, ``vae_slicing`` and ``batch_invariant`` the float
+    rounding (measured on the CPU, tiny models: up to 23 of 255 levels after boundary guidance);
+    ``vae_tiling`` blends tiles above the VAE's tile size; ``compile`` fuses kernels. So each
+    enters the stage and content keys when set off its default (keys of runs from before a field
+    existed hold) and two settings never share a folder. ``models.device`` is in no key: each
+    generate shard's stats record the numerics that made its bytes (``numerics_record``).
     """
 
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
@@ -74,14 +80,13 @@ class DiffusionRuntime(_Strict):
     vae_slicing: bool = False
     vae_tiling: bool = False
     compile: bool = False
-    batch_invariant: bool | Literal["auto"] = "auto"
+    batch_invariant: bool = False
 
     def key_dump(self) -> dict:
-        """The spec as stage and content keys see it: runtime-only fields left out, and the
-        precision fields only when set (keys of runs from before these fields existed hold)."""
-        runtime = set(DiffusionRuntime.model_fields) - {"dtype", "grad_dtype"}
-        at_default = {f for f in ("dtype", "grad_dtype") if getattr(self, f) == DiffusionRuntime.model_fields[f].default}
-        return self.model_dump(mode="json", exclude=runtime | at_default)
+        """The spec as stage and content keys see it: the runtime fields only when set off
+        their default (every one of them changes bytes)."""
+        at_default = {f for f, info in DiffusionRuntime.model_fields.items() if getattr(self, f) == info.default}
+        return self.model_dump(mode="json", exclude=at_default)
 
 
 class DiffusionSpec(DiffusionRuntime):
@@ -222,7 +227,8 @@ class GenerateConfig(_Strict):
     t2i_template: str = "photo"  # id in ood_core.prompts.T2I_TEMPLATES
     t2i_batch: int = Field(4, ge=1)
     # boundary inpainting: source images through the sampler together (classifier-free guidance
-    # makes the UNet batch 2x this). Not in any key: a sample's bytes do not depend on it on the CPU
+    # makes the UNet batch 2x this). Like t2i_batch, in generate's key: batched kernels round
+    # differently, so a sample's bytes depend on the batch it ran in (README, "Reproducibility")
     batch: int = Field(4, ge=1)
     t2i_shard_size: int = Field(16, ge=1)
 

@@ -1,10 +1,22 @@
-"""Batched generation (issue 7): batch-size-independent bytes, out-of-memory halving, throughput
-stats, precision and kernel options as config data. Tiny models, CPU, seeded."""
+"""Batched generation (issue 7, issue 15): what batching does to a sample's bytes, out-of-memory
+halving, throughput and numerics stats, precision and kernel options as config data. Tiny models,
+CPU, seeded.
+
+What holds (README, "Reproducibility"): the same config, batch size, thread count and kernels give
+the same bytes; another batch size, thread count or instruction set gives each sample within float
+tolerance of itself, and the batch size is in generate's key. The byte checks run in subprocesses
+(tests/numerics_probe.py) under the thread counts and instruction-set settings CI machines differ
+in, because those variables only act when set before torch is imported.
+"""
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -18,10 +30,107 @@ from ood_core.models import load_clip, load_inpainter, tiny  # noqa: E402
 from ood_core.pipeline import resolve_keys, run_local  # noqa: E402
 from ood_core.storage import StageStore  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+# the environments CI machines differ in (issue 15): thread count, MKL's and oneDNN's instruction set
+ENVS = {
+    "default": {},
+    "1-thread": {"OMP_NUM_THREADS": "1"},
+    "2-threads": {"OMP_NUM_THREADS": "2"},
+    "mkl-avx2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "onednn-avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "both-avx2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+# float tolerance between two runs of one sample with other kernels (batch size, threads, ISA):
+# measured on the development machine (AMD EPYC, AVX2) at most 1 level of 255 and 1e-5 in the
+# energy score; the bounds leave room for other CPUs and stay far below the difference between
+# two samples (about 40 levels on average), so a mix-up of samples still fails
+MAX_LEVELS, MEAN_LEVELS, SCORE_TOL = 16, 0.5, 1e-3
+
+
+def assert_same_samples(a: np.ndarray, b: np.ndarray) -> None:
+    """``a[i]`` and ``b[i]`` (uint8 images, stacked) are the same sample within float tolerance,
+    and each is far nearer its own counterpart than any other sample's."""
+    a, b = a.astype(np.int16), b.astype(np.int16)
+    assert a.shape == b.shape and len(a) >= 2
+    for i in range(len(a)):
+        d = np.abs(a[i] - b[i])
+        assert d.max() <= MAX_LEVELS and d.mean() <= MEAN_LEVELS, (i, int(d.max()), float(d.mean()))
+        nearest_other = min(np.abs(a[i] - b[j]).mean() for j in range(len(b)) if j != i)
+        assert nearest_other > max(10 * d.mean(), 5.0), (i, float(nearest_other), float(d.mean()))
+
+
+def assert_scores_close(a: list[list[float]], b: list[list[float]]) -> None:
+    assert len(a) == len(b) and all(len(x) == len(y) > 0 for x, y in zip(a, b, strict=True))
+    assert np.allclose(np.array(a), np.array(b), rtol=0, atol=SCORE_TOL), (a, b)
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="module")
+def probe(cache, tmp_path_factory):
+    """``probe(env)``: tests/numerics_probe.py's digest and pixels from a fresh process under
+    ``ENVS[env]`` (the caller's own kernel variables removed first), run once per module."""
+    from ood_core.models.diffusion import NUMERICS_ENV
+
+    done: dict[str, tuple[dict, dict]] = {}
+
+    def run(name: str) -> tuple[dict, dict]:
+        if name not in done:
+            out = tmp_path_factory.mktemp(f"probe-{name}")
+            env = {k: v for k, v in os.environ.items() if k not in NUMERICS_ENV} | ENVS[name]
+            env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+            proc = subprocess.run([sys.executable, str(ROOT / "tests" / "numerics_probe.py"), cache, str(out)],
+                                  env=env, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            with np.load(out / "pixels.npz") as px:
+                done[name] = json.loads(proc.stdout.splitlines()[-1]), dict(px)
+        return done[name]
+
+    return run
+
+
+@pytest.mark.parametrize("env", list(ENVS))
+def test_same_batch_gives_the_same_bytes_and_batch_1_is_within_tolerance_of_batch_4(probe, env):
+    """In one environment: a fresh model load at the same batch size gives the same PNG bytes and
+    scores; each sample at batch 1 is its batch-4 self within float tolerance (boundary inpainting:
+    own seed, prompt, mask and target; text-to-image at batch 3); the samples are not copies."""
+    digest, px = probe(env)
+    h = digest["png_sha256"]
+    assert h["b4"] == h["b4_again"] and h["t2i_b3"] == h["t2i_b3_again"]
+    assert digest["round_scores"]["b4"] == digest["round_scores"]["b4_again"]
+    assert np.array_equal(px["b4"], px["b4_again"]) and np.array_equal(px["t2i_b3"], px["t2i_b3_again"])
+
+    assert_same_samples(px["b4"], px["b1"])
+    assert_same_samples(px["t2i_b3"], px["t2i_b1"])
+    assert_scores_close(digest["round_scores"]["b4"], digest["round_scores"]["b1"])
+    assert all(u and u[0] > 0 for u in digest["noise_updates"]["b4"])  # the guidance acted
+    assert len(set(h["b4"])) == 4 and len(set(h["t2i_b3"])) == 3
+    assert len({s[-1] for s in digest["round_scores"]["b4"]}) == 4
+
+    rec = digest["numerics"]  # the record a shard's stats would hold for these bytes
+    assert rec["env"] == ENVS[env] and rec["batch_size"] == 4 and not rec["batch_invariant"]
+    assert (rec["device"], rec["dtype"], rec["torch"]) == ("cpu", "float32", torch.__version__)
+    assert rec["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    if ENVS[env].get("OMP_NUM_THREADS") == "1":
+        assert rec["num_threads"] == 1
+
+
+def test_other_threads_and_instruction_sets_agree_within_tolerance(probe):
+    """Across the environments: each sample within float tolerance of the default environment's;
+    the same numerics (thread count, CPU capability, no ISA variables) in another process gives
+    the same bytes."""
+    base, base_px = probe("default")
+    for env in ENVS:
+        digest, px = probe(env)
+        for name in ("b4", "b1", "t2i_b3", "t2i_b1"):
+            assert_same_samples(px[name], base_px[name])
+        assert_scores_close(digest["round_scores"]["b4"], base["round_scores"]["b4"])
+    two, _ = probe("2-threads")
+    if two["numerics"]["num_threads"] == base["numerics"]["num_threads"]:  # a 2-core machine
+        assert two["png_sha256"] == base["png_sha256"] and two["round_scores"] == base["round_scores"]
 
 
 @pytest.fixture(scope="module")
@@ -48,40 +157,53 @@ def _png(image: Image.Image) -> bytes:
     return png_bytes(image)
 
 
-def test_boundary_batch_of_4_gives_the_bytes_and_scores_of_batch_1(inpainter, score_fn):
-    """Each sample has its own seed, prompt, mask and target; batched or alone, the same PNG bytes."""
-    from ood_core.models.diffusion import InpaintJob, boundary_inpaint_batch, center_box_mask
-
-    jobs = [
-        InpaintJob(_photo(i), f"a photo of grass and sky, take {i}", seed=100 + i,
-                   mask=center_box_mask(64) if i == 2 else None, m_out=-5.0 if i != 3 else -4.0)
-        for i in range(4)
-    ]
-    kw = dict(score_fn=score_fn, rounds=3, steps=4, strength=0.6, guidance=8.0, lr=10.0, grad_batch=2)
-    batched = boundary_inpaint_batch(inpainter, jobs, **kw)
-    alone = [boundary_inpaint_batch(inpainter, [job], **kw)[0] for job in jobs]
-    for b, a in zip(batched, alone, strict=True):
-        assert _png(b.image) == _png(a.image)
-        assert b.round_scores == a.round_scores and len(b.round_scores) == 3
-        assert b.noise_updates == a.noise_updates and b.noise_updates[0] > 0
-        assert (b.score_before, b.score_after, b.m_out) == (a.score_before, a.score_after, a.m_out)
-    # the samples are not copies of each other: each has its own noise and its own gradient
-    assert len({_png(r.image) for r in batched}) == 4
-    assert len({r.round_scores[-1] for r in batched}) == 4
+def _pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.uint8) for im in images])
 
 
-def test_batch_invariant_kernels_cover_small_matrix_products():
-    """Rows of a small matrix product do not depend on how many rows came with them."""
-    from ood_core.models.invariant import batch_invariant
+def test_opt_in_batch_invariant_mode_runs_the_sampler_within_tolerance(cache, score_fn, monkeypatch):
+    """``batch_invariant: true`` (best effort, CPU only) routes the sampler's matrix products
+    through the padded kernels; batch 4 and batch 1 stay within tolerance (byte equality is not
+    asserted: it holds on some CPUs' kernels only, issue 15)."""
+    from ood_core.models import invariant
+    from ood_core.models.diffusion import InpaintJob, boundary_inpaint_batch
 
+    calls = []
+    real = invariant._gemm
+    monkeypatch.setattr(invariant, "_gemm", lambda *a: calls.append(1) or real(*a))
+    inp = load_inpainter(DiffusionSpec(name="tiny://sd-inpaint", resolution=64, batch_invariant=True), "cpu", cache)
+    assert inp.batch_invariant
+    jobs = [InpaintJob(_photo(i), f"grass, take {i}", seed=100 + i) for i in range(3)]
+    kw = dict(score_fn=score_fn, rounds=2, steps=2, strength=0.6, guidance=8.0, lr=10.0, grad_batch=2)
+    batched = boundary_inpaint_batch(inp, jobs, **kw)
+    assert calls  # the mode was active
+    alone = [boundary_inpaint_batch(inp, [job], **kw)[0] for job in jobs]
+    assert_same_samples(_pixels(r.image for r in batched), _pixels(r.image for r in alone))
+    assert_scores_close([r.round_scores for r in batched], [r.round_scores for r in alone])
+
+
+def test_batch_invariant_kernels_cover_small_matrix_products(monkeypatch):
+    """The opt-in kernels: active inside the context only, NNPACK off there, and each row of a
+    small product within float tolerance of the same row computed alone."""
+    from ood_core.models import invariant
+    from ood_core.models.diffusion import invariant_kernels
+
+    calls = []
+    real = invariant._gemm
+    monkeypatch.setattr(invariant, "_gemm", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     lin, conv, norm = torch.nn.Linear(64, 256), torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.GroupNorm(8, 32)
     x, img = torch.randn(8, 64), torch.randn(8, 16, 8, 8)
-    with torch.no_grad(), batch_invariant():
-        assert torch.equal(lin(x)[:1], lin(x[:1])) and torch.equal(lin(x)[:3], lin(x[:3]))
-        assert torch.equal(conv(img)[:1], conv(img[:1]))
-        assert torch.equal(norm(conv(img))[:2], norm(conv(img[:2])))
-    assert torch.backends.nnpack.is_available() is not None
+    nnpack = torch._C._get_nnpack_enabled()
+    with torch.no_grad(), invariant_kernels(False):
+        lin(x)
+    assert not calls  # off: PyTorch's own kernels, no dispatch hook
+    with torch.no_grad(), invariant_kernels(True):
+        assert not torch._C._get_nnpack_enabled()
+        assert torch.allclose(lin(x)[:1], lin(x[:1]), atol=1e-5) and torch.allclose(lin(x)[:3], lin(x[:3]), atol=1e-5)
+        assert torch.allclose(conv(img)[:1], conv(img[:1]), atol=1e-5)
+        assert torch.allclose(norm(conv(img))[:2], norm(conv(img[:2])), atol=1e-5)
+    assert calls and torch._C._get_nnpack_enabled() == nnpack
 
 
 def test_is_out_of_memory_matches_cuda_errors_only():
@@ -93,18 +215,34 @@ def test_is_out_of_memory_matches_cuda_errors_only():
     assert not is_out_of_memory(ValueError("out of memory"))  # not an allocator error
 
 
-def test_runtime_fields_are_config_data_and_not_in_keys(cache):
-    """dtype, attention, channels_last, VAE slicing/tiling, compile: accepted as config; CPU stays fp32."""
+def test_runtime_fields_are_config_data_and_what_changes_bytes_is_in_keys(cache):
+    """dtype, attention, channels_last, VAE slicing/tiling, compile, batch_invariant: accepted as
+    config, CPU stays fp32. The batch sizes change generate's key and each generator's content key
+    (batched kernels round differently, issue 15), each its own generator's only; every runtime
+    field set off its default changes the key (each can change bytes); where the models run and
+    how endpoints are called do not."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     from ood_core.models.diffusion import resolve_dtype
+    from ood_core.stages.generate import BoundaryGenerator, TextToImageGenerator
 
-    base = resolve_keys(load_config("tiny"))
-    runtime = {"models.diffusion.channels_last": "true", "models.diffusion.vae_slicing": "true",
-               "models.diffusion.vae_tiling": "true", "models.diffusion.attention": "classic",
-               "models.t2i.compile": "true", "generate.batch": "1"}
-    assert resolve_keys(load_config("tiny", runtime)) == base  # speed settings change no output folder
-    assert resolve_keys(load_config("tiny", {"models.diffusion.dtype": "fp16"}))["generate"] != base["generate"]
+    tiny_cfg = load_config("tiny")
+    base = resolve_keys(tiny_cfg)
+    speed = {"models.cache_dir": "/elsewhere", "models.device": "cpu", "models.endpoint.max_in_flight": "2",
+             "models.endpoint.timeout": "5"}
+    assert resolve_keys(load_config("tiny", speed)) == base  # where and how fast: no new folder
+    for key, value in {"generate.batch": "1", "generate.t2i_batch": "1", "models.diffusion.dtype": "fp16",
+                       "models.diffusion.attention": "classic", "models.diffusion.channels_last": "true",
+                       "models.diffusion.vae_slicing": "true", "models.diffusion.vae_tiling": "true",
+                       "models.t2i.compile": "true", "models.diffusion.batch_invariant": "true",
+                       "models.t2i.batch_invariant": "true"}.items():
+        keys = resolve_keys(load_config("tiny", {key: value}))
+        assert keys["generate"] != base["generate"], key
+        assert keys["sketch"] == base["sketch"], key  # upstream of generate: untouched
+    for gen, own, other in ((BoundaryGenerator(), "generate.batch", "generate.t2i_batch"),
+                            (TextToImageGenerator(), "generate.t2i_batch", "generate.batch")):
+        assert gen.config_slice(load_config("tiny", {own: "1"})) != gen.config_slice(tiny_cfg), own
+        assert gen.config_slice(load_config("tiny", {other: "1"})) == gen.config_slice(tiny_cfg), other
     with pytest.raises(ValueError, match="models.diffusion.dtype"):
         load_config("tiny", {"models.diffusion.dtype": "fp8"})
 
@@ -121,7 +259,7 @@ def test_runtime_fields_are_config_data_and_not_in_keys(cache):
     default = load_inpainter(DiffusionSpec(name="tiny://sd-inpaint", resolution=64), "cpu", cache)
     assert {type(p) for p in default.unet.attn_processors.values()} == {AttnProcessor2_0}
     assert default.unet.conv_in.weight.is_contiguous()  # channels_last "auto": CUDA only
-    assert default.batch_invariant and not default.vae.use_slicing
+    assert not default.batch_invariant and not default.vae.use_slicing  # the invariant mode is opt-in
 
 
 def test_fp32_gradient_decode_is_finite_and_used_for_half_models(inpainter, score_fn):
@@ -170,11 +308,30 @@ def _generated(cfg, root) -> tuple[dict, dict, list]:
     return files, store.read_success(), stats
 
 
-def test_stage_records_throughput_and_shows_progress(staged):
+def _decoded(files: dict[str, bytes]) -> dict[str, np.ndarray]:
+    return {key: np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.uint8) for key, png in files.items()}
+
+
+def _assert_same_stage_samples(a: dict[str, bytes], b: dict[str, bytes]) -> None:
+    assert sorted(a) == sorted(b) and len(a) >= 6
+    pa, pb = _decoded(a), _decoded(b)
+    keys = sorted(a)
+    assert_same_samples(np.stack([pa[k] for k in keys]), np.stack([pb[k] for k in keys]))
+
+
+def test_stage_records_throughput_numerics_and_shows_progress(staged):
     files, success, stats = staged["files"]
     boundary = [st for st in stats if st.get("generator") == "boundary"]
     assert boundary and all(st["batch_size"] == 4 == st["batch_used"] for st in boundary)
     assert all(st["images_per_s"] > 0 and st["s_per_image"] > 0 for st in stats)
+    # the numerics that made each shard's bytes
+    for st in stats:
+        rec = st["numerics"]
+        assert rec["batch_size"] == st["batch_used"] == 4 and (rec["device"], rec["dtype"]) == ("cpu", "float32")
+        assert rec["torch"] == torch.__version__ and rec["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert rec["num_threads"] == torch.get_num_threads() and not rec["batch_invariant"]
+        assert rec["env"] == {k: os.environ[k] for k in rec["env"]}
+        assert {k for k in ("OMP_NUM_THREADS", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA") if k in os.environ} <= set(rec["env"])
     rates = success["summary"]["throughput"]
     assert set(rates) == {"boundary", "t2i"}
     assert rates["boundary"]["images"] == sum(st["images"] for st in boundary) >= 5
@@ -184,19 +341,27 @@ def test_stage_records_throughput_and_shows_progress(staged):
     assert any("images/s" in m and m.startswith("[generate] shard") for m in staged["logs"])
 
 
-def test_stage_bytes_do_not_depend_on_the_batch_size(staged):
-    """Batch 1 gives the same shard bytes as batch 4 (same folder: the batch size is not in the key)."""
+def test_stage_batch_size_is_in_the_key_and_samples_agree_within_tolerance(staged):
+    """Boundary batch 1 after batch 4: a new generate folder (sketch reused), its boundary shards
+    recomputed at batch 1 (recorded), each sample within tolerance of its batch-4 self; the
+    text-to-image shards, whose batch did not change, are copied byte for byte."""
     cfg1 = load_config("tiny", _overrides(staged["cfg"].models.cache_dir, **{"generate.batch": "1"}))
-    assert resolve_keys(cfg1) == resolve_keys(staged["cfg"])
-    run_local(cfg1, staged["root"], only=["generate"], force=["generate"], log=lambda m: None)
+    keys1, keys4 = resolve_keys(cfg1), resolve_keys(staged["cfg"])
+    assert keys1["generate"] != keys4["generate"] and keys1["sketch"] == keys4["sketch"]
+    run_local(cfg1, staged["root"], only=["generate"], log=lambda m: None)
     files, _, stats = _generated(cfg1, staged["root"])
-    assert files == staged["files"][0] and len(files) >= 6
-    assert {st["batch_size"] for st in stats if st["generator"] == "boundary"} == {1}
+    before = staged["files"][0]
+    _assert_same_stage_samples(files, before)
+    boundary = [st for st in stats if st["generator"] == "boundary"]
+    assert boundary and all(st["batch_size"] == 1 == st["numerics"]["batch_size"] for st in boundary)
+    t2i = {k: v for k, v in files.items() if k.startswith("t2i_")}
+    assert t2i and t2i == {k: v for k, v in before.items() if k.startswith("t2i_")}
+    assert {st["numerics"]["batch_size"] for st in stats if st["generator"] == "t2i"} == {4}
 
 
 def test_fake_out_of_memory_halves_the_batch_and_the_shard_completes(staged, monkeypatch):
     """A UNet that runs out of memory above 2 samples (4 rows with guidance): the shard completes
-    with every sample at batch 2, the same bytes, and records the batch that worked."""
+    with every sample at batch 2 (within tolerance of batch 4) and records the batch that worked."""
     from ood_core.stages.base import ModelHub
 
     class OOMUNet(torch.nn.Module):
@@ -227,9 +392,9 @@ def test_fake_out_of_memory_halves_the_batch_and_the_shard_completes(staged, mon
     logs: list[str] = []
     run_local(cfg, staged["root"], only=["generate"], force=["generate"], log=logs.append)
     files, success, stats = _generated(cfg, staged["root"])
-    assert files == staged["files"][0]  # every sample, same bytes
+    _assert_same_stage_samples(files, staged["files"][0])  # every sample, within tolerance
     boundary = [st for st in stats if st["generator"] == "boundary"]
-    assert all(st["batch_size"] == 4 and st["batch_used"] == 2 for st in boundary)
+    assert all(st["batch_size"] == 4 and st["batch_used"] == 2 == st["numerics"]["batch_size"] for st in boundary)
     assert success["summary"]["throughput"]["boundary"]["batch_used"] == 2
     assert 8 in wrapped[0].sizes and max(s for s in wrapped[0].sizes) == 8  # batch 4 was tried first
     assert any("out of memory at batch 4; retrying at batch 2" in m for m in logs)
@@ -250,19 +415,6 @@ def test_out_of_memory_at_batch_1_fails_the_shard(staged, monkeypatch):
     with pytest.raises(MemoryError, match="out of memory at batch size 1") as err:
         run_batched(BoundaryGenerator(), ctx, [{"source_key": "a"}, {"source_key": "b"}], ShardOutput(), 2)
     assert is_shard_error(err.value)
-
-
-def test_text_to_image_batches_through_the_same_helper_with_equal_bytes(cache):
-    from ood_core.config import TextToImageSpec
-    from ood_core.models import load_text_to_image
-
-    t2i = load_text_to_image(TextToImageSpec(name="tiny://sd-t2i", resolution=32), "cpu", cache)
-    prompts, seeds = ["a photo of a volcano.", "a photo of a violin.", "a photo of a cactus."], [1, 2, 3]
-    batch = t2i.generate(prompts, seeds, steps=2, guidance=7.5)
-    alone = [t2i.generate([p], [s], steps=2, guidance=7.5)[0] for p, s in zip(prompts, seeds, strict=True)]
-    assert [_png(im) for im in batch] == [_png(im) for im in alone]
-    assert len({_png(im) for im in batch}) == 3
-    assert Image.open(io.BytesIO(_png(batch[0]))).size == (32, 32)
 
 
 # ---------------------------------------------------------------- the benchmark's GPU path, checked small on the CPU

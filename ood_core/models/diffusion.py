@@ -6,7 +6,9 @@ needs the hand-written DDIM loop below.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,9 +113,7 @@ class Inpainter:
 
     def numerics(self):
         """The context the sampler runs in: batch-invariant CPU kernels when configured."""
-        from ood_core.models.invariant import batch_invariant
-
-        return batch_invariant(self.batch_invariant)
+        return invariant_kernels(self.batch_invariant)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -160,7 +160,46 @@ def apply_runtime(spec, unet: Any, vae: Any, device: torch.device) -> Any:
 
 
 def use_batch_invariant(spec, device: torch.device) -> bool:
-    return device.type == "cpu" if spec.batch_invariant == "auto" else bool(spec.batch_invariant)
+    """``batch_invariant`` applies on the CPU only (off by default; see ``ood_core.models.invariant``)."""
+    return bool(spec.batch_invariant) and device.type == "cpu"
+
+
+def invariant_kernels(enabled: bool) -> contextlib.AbstractContextManager:
+    """The batch-invariant kernels when ``enabled``, else nothing (PyTorch's own kernels, no
+    dispatch hook)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from ood_core.models.invariant import batch_invariant
+
+    return batch_invariant()
+
+
+# thread-count and instruction-set variables that select CPU kernels (read when torch starts)
+NUMERICS_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR",
+                "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
+def numerics_record(model: Any, batch: int) -> dict:
+    """What made a generated sample's bytes, beyond the config (a generate shard's stats hold it):
+    torch version, device, dtype, the batch size used, the CPU kernels torch dispatches to, its
+    thread count, the kernel-selecting environment variables that are set, and on CUDA the GPU,
+    CUDA and cuDNN versions. Same record + same config = same bytes; any field different =
+    the same samples within float tolerance only (README, "Reproducibility")."""
+    device = torch.device(model.device)
+    rec: dict[str, Any] = {
+        "torch": torch.__version__,
+        "device": str(device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "batch_size": int(batch),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "num_threads": torch.get_num_threads(),
+        "batch_invariant": bool(model.batch_invariant),
+        "env": {k: os.environ[k] for k in NUMERICS_ENV if k in os.environ},
+    }
+    if device.type == "cuda":
+        rec |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version()}
+    return rec
 
 
 @DIFFUSION_BACKENDS.register("sd-inpaint")
@@ -384,7 +423,8 @@ def _boundary_inpaint_batch(inp: Inpainter, jobs: list[InpaintJob], score_fn: Sc
         else:
             embeds = cond
 
-    # 4. each sample's noise from its own generator: the same seed gives the same noise at any batch size
+    # 4. each sample's noise from its own generator: the same seed gives the same noise at any batch
+    #    size (the batched kernels then round differently: the same sample within float tolerance)
     eps = torch.cat([
         torch.randn((1, *z0.shape[1:]), generator=torch.Generator("cpu").manual_seed(int(job.seed)),
                     dtype=torch.float32)
@@ -454,17 +494,16 @@ class TextToImage:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], *, steps: int, guidance: float) -> list[Image.Image]:
-        """One image per prompt, all in one batch; image i depends only on (prompt i, seed i)."""
+        """One image per prompt, all in one batch; image i is the sample of (prompt i, seed i), the
+        same bytes at the same batch size and numerics, within float tolerance at another."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-        # one CPU generator per sample: the same sample gives the same image at any batch size
+        # one CPU generator per sample: the same starting noise at any batch size
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         shape = (1, self.pipe.unet.config.in_channels, self.resolution // self.pipe.vae_scale_factor,
                  self.resolution // self.pipe.vae_scale_factor)
         latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
-        from ood_core.models.invariant import batch_invariant
-
-        with batch_invariant(self.batch_invariant):
+        with invariant_kernels(self.batch_invariant):
             out = self.pipe(
                 prompt=list(prompts),
                 height=self.resolution,

@@ -1,4 +1,8 @@
-"""Batch-invariant CPU numerics: a sample's result does not depend on the batch it ran in.
+"""Opt-in, best-effort batch-invariant CPU numerics (``models.diffusion.batch_invariant: true``).
+
+Off by default: the pipeline does not promise that a sample's bytes are the same at every batch
+size (the batch size is in generate's key instead; README, "Reproducibility"). This mode tries
+to make them so on the CPU, and is kept for experiments that compare batch sizes byte for byte.
 
 On the CPU, PyTorch picks kernels by shape: oneDNN convolutions use another algorithm for a
 batch of one, NNPACK takes over from 16 images, MKL's GEMM takes another path for fewer than
@@ -13,10 +17,15 @@ rows and a multiple of ``COL_MULTIPLE`` columns, so each output element comes ou
 MKL kernel whatever the batch; convolutions of one image run as two (the second all zeros;
 oneDNN gives the same per-image result from two images on); contiguous inputs for convolution,
 GroupNorm and attention. It works at the ATen level (``TorchDispatchMode``), so the backward pass
-of the decode-with-gradient step is covered too. These are measured properties of this build's
-kernels (MKL 2024.2, oneDNN 3.12, AVX-512), not promises of the libraries: tests/test_batching.py
-checks the whole sampler and the stage byte for byte. On CUDA no such guarantee exists
-(cuBLAS/cuDNN choose kernels by shape); there samples agree within float tolerance only.
+of the decode-with-gradient step is covered too.
+
+Best effort, measured on one machine's kernels only: the padding sizes below are measured
+properties of one build (MKL 2024.2, oneDNN 3.12) on one CPU, not promises of the libraries. On
+an Intel AVX-512 CPU, and under ``MKL_ENABLE_INSTRUCTIONS=AVX2`` / ``ONEDNN_MAX_CPU_ISA=AVX2``
+there, other kernels are chosen by shape and some samples differ by a few float roundings
+(issue 15); what the tests check is that the mode keeps samples within float tolerance. On
+CUDA it is not applied (cuBLAS/cuDNN choose kernels by shape). It costs speed: every small
+matrix product is padded to ``MIN_ROWS`` rows.
 """
 
 from __future__ import annotations
@@ -28,8 +37,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
-# MKL's GEMM gives row results independent of the row count from 12 rows on (measured with
-# MKL 2024.2 on AVX-512); 16 leaves a margin. tests/test_batching.py checks the whole sampler.
+# MKL's GEMM gave row results independent of the row count from 12 rows on (measured with
+# MKL 2024.2 on one CPU); 16 leaves a margin
 MIN_ROWS = 16
 # ... and for some narrow outputs (5 columns: 5 ID classes) on the row's position in the block
 COL_MULTIPLE = 16

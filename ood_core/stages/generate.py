@@ -48,7 +48,7 @@ def png_bytes(image) -> bytes:
 
 def sample_files(r: dict, image, **meta: object) -> dict[str, bytes]:
     """A generated sample's files: the PNG and its row (plus ``meta``) as JSON. Timings stay in the
-    manifest only, so the shard's bytes depend on the seed alone."""
+    manifest only, so the shard's bytes depend on the seed, config and numerics alone."""
     doc = {**{k: v for k, v in r.items() if k != "seconds"}, **meta}
     return {"png": png_bytes(image), "json": json.dumps(doc, sort_keys=True).encode()}
 
@@ -82,11 +82,18 @@ class Generator:
         """Generate ``items`` together; one (row, files) per item, in order."""
         raise NotImplementedError
 
+    def model(self, ctx: StageContext):
+        """The loaded model this generator samples with (its device, dtype and kernels)."""
+        raise NotImplementedError
+
     def run(self, ctx: StageContext, items: list[dict], out: ShardOutput) -> None:
         """Every item through :func:`run_batched` with this generator's batch size; the shard's
-        throughput and the batch size that worked go into its stats."""
+        throughput, the batch size that worked and the numerics that made its bytes
+        (:func:`ood_core.models.diffusion.numerics_record`) go into its stats."""
+        from ood_core.models.diffusion import numerics_record
+
         stats = run_batched(self, ctx, items, out, self.batch_size(ctx.cfg))
-        out.stats.update(stats)
+        out.stats.update(stats, numerics=numerics_record(self.model(ctx), stats["batch_used"]))
 
     def _guarded(self, ctx: StageContext, batch: list[dict], out: ShardOutput) -> None:
         try:
@@ -210,8 +217,9 @@ class BoundaryGenerator(Generator):
             "seed": cfg.seed,
             "diffusion": cfg.models.diffusion.key_dump(),
             "clip": cfg.models.clip.model_dump(mode="json"),
+            # the batch size too: batched kernels round differently (README, "Reproducibility")
             "generate": {k: getattr(g, k) for k in ("steps", "strength", "guidance", "rounds", "lr", "m_out",
-                                                   "grad_batch", "mask")} | _round(g),
+                                                   "grad_batch", "mask", "batch")} | _round(g),
             # the energy scorer guiding the noise uses this scale
             "logit_scale": cfg.finetune.logit_scale,
         }
@@ -240,6 +248,9 @@ class BoundaryGenerator(Generator):
 
     def batch_size(self, cfg: RunConfig) -> int:
         return cfg.generate.batch
+
+    def model(self, ctx: StageContext):
+        return ctx.models.inpainter()
 
     def generate_batch(self, ctx: StageContext, items: list[dict]) -> list[tuple[dict, dict[str, bytes]]]:
         """All ``items`` through the sampler together (each with its own seed, prompt, mask, target)."""
@@ -309,7 +320,8 @@ class TextToImageGenerator(Generator):
         return {
             "seed": cfg.seed,
             "t2i": cfg.models.t2i.key_dump(),
-            "generate": {k: getattr(g, k) for k in ("t2i_steps", "t2i_guidance", "t2i_template")} | _round(g),
+            "generate": {k: getattr(g, k) for k in ("t2i_steps", "t2i_guidance", "t2i_template", "t2i_batch")}
+            | _round(g),
         }
 
     def shard_size(self, cfg: RunConfig) -> int:
@@ -317,6 +329,9 @@ class TextToImageGenerator(Generator):
 
     def batch_size(self, cfg: RunConfig) -> int:
         return cfg.generate.t2i_batch
+
+    def model(self, ctx: StageContext):
+        return ctx.models.text_to_image()
 
     def items(self, ctx: StageContext) -> list[dict]:
         g = ctx.cfg.generate
@@ -388,9 +403,9 @@ class GenerateStage(Stage):
             "diffusion": cfg.models.diffusion.key_dump(),
             "t2i": cfg.models.t2i.key_dump(),
             "clip": cfg.models.clip.model_dump(mode="json"),
-            # an empty round leaves keys as they were before rounds existed; the boundary batch
-            # size changes no byte (tests/test_batching.py), so it is not in the key
-            "generate": cfg.generate.model_dump(mode="json", exclude={"batch"} | ({"round"} if not cfg.generate.round else set())),
+            # an empty round leaves keys as they were before rounds existed; the batch sizes
+            # (batch, t2i_batch) are in: a sample's bytes depend on the batch it ran in
+            "generate": cfg.generate.model_dump(mode="json", exclude={"round"} if not cfg.generate.round else set()),
             # the energy scorer guiding the noise uses this scale
             "logit_scale": cfg.finetune.logit_scale,
         }
