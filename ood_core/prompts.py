@@ -32,3 +32,34 @@ def check_prompt_id(table: dict[str, str], prompt_id: str, key: str) -> str:
     if prompt_id not in table:
         raise ValueError(f"{key}: unknown prompt id '{prompt_id}' (known: {', '.join(sorted(table))})")
     return prompt_id
+
+
+# Sketch questions (EOE's far / near / fine tasks, SynOOD's context), as functions of their inputs
+# so that the stage and anything that must ask them identically (the world MLLM's training
+# dialogues) share one text.
+def far_opening(classnames: list[str]) -> str:
+    return (f"Here are {len(classnames)} image class labels: {', '.join(classnames)}. "
+            "Summarise the broad visual categories these labels belong to.")
+
+
+def far_request(n: int, more: bool, max_words: int) -> str:
+    ask = "more, different " if more else ""
+    return (f"List {n} {ask}labels of objects or scenes that look like these categories but are unrelated "
+            f"to every label above. At most {max_words} words each, one per line, no explanations.")
+
+
+def fine_request(classnames: list[str], n: int, max_words: int) -> str:
+    return (f"Here are {len(classnames)} image classes that are all kinds of one category: {', '.join(classnames)}. "
+            f"List {n} other kinds of the same category that are not in this list. "
+            f"At most {max_words} words each, one per line, no explanations.")
+
+
+def near_request(name: str, n: int, max_words: int, with_images: bool) -> str:
+    return (f"{'These images show' if with_images else 'Think of'} a {name}. "
+            f"List {n} labels of things from other domains that look visually similar "
+            f"to a {name} but are not a {name}. At most {max_words} words each, one per line.")
+
+
+def context_request(class_name: str) -> str:
+    return ("Describe the surroundings and background of this image in one short phrase, "
+            f"without mentioning the {class_name} or any other main subject.")

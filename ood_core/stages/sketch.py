@@ -15,6 +15,7 @@ import numpy as np
 
 from ood_core.config import RunConfig
 from ood_core.identity import content_spec, data_content
+from ood_core.prompts import context_request, far_opening, far_request, fine_request, near_request  # noqa: E402
 from ood_core.stages.base import (
     ID_PROMPT,
     STAGES,
@@ -142,10 +143,7 @@ class SketchStage(Stage):
             {
                 "role": "user",
                 "content": [
-                    _text(
-                        f"Here are {len(classnames)} image class labels: {', '.join(classnames)}.",
-                        "Summarise the broad visual categories these labels belong to.",
-                    )
+                    _text(far_opening(classnames))
                 ],
             }
         ]
@@ -162,18 +160,8 @@ class SketchStage(Stage):
                     labels += [x for x in parse_label_list(reply, sc.max_label_words) if x not in labels]
                     if len(labels) >= sc.far_labels:
                         break
-                ask = "more, different " if turn > 0 else ""
                 messages.append(
-                    {
-                        "role": "user",
-                        "content": [
-                            _text(
-                                f"List {sc.far_per_turn} {ask}labels of objects or scenes that look like these",
-                                "categories but are unrelated to every label above.",
-                                f"At most {sc.max_label_words} words each, one per line, no explanations.",
-                            )
-                        ],
-                    }
+                    {"role": "user", "content": [_text(far_request(sc.far_per_turn, turn > 0, sc.max_label_words))]}
                 )
         except Exception as err:  # noqa: BLE001 - the failure is recorded as a row
             if is_shard_error(err):
@@ -190,11 +178,7 @@ class SketchStage(Stage):
 
         sc = ctx.cfg.sketch
         classnames = ctx.dataset.classnames
-        prompt = _text(
-            f"Here are {len(classnames)} image classes that are all kinds of one category: {', '.join(classnames)}.",
-            f"List {sc.fine_labels} other kinds of the same category that are not in this list.",
-            f"At most {sc.max_label_words} words each, one per line, no explanations.",
-        )
+        prompt = _text(fine_request(classnames, sc.fine_labels, sc.max_label_words))
         try:
             reply = ctx.models.mllm().chat([{"role": "user", "content": [prompt]}], seed=derive_seed(ctx.cfg.seed, "fine"))
         except Exception as err:  # noqa: BLE001 - the failure is recorded as a row
@@ -218,13 +202,7 @@ class SketchStage(Stage):
         records = [r for r in ctx.dataset.train() if r.class_idx == class_idx][: sc.near_images]
         images = usable_images(records, ctx.cfg.data.image_size)  # an undecodable one is left out
         content = [{"type": "image", "image": im} for im in images]
-        content.append(
-            _text(
-                f"{'These images show' if images else 'Think of'} a {name}.",
-                f"List {sc.near_per_class} labels of things from other domains that look visually similar",
-                f"to a {name} but are not a {name}. At most {sc.max_label_words} words each, one per line.",
-            )
-        )
+        content.append(_text(near_request(name, sc.near_per_class, sc.max_label_words, bool(images))))
         prefix = f"near_c{class_idx:04d}"
         try:
             reply = ctx.models.mllm().chat(
@@ -255,10 +233,7 @@ class SketchStage(Stage):
                     "role": "user",
                     "content": [
                         {"type": "image", "image": image},
-                        _text(
-                            "Describe the surroundings and background of this image in one short phrase,",
-                            f"without mentioning the {rec.class_name} or any other main subject.",
-                        ),
+                        _text(context_request(rec.class_name)),
                     ],
                 }
             ],

@@ -128,7 +128,7 @@ CAPTION_WORDS: tuple[str, ...] = (
     "a", "an", "the", "of", "on", "in", "with", "and", "photo", "picture", "image", "background",
     "pattern", "texture", "noise", "letter", "digit", "shape", "object", "nice", "this", "is",
     "there", "yes", "no", "it", "shows", "only", "remain", "left", "right", "top", "bottom",
-    "center", "side", "corner", "plain", "colour", "colored", "drawing", "flat",
+    "center", "side", "corner", "plain", "colour", "colored", "drawing", "flat", "empty", "space",
 )  # fmt: skip
 
 

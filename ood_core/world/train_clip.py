@@ -77,7 +77,7 @@ def _concept_draw(rng: np.random.Generator, n: int) -> list[str]:
     return [out[int(i)] for i in rng.permutation(len(out))]
 
 
-def _pixels(images) -> "torch.Tensor":  # noqa: F821
+def _pixels(images) -> torch.Tensor:  # noqa: F821
     import torch
 
     arr = np.stack([np.asarray(im, np.float32) / 255.0 for im in images])
