@@ -168,3 +168,10 @@ def test_world_build_is_atomic_resumes_cleanly_and_skips_what_is_up_to_date(tmp_
     assert len(calls) == 2 and (out / "clip" / "model.safetensors").read_bytes() == b"seed 1"
     with pytest.raises(ValueError, match="unknown world model 'foo'"):
         B.build_world(out, only=["foo"], progress=False)
+
+
+def test_a_model_without_a_training_recipe_is_named_and_skipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(B.UNITS, "llava", ("ood_core.world.no_such_recipe", ("llava",)))
+    assert B.build_world(tmp_path, only=["llava"], progress=False) == {}
+    assert "llava: no training recipe (ood_core.world.no_such_recipe)" in capsys.readouterr().out
+    assert not (tmp_path / "llava").exists()
