@@ -9,23 +9,19 @@ crops of scikit-image's bundled images.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ood_core.data import _rng as rng_for  # one seeding rule (crc32 of names) for all data draws
+
 from . import concepts as C
 
 SIZE = 64
 _SS = 4  # supersampling factor for shapes
 SOURCE_PREFIX = "world:"
-
-
-def rng_for(seed: int, *parts: str) -> np.random.Generator:
-    """A generator seeded by ``seed`` and names (crc32: Python's str hash is salted per process)."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, *(zlib.crc32(p.encode()) for p in parts)])
 
 
 @dataclass(frozen=True)
