@@ -32,7 +32,13 @@ def is_world(name: str | None) -> bool:
 
 
 def rebuild_hint(model: str) -> str:
-    return f"rebuild it with `synth-ood world build --only {model}` (or restore it: `git checkout -- {WEIGHTS_DIR / model}`)"
+    """What to run to get ``model``'s weights back (or that this version cannot build it yet)."""
+    from .build import UNITS, _has_recipe, _unit_of
+
+    if not _has_recipe(UNITS[_unit_of(model)][0]):
+        return "this version has no training recipe for it yet (README, \"The world\")"
+    hint = f"rebuild it with `synth-ood world build --only {model}`"
+    return hint + (f" (or restore it: `git checkout -- {WEIGHTS_DIR / model}`)" if (WEIGHTS_DIR / model).exists() else "")
 
 
 def sha256_file(path: Path) -> str:
