@@ -88,13 +88,13 @@ def tiny_root(cache_dir: str | None) -> str:
     return os.path.join(xdg, "synth-ood")
 
 
-# Model id schemes resolved to local folders: ``scheme://`` -> module whose ``resolve`` does it.
-MODEL_SCHEMES = {"tiny://": "ood_core.models.tiny", "world://": "ood_core.world.weights"}
+# Ids of local models that resolve_name maps to folders (never a hub id).
+MODEL_URI_PREFIXES = ("tiny://", "world://")
 
 
 def is_model_uri(name: str | None) -> bool:
     """Whether ``name`` is a ``tiny://`` or ``world://`` id (a local model, not a hub id)."""
-    return bool(name) and str(name).startswith(tuple(MODEL_SCHEMES))
+    return bool(name) and str(name).startswith(MODEL_URI_PREFIXES)
 
 
 def resolve_name(name: str, cache_dir: str | None) -> str:
@@ -105,7 +105,9 @@ def resolve_name(name: str, cache_dir: str | None) -> str:
     if tiny.is_tiny(name):
         return tiny.resolve(name, tiny_root(cache_dir))
     if is_model_uri(name):
-        return importlib.import_module(MODEL_SCHEMES["world://"]).resolve(name)
+        from ood_core.world.weights import resolve  # the world package, imported only for its ids
+
+        return resolve(name)
     return name
 
 
