@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs/tiny
 
-.PHONY: install run world test lint clean deploy bench
+.PHONY: install run world test test-e2e lint clean deploy bench
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ world: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+## The long end-to-end runs on a live Prefect server with several workers (not in `make test`: ~12 min).
+test-e2e: $(STAMP)
+	$(PY) -m pytest -q -m e2e
 
 ## Generation throughput, batch 1 vs batch B (tiny models on the CPU; real-size SD-2 on a GPU if one is visible).
 bench: $(STAMP)

@@ -35,6 +35,7 @@ def _cli(capsys, *args: str) -> str:
     return captured.out
 
 
+@pytest.mark.e2e
 def test_two_nights_make_a_new_round_reuse_sketch_and_keep_last_prunes(server, tmp_path, capsys):  # noqa: F811
     env = server
     subprocess.run([str(BIN / "prefect"), "work-pool", "create", "cpu-pool", "--type", "process"],

@@ -132,6 +132,9 @@ CAPTION_WORDS: tuple[str, ...] = (
 )  # fmt: skip
 
 
+PUNCTUATION = (".", ",", "?", "!", ":", ";", "'", "-", "(", ")")
+
+
 def vocabulary() -> list[str]:
     """Every word the world uses, sorted (the basis of its word-level tokenizers)."""
     words: dict[str, None] = {}
@@ -140,4 +143,4 @@ def vocabulary() -> list[str]:
                    *FINE_KINDS):  # fmt: skip
         for w in phrase.split():
             words[w] = None
-    return sorted(words)
+    return sorted(words) + list(PUNCTUATION)

@@ -29,11 +29,14 @@ MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
 
 SETTINGS = {
-    "images": 20000, "id_share": 0.4, "near_share": 0.25, "epochs": 12, "batch": 128, "lr": 1e-3,
-    "weight_decay": 0.1, "warmup_steps": 100,
-    "vision": {"image_size": 64, "patch_size": 8, "width": 96, "layers": 3, "head_width": 32},
+    "images": 20000, "id_share": 0.4, "near_share": 0.25, "steps": 2000, "batch": 128, "lr": 1e-3,
+    "weight_decay": 0.1, "warmup_steps": 100, "concept_loss": 1.0,
+    "logit_scale": 100.0, "concept_loss_shapes_only": True,
+    "vision": {"image_size": 64, "patch_size": 16, "width": 160, "layers": 4, "head_width": 32},
     "text": {"width": 64, "heads": 2, "layers": 2}, "embed_dim": 64,
 }  # fmt: skip
+# the prompts the stages score with (config.FinetuneConfig templates, stages.base.ID_PROMPT)
+CONCEPT_TEMPLATES = ("a photo of a {}", "a photo of a {}.", "the nice {}", "a nice {}")
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -77,11 +80,16 @@ def _concept_draw(rng: np.random.Generator, n: int) -> list[str]:
     return [out[int(i)] for i in rng.permutation(len(out))]
 
 
-def _pixels(images) -> torch.Tensor:  # noqa: F821
+def _uint8(images) -> torch.Tensor:  # noqa: F821
     import torch
 
-    arr = np.stack([np.asarray(im, np.float32) / 255.0 for im in images])
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.stack([np.asarray(im, np.uint8) for im in images])).permute(0, 3, 1, 2).contiguous()
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:  # noqa: F821
+    import torch
+
+    x = x.float() / 255.0
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -122,14 +130,26 @@ def build(out_dir: Path, seed: int = 0, progress: bool = True) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = open_clip.CLIP(**cfg)
-        # 2. the data: rendered once, captions drawn anew each epoch
+        # real CLIP ends its training at the temperature's cap (scale 100), where a small cosine gap is a
+        # confident answer and image-text cosines stay in a narrow band; MCM's T = 1 on raw cosines is
+        # tuned for that geometry, so the world CLIP is trained at that scale from the start
+        model.logit_scale.data.fill_(math.log(s["logit_scale"]))
+        model.logit_scale.requires_grad_(False)
+        # 2. the data: rendered once (uint8), captions drawn anew for every batch
         rng = R.rng_for(seed, TRAIN_TAG)
         scenes, images = render_set(seed, TRAIN_TAG, _concept_draw(rng, s["images"]), progress)
-        pixels = _pixels(images)
-        # 3. contrastive training (CLIP's symmetric cross-entropy), AdamW with warm-up + cosine
-        opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
-        steps_per_epoch = len(scenes) // s["batch"]
-        total = steps_per_epoch * s["epochs"]
+        pixels = _uint8(images)
+        del images
+        concepts = list(C.SHAPES if s["concept_loss_shapes_only"] else C.ALL_CONCEPTS)
+        concept_of = torch.tensor([concepts.index(sc.concept) if sc.concept in concepts else -100 for sc in scenes])
+        # 3. contrastive training: CLIP's symmetric cross-entropy over the batch's captions, plus the
+        #    image against every concept's prompt (the zero-shot classifier the stages build), so that
+        #    the concept - not only the colour, which alone tells most captions of a batch apart - is learnt
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+        rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": s["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
+                                lr=s["lr"], betas=(0.9, 0.98), eps=1e-6)  # fmt: skip
+        total = s["steps"]
 
         def lr_at(step: int) -> float:
             if step < s["warmup_steps"]:
@@ -138,36 +158,40 @@ def build(out_dir: Path, seed: int = 0, progress: bool = True) -> dict:
 
         model.train()
         bar = tqdm(total=total, desc="[world] clip: train", disable=not progress)
-        step = 0
         gen = torch.Generator().manual_seed(seed)
-        for epoch in range(s["epochs"]):
-            order = torch.randperm(len(scenes), generator=gen)
-            cap_rng = R.rng_for(seed, TRAIN_TAG, "captions", str(epoch))
-            for b in range(steps_per_epoch):
-                idx = order[b * s["batch"] : (b + 1) * s["batch"]]
-                # the same concept twice in a batch is not a negative: soft targets over equal captions
-                texts = [R.captions(scenes[int(i)], cap_rng, 1)[0] for i in idx]
-                x = pixels[idx]
-                if bool(cap_rng.random() < 0.5):
-                    x = x.flip(-1)  # mirror: no world concept depends on left/right except positions
-                    texts = [t.replace("left", "\0").replace("right", "left").replace("\0", "right") for t in texts]
-                img = F.normalize(model.encode_image(x), dim=-1)
-                txt = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
-                logits = model.logit_scale.exp() * img @ txt.t()
-                same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
-                target = same / same.sum(1, keepdim=True)
-                loss = (torch.sum(-target * logits.log_softmax(1), 1).mean()
-                        + torch.sum(-target * logits.log_softmax(0).t(), 1).mean()) / 2  # fmt: skip
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, math.log(100))
-                step += 1
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        cap_rng = R.rng_for(seed, TRAIN_TAG, "captions")
+        step, order = 0, torch.randperm(len(scenes), generator=gen)
+        batches_per_epoch = len(scenes) // s["batch"]
+        while step < total:
+            b = step % batches_per_epoch
+            if b == 0 and step:
+                order = torch.randperm(len(scenes), generator=gen)
+            idx = order[b * s["batch"] : (b + 1) * s["batch"]]
+            texts = [R.captions(scenes[int(i)], cap_rng, 1)[0] for i in idx]
+            x = _normalise(pixels[idx])
+            if bool(cap_rng.random() < 0.5):
+                x = x.flip(-1)  # mirror: no world concept depends on left/right except positions
+                texts = [t.replace("left", "\0").replace("right", "left").replace("\0", "right") for t in texts]
+            template = CONCEPT_TEMPLATES[int(cap_rng.integers(len(CONCEPT_TEMPLATES)))]
+            img = F.normalize(model.encode_image(x), dim=-1)
+            txt = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
+            prompts = F.normalize(model.encode_text(tokenizer([template.format(c) for c in concepts])), dim=-1)
+            scale = model.logit_scale.exp()
+            logits = scale * img @ txt.t()
+            # the same caption twice in a batch is not a negative: soft targets over equal captions
+            same = torch.tensor([[u == v for v in texts] for u in texts], dtype=torch.float32)
+            target = same / same.sum(1, keepdim=True)
+            loss = (torch.sum(-target * logits.log_softmax(1), 1).mean()
+                    + torch.sum(-target * logits.log_softmax(0).t(), 1).mean()) / 2  # fmt: skip
+            loss = loss + s["concept_loss"] * F.cross_entropy(scale * img @ prompts.t(), concept_of[idx])
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
     # 4. weights, written under a temporary name and renamed into place
     model.eval()
