@@ -30,10 +30,10 @@ STD = (0.25, 0.25, 0.25)
 
 SETTINGS = {
     "images": 20000, "id_share": 0.4, "near_share": 0.25, "steps": 2000, "batch": 128, "lr": 1e-3,
-    "weight_decay": 0.1, "warmup_steps": 100, "concept_loss": 1.0,
+    "weight_decay": 0.1, "warmup_steps": 100, "concept_loss": 4.0,
     "logit_scale": 100.0, "concept_loss_shapes_only": True,
     "vision": {"image_size": 64, "patch_size": 16, "width": 160, "layers": 4, "head_width": 32},
-    "text": {"width": 64, "heads": 2, "layers": 2}, "embed_dim": 64,
+    "text": {"width": 64, "heads": 2, "layers": 2}, "embed_dim": 256,
 }  # fmt: skip
 # the prompts the stages score with (config.FinetuneConfig templates, stages.base.ID_PROMPT)
 CONCEPT_TEMPLATES = ("a photo of a {}", "a photo of a {}.", "the nice {}", "a nice {}")
@@ -196,7 +196,8 @@ def build(out_dir: Path, seed: int = 0, progress: bool = True) -> dict:
     # 4. weights, written under a temporary name and renamed into place
     model.eval()
     tmp = out_dir / ".open_clip_model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    # fp16 on disk halves what ships; the loaders cast it back to the model's float32 parameters
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}, str(tmp))
     os.replace(tmp, out_dir / "open_clip_model.safetensors")
     record = {"settings": {**s, "context_length": CONTEXT_LENGTH, "vocab_size": vocab_size, "train_tag": TRAIN_TAG}}
     (out_dir / "BUILD.json").write_text(json.dumps(record, indent=2))
