@@ -31,7 +31,7 @@ def world_run(tmp_path_factory):
         pytest.skip(f"world models {missing} do not ship in this version")
     tmp = tmp_path_factory.mktemp("world-run")
     overrides = {"data.images_per_class": "16", "sketch.sources_per_class": "4", "generate.rounds": "2",
-                 "generate.images_per_label": "1", "sketch.far_labels": "10", "models.cache_dir": str(tmp / "models")}
+                 "generate.images_per_label": "1", "models.cache_dir": str(tmp / "models")}
     # the world's diffusion models have no recipe yet (README, "The world"): the tiny random ones
     # paint the images then, which tests everything but the pictures' content
     for model, key in (("sd-inpaint", "models.diffusion.name"), ("sd-t2i", "models.t2i.name")):

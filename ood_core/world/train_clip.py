@@ -31,7 +31,7 @@ STD = (0.25, 0.25, 0.25)
 SETTINGS = {
     "images": 20000, "id_share": 0.4, "near_share": 0.25, "steps": 2000, "batch": 128, "lr": 1e-3,
     "weight_decay": 0.1, "warmup_steps": 100, "concept_loss": 4.0,
-    "logit_scale": 100.0, "concept_loss_shapes_only": True,
+    "logit_scale": 100.0, "concept_loss_shapes_only": True, "text_negatives": True,
     "vision": {"image_size": 64, "patch_size": 16, "width": 160, "layers": 4, "head_width": 32},
     "text": {"width": 64, "heads": 2, "layers": 2}, "embed_dim": 256,
 }  # fmt: skip
@@ -140,8 +140,14 @@ def build(out_dir: Path, seed: int = 0, progress: bool = True) -> dict:
         scenes, images = render_set(seed, TRAIN_TAG, _concept_draw(rng, s["images"]), progress)
         pixels = _uint8(images)
         del images
-        concepts = list(C.SHAPES if s["concept_loss_shapes_only"] else C.ALL_CONCEPTS)
-        concept_of = torch.tensor([concepts.index(sc.concept) if sc.concept in concepts else -100 for sc in scenes])
+        # the classifier's classes: every shape (the images it is trained on), then every other word the
+        # world names as negatives only, so that a word known from text alone (coin, tree, octagon) is
+        # not left at the prompts' common direction, as close to every ID class as they are to each other
+        targets = list(C.SHAPES if s["concept_loss_shapes_only"] else C.ALL_CONCEPTS)
+        concepts = targets + [w for w in dict.fromkeys(C.ALL_CONCEPTS + C.NOUNS + C.FINE_KINDS + C.FAR_LOOKALIKES
+                                                       + tuple(w for v in C.LOOKALIKES.values() for w in v))
+                              if w not in targets and s["text_negatives"]]  # fmt: skip
+        concept_of = torch.tensor([targets.index(sc.concept) if sc.concept in targets else -100 for sc in scenes])
         # 3. contrastive training: CLIP's symmetric cross-entropy over the batch's captions, plus the
         #    image against every concept's prompt (the zero-shot classifier the stages build), so that
         #    the concept - not only the colour, which alone tells most captions of a batch apart - is learnt
