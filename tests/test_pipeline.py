@@ -204,7 +204,8 @@ def test_deleted_shard_marker_reruns_only_that_shard(tiny_run, model_cache):
     prefix = f"sketch/{key}/"
     rejected = {"rejected/000001.tar"} if (folder / "rejected" / "000001.tar").exists() else set()
     assert {p[len(prefix):] for p in changed if p.startswith(prefix)} == {
-        "shards/000001.tar", "manifests/000001.parquet", "stats/000001.json", "_SUCCESS.json", *rejected,
+        "shards/000001.tar", "manifests/000001.parquet", "timings/000001.json", "stats/000001.json", "_SUCCESS.json",
+        *rejected,
     }
     # downstream keys did not change, so nothing downstream was recomputed
     assert all(p.startswith(prefix) for p in changed), sorted(changed)
