@@ -2,8 +2,11 @@
 
 * :func:`parse_label_list` reads the list out of a chatty answer (numbered lists, bullets, comma
   lists, preambles, markdown, descriptions after a colon or dash).
+* :func:`clean_text` is the character cleaning every MLLM text goes through first (NFKC; ANSI
+  escapes, format and control characters removed), so invisible characters cannot split a word.
 * :func:`label_hygiene` gives every candidate exactly one :class:`LabelVerdict`: rejected when it is
-  empty, too long, a duplicate, equal to / word-overlapping / too text-similar to an ID class; and
+  empty, holds path characters, mixes scripts, is too long, a duplicate, equal to /
+  word-overlapping / too text-similar to an ID class; and
   flagged (not rejected) when it matches an evaluation OOD class name — label leakage, which would
   make the benchmark numbers meaningless.
 * :func:`context_prompt` builds SynOOD's ``A photo only remain {context}.`` prompt.
@@ -37,14 +40,45 @@ _PREAMBLE = re.compile(
 )
 
 
+# ANSI escape sequences (CSI such as colours, OSC such as terminal titles, two-character escapes),
+# and SGR fragments whose ESC was lost ("[31m"): terminal noise, never part of a label or a context.
+_ANSI = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b\n]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]|\x9b[0-?]*[ -/]*[@-~]"
+    r"|\[[0-9;]{0,12}m"
+)
+# Invisible characters outside category Cf (fillers, variation selectors, the grapheme joiner).
+_INVISIBLE = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u3164\uffa0\u2800") | frozenset(
+    map(chr, range(0xFE00, 0xFE10))
+)
+
+
+def clean_text(s: str) -> str:
+    r"""NFKC, typographic quotes made plain, ANSI escapes stripped; format (Cf), private-use and
+    unassigned characters and non-whitespace controls (Cc) removed, so ``c\u200ba\u200bt`` is
+    ``cat`` before any word is split; whitespace controls become spaces, except line breaks, which
+    separate list items; U+FFFD (undecodable bytes from a model) becomes a space."""
+    s = _ANSI.sub("", unicodedata.normalize("NFKC", s).translate(_QUOTES))
+    out = []
+    for ch in s:
+        cat = unicodedata.category(ch)
+        if ch in "\n\r":
+            out.append(ch)
+        elif ch == "\ufffd" or (cat == "Cc" and ch.isspace()):
+            out.append(" ")
+        elif cat[0] != "C" and ch not in _INVISIBLE:
+            out.append(ch)
+    return "".join(out)
+
+
 def printable(s: str) -> str:
-    """Control characters and U+FFFD (undecodable bytes from a model) become spaces."""
-    return "".join(" " if ch == "\ufffd" or unicodedata.category(ch).startswith("C") else ch for ch in s)
+    """:func:`clean_text` on one line: line breaks become spaces too."""
+    return re.sub(r"[\r\n]", " ", clean_text(s))
 
 
 def normalize_label(s: str) -> str:
-    """Canonical label: NFKC, lower-case, no markdown/quotes/parentheticals/leading article, one space."""
-    s = printable(unicodedata.normalize("NFKC", s).translate(_QUOTES))
+    """Canonical label: :func:`clean_text`, lower-case, no markdown/quotes/parentheticals/leading
+    article, one space."""
+    s = printable(s)
     s = s.replace("_", " ")
     s = re.sub(r"[*`#]+", "", s)
     s = re.sub(r"\([^)]*\)|\[[^\]]*\]", " ", s)
@@ -72,7 +106,7 @@ def parse_label_list(text: str, max_words: int) -> list[str]:
     If any line carries a list marker only marked lines count (preamble and sign-off are ignored);
     otherwise lines are split on commas/semicolons and chatty lines are skipped.
     """
-    text = _split_inline_numbering(unicodedata.normalize("NFKC", text).translate(_QUOTES))
+    text = _split_inline_numbering(clean_text(text))
     lines = [ln.strip() for ln in text.replace("\r", "\n").split("\n") if ln.strip()]
     marked = [(ln, _MARKER.match(ln)) for ln in lines]
     items: list[str] = []
@@ -108,8 +142,35 @@ def parse_label_list(text: str, max_words: int) -> list[str]:
 
 # ---------------------------------------------------------------- hygiene
 Reason = Literal[
-    "ok", "duplicate", "equals_id_class", "overlaps_id_class", "too_similar_to_id", "empty", "too_long"
+    "ok", "duplicate", "equals_id_class", "overlaps_id_class", "too_similar_to_id", "empty", "too_long",
+    "unsafe_characters", "mixed_script",
 ]
+
+# A label becomes a prompt, a manifest value and (in a report) text near file names: path
+# separators and traversal have no place in an object's name.
+_UNSAFE = re.compile(r"[/\\]|\.\.")
+_SCRIPTS = ("LATIN", "CYRILLIC", "GREEK")
+
+
+def unsafe_characters(label: str) -> bool:
+    """``label`` holds a path separator (``/``, ``\\``) or a traversal (``..``)."""
+    return bool(_UNSAFE.search(label))
+
+
+def _script(ch: str) -> str | None:
+    name = unicodedata.name(ch, "")
+    return next((sc for sc in _SCRIPTS if name.startswith(sc + " ")), None)
+
+
+def mixed_script(label: str) -> bool:
+    r"""Some word of ``label`` (a run of letters) mixes Latin with Cyrillic or Greek letters: a
+    homoglyph such as ``r\u043ecket`` (Cyrillic o). Such labels are rejected, not folded to Latin:
+    a folding table never covers every look-alike, and a rejection is visible in the manifest."""
+    for word in re.findall(r"[^\W\d_]+", label):
+        scripts = {sc for ch in word if (sc := _script(ch))}
+        if "LATIN" in scripts and len(scripts) > 1:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -175,10 +236,13 @@ def label_hygiene(
 ) -> list[LabelVerdict]:
     """One verdict per candidate, in input order.
 
-    Checks, first failing wins: empty, too_long (> ``max_words``), duplicate, equals_id_class,
-    overlaps_id_class (shared content word), too_similar_to_id (max of
-    ``text_cosine(labels, id_classnames)`` above ``overlap_cosine``). Independently, ``leakage`` is
-    set when the label equals or overlaps a name in ``eval_ood_names``.
+    Labels are normalised first (:func:`normalize_label`: NFKC, no format/control/ANSI
+    characters). Checks, first failing wins: empty, unsafe_characters (``/``, ``\\``, ``..``),
+    mixed_script (a word mixing Latin with Cyrillic/Greek, see :func:`mixed_script`), too_long
+    (> ``max_words``), duplicate, equals_id_class, overlaps_id_class (shared content word),
+    too_similar_to_id (max of ``text_cosine(labels, id_classnames)`` above ``overlap_cosine``).
+    Independently, ``leakage`` is set when the label equals or overlaps a name in
+    ``eval_ood_names``.
     """
     ood_names = list(eval_ood_names or [])
     id_norm = [normalize_label(c) for c in id_classnames]
@@ -200,6 +264,12 @@ def label_hygiene(
         eq, ov = _first_match(label, words, ood_names, ood_norm, ood_words)
         if eq or ov:
             v["leakage"], v["leak_match"] = True, eq or ov
+        if unsafe_characters(label):
+            v["reason"] = "unsafe_characters"
+            continue
+        if mixed_script(label):
+            v["reason"] = "mixed_script"
+            continue
         if max_words is not None and len(_words(label)) > max_words:
             v["reason"] = "too_long"
             continue
@@ -243,10 +313,11 @@ CONTEXT_TEMPLATE = "A photo only remain {}."
 def context_prompt(context_text: str, max_chars: int = 73) -> str:
     """SynOOD's inpainting prompt ``A photo only remain {context}.``.
 
-    The context is made one line, stripped of quotes and trailing punctuation, and cut to at most
+    The context is cleaned like a label (:func:`clean_text`: NFKC, no format/control/ANSI
+    characters), made one line, stripped of quotes and trailing punctuation, and cut to at most
     ``max_chars`` characters (at a word boundary when one exists). Raises ``ValueError`` when empty.
     """
-    s = printable(unicodedata.normalize("NFKC", context_text).translate(_QUOTES))
+    s = printable(context_text)
     s = re.sub(r"\s+", " ", s).strip().strip("\"'` ")
     s = s.rstrip(" .,;:!?")
     if len(s) > max_chars:

@@ -221,8 +221,9 @@ def content_donor(ctx: StageContext, index: int) -> StageStore | None:
 def _copy_shard(src: StageStore, dst: StageStore, index: int) -> None:
     a = {**src.shard_paths(index), "rejected": src.rejected_path(index)}
     b = {**dst.shard_paths(index), "rejected": dst.rejected_path(index)}
-    for kind in ("tar", "rejected", "parquet", "stats"):  # stats last: it marks the shard done
-        if kind != "rejected" or src.exists(a[kind]):
+    a["timing"], b["timing"] = src.timing_path(index), dst.timing_path(index)
+    for kind in ("tar", "rejected", "parquet", "timing", "stats"):  # stats last: it marks the shard done
+        if kind not in ("rejected", "timing") or src.exists(a[kind]):
             dst.write_bytes(b[kind], src.read_bytes(a[kind]))
 
 
@@ -261,7 +262,8 @@ def run_shard(ctx: StageContext, name: str, index: int) -> dict:
     failures = describe_failures(out.rows)
     if failures:
         ctx.log(f"[{name}] shard {index}: {failures}")
-    stats = ctx.store.write_shard(index, out.samples, out.rows, stage.schema, time.perf_counter() - t0, out.stats)
+    stats = ctx.store.write_shard(index, out.samples, out.rows, stage.schema, time.perf_counter() - t0, out.stats,
+                                  out.timings)
     return {**stats, "reused": False}
 
 
@@ -323,7 +325,9 @@ def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards:
         # per shard (tar, manifest) bytes: a rerun checks them against one listing, reading no marker
         "sizes": [[s.get("tar_size"), s.get("parquet_size")] for s in stats],
         "timings": {
-            "shard_seconds": round(sum(s["seconds"] for s in stats), 3),
+            # markers from before timings moved out of them still hold their seconds
+            "shard_seconds": round(sum({**s, **ctx.store.shard_timing(i)}.get("seconds", 0.0)
+                                       for i, s in enumerate(stats)), 3),
             "finalize_seconds": round(time.perf_counter() - t0, 3),
             "wall_seconds": round(time.time() - started, 3),
         },

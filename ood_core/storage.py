@@ -4,6 +4,7 @@
     ``shards/NNNNNN.tar``          WebDataset shard (members ``<key>.<ext>``, keys without dots)
     ``manifests/NNNNNN.parquet``   one row per candidate, failures included
     ``stats/NNNNNN.json``          written last: the shard's completion marker with sha256s
+    ``timings/NNNNNN.json``        the shard's wall-clock figures, outside its content (see below)
     ``artifacts/...``              stage-level outputs (trained weights, metrics, plots)
     ``_SUCCESS.json``              written last for the stage
 
@@ -15,6 +16,11 @@ through fsspec: ``s3://`` or ``gs://`` roots work too.
 Reuse is cheap: a finished shard is trusted by its marker plus the sizes recorded in it and the
 rule that no file was modified after its marker (one folder listing per stage, not one read per
 shard). Re-hashing every byte is left to ``synth-ood verify``.
+
+A shard's content (tar, manifest, marker) holds no wall-clock value, so a shard recomputed from
+scratch is byte-identical to the one it replaces and two workers racing on it write equal bytes.
+Timings go to ``timings/``: written before the marker, never hashed or verified, and read as
+``{}`` when missing or damaged (a timing is a report, not data).
 """
 
 from __future__ import annotations
@@ -119,6 +125,10 @@ class StageStore:
             "stats": self.path("stats", f"{n}.json"),
         }
 
+    def timing_path(self, index: int) -> str:
+        """``timings/NNNNNN.json``: the shard's wall-clock figures (not part of its content)."""
+        return self.path("timings", f"{index:06d}.json")
+
     def rejected_path(self, index: int) -> str:
         """``rejected/NNNNNN.tar``: the shard's set-aside samples (written only when there are any)."""
         return self.path("rejected", f"{index:06d}.tar")
@@ -158,9 +168,13 @@ class StageStore:
     # ------------------------------------------------------------ shards
     def write_shard(
         self, index: int, samples: list[Sample], rows: list[dict], schema: ManifestSchema, seconds: float,
-        extra: dict | None = None,
+        extra: dict | None = None, timings: dict | None = None,
     ) -> dict:
-        """Write tar, then manifest, then the stats marker (last: it means 'done')."""
+        """Write tar, then manifest, then the timings, then the stats marker (last: it means 'done').
+
+        ``extra`` goes into the marker and must not depend on the clock; ``seconds`` and ``timings``
+        go to :meth:`timing_path` only. Returns the marker merged with the timings.
+        """
         paths = self.shard_paths(index)
         for row in rows:
             row["shard"] = index
@@ -178,7 +192,6 @@ class StageStore:
             "parquet_sha256": sha256_bytes(pqb),
             "tar_size": len(tar),
             "parquet_size": len(pqb),
-            "seconds": round(seconds, 3),
             "schema_version": schema.version,
             **(extra or {}),
         }
@@ -187,14 +200,24 @@ class StageStore:
             self.write_bytes(self.rejected_path(index), rtar)
             stats.update(rejected_samples=len(rejected), rejected_sha256=sha256_bytes(rtar))
         self.write_bytes(paths["parquet"], pqb)
+        timing = {"seconds": round(seconds, 3), **(timings or {})}
+        self.write_json(self.timing_path(index), timing)
         self.write_json(paths["stats"], stats)
-        return stats
+        return {**stats, **timing}
 
     def shard_done(self, index: int) -> bool:
         return self.exists(self.shard_paths(index)["stats"])
 
     def shard_stats(self, index: int) -> dict:
         return self.read_json(self.shard_paths(index)["stats"])
+
+    def shard_timing(self, index: int) -> dict:
+        """The shard's wall-clock figures; ``{}`` when missing or unreadable (they are no content)."""
+        try:
+            timing = self.read_json(self.timing_path(index))
+        except (OSError, ValueError):
+            return {}
+        return timing if isinstance(timing, dict) else {}
 
     def shard_indices(self) -> list[int]:
         """Indices of shards whose completion marker exists."""

@@ -55,7 +55,7 @@ SKETCH = _schema(
 
 GENERATE = _schema(
     "generate",
-    2,
+    3,  # 3: no wall-clock "seconds" column (a recomputed shard is byte-identical; timings are in timings/)
     [
         pa.field("kind", pa.string()),  # boundary | far | near
         pa.field("source_key", pa.string()),
@@ -70,7 +70,6 @@ GENERATE = _schema(
         pa.field("label_key", pa.string()),
         pa.field("prompt_id", pa.string()),
         pa.field("model_id", pa.string()),
-        pa.field("seconds", pa.float64()),
         # the last round's score is nearer the OOD side (-ln K) than the first round's
         pa.field("moved_toward_ood", pa.bool_()),
     ],

@@ -124,9 +124,10 @@ def shard_task(stage: str, cfg: dict, root: str, keys: dict[str, str], index: in
         # the flow run's log names the stage, the shard and its samples (the traceback follows)
         get_run_logger().error(secrets.scrub(shard_failure(exc) or f"{stage} shard {index} failed: {exc}"))
         raise
-    verb = f"done in {stats['seconds']:.1f}s"
-    if stats["reused"]:
+    if stats["reused"]:  # a reused shard's marker holds no timing (timings are not content)
         verb = f"copied from {stats['copied_from']}" if "copied_from" in stats else "reused"
+    else:
+        verb = f"done in {stats['seconds']:.1f}s"
     get_run_logger().info(f"{stage} shard {index + 1}/{n_shards} {verb}: {stats['rows']} rows {stats['counts']}"
                           f"{shard_rate(stats)}")
     return stats

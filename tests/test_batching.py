@@ -304,7 +304,8 @@ def staged(tmp_path_factory, cache):
 def _generated(cfg, root) -> tuple[dict, dict, list]:
     store = StageStore(root, "generate", resolve_keys(cfg)["generate"])
     files = {key: f["png"] for key, f in store.iter_samples()}
-    stats = [store.shard_stats(i) for i in store.shard_indices()]
+    # each marker with its timings (kept apart: the marker is part of the shard's content)
+    stats = [{**store.shard_stats(i), **store.shard_timing(i)} for i in store.shard_indices()]
     return files, store.read_success(), stats
 
 

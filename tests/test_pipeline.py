@@ -204,7 +204,8 @@ def test_deleted_shard_marker_reruns_only_that_shard(tiny_run, model_cache):
     prefix = f"sketch/{key}/"
     rejected = {"rejected/000001.tar"} if (folder / "rejected" / "000001.tar").exists() else set()
     assert {p[len(prefix):] for p in changed if p.startswith(prefix)} == {
-        "shards/000001.tar", "manifests/000001.parquet", "stats/000001.json", "_SUCCESS.json", *rejected,
+        "shards/000001.tar", "manifests/000001.parquet", "timings/000001.json", "stats/000001.json", "_SUCCESS.json",
+        *rejected,
     }
     # downstream keys did not change, so nothing downstream was recomputed
     assert all(p.startswith(prefix) for p in changed), sorted(changed)
@@ -229,8 +230,10 @@ def test_changed_generate_setting_reuses_sketch_only(tiny_run, model_cache):
 def test_corrupted_byte_fails_verify_and_a_rerun_repairs_only_that_shard(tiny_run, model_cache):
     out, _ = tiny_run
     key = resolve_keys(load_config("tiny", {"models.cache_dir": model_cache}))["generate"]
-    tar = out / "generate" / key / "shards" / "000000.tar"
+    folder = out / "generate" / key
+    tar = folder / "shards" / "000000.tar"
     original = tar.read_bytes()
+    content = {name: (folder / name).read_bytes() for name in ("manifests/000000.parquet", "stats/000000.json")}
     data = bytearray(original)
     data[len(data) // 2] ^= 0x01
     tar.write_bytes(bytes(data))
@@ -244,9 +247,11 @@ def test_corrupted_byte_fails_verify_and_a_rerun_repairs_only_that_shard(tiny_ru
     changed = {p for p in after if before.get(p) != after[p]}
     prefix = f"generate/{key}/"
     assert {p[len(prefix):] for p in changed} == {
-        "shards/000000.tar", "manifests/000000.parquet", "stats/000000.json", "_SUCCESS.json",
+        "shards/000000.tar", "manifests/000000.parquet", "timings/000000.json", "stats/000000.json", "_SUCCESS.json",
     }, sorted(changed)
     assert tar.read_bytes() == original  # same seed, same bytes
+    # the manifest and marker too: they hold no wall-clock value (timings/ does)
+    assert {name: (folder / name).read_bytes() for name in content} == content
     assert cli("verify", str(out)).returncode == 0
 
 

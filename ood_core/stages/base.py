@@ -38,8 +38,11 @@ class ShardPlan:
 class ShardOutput:
     rows: list[dict] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
-    # extra entries for the shard's stats marker (e.g. generate's throughput and batch size)
+    # extra entries for the shard's stats marker (e.g. generate's batch size and numerics): no
+    # clock values, the marker is part of the shard's content
     stats: dict = field(default_factory=dict)
+    # wall-clock figures (e.g. generate's throughput): stored beside the shard, not in its content
+    timings: dict = field(default_factory=dict)
 
     def add(self, row: dict, files: dict[str, bytes] | None = None) -> None:
         self.rows.append(row)

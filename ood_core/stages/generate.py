@@ -38,6 +38,9 @@ from schemas import GENERATE
 # the plan's order of generators: boundary shards first, so their shard indices do not move
 # when the far branch's item count changes
 GENERATOR_ORDER = ("boundary", "t2i")
+# the clock-dependent part of run_batched's record: kept out of the stats marker, whose bytes are
+# part of the shard's content (see ood_core.storage)
+TIMING_KEYS = ("generate_seconds", "images_per_s", "s_per_image")
 
 
 def png_bytes(image) -> bytes:
@@ -47,9 +50,9 @@ def png_bytes(image) -> bytes:
 
 
 def sample_files(r: dict, image, **meta: object) -> dict[str, bytes]:
-    """A generated sample's files: the PNG and its row (plus ``meta``) as JSON. Timings stay in the
-    manifest only, so the shard's bytes depend on the seed, config and numerics alone."""
-    doc = {**{k: v for k, v in r.items() if k != "seconds"}, **meta}
+    """A generated sample's files: the PNG and its row (plus ``meta``) as JSON. Rows hold no
+    timing, so the shard's bytes depend on the seed, config and numerics alone."""
+    doc = {**r, **meta}
     return {"png": png_bytes(image), "json": json.dumps(doc, sort_keys=True).encode()}
 
 
@@ -87,12 +90,14 @@ class Generator:
         raise NotImplementedError
 
     def run(self, ctx: StageContext, items: list[dict], out: ShardOutput) -> None:
-        """Every item through :func:`run_batched` with this generator's batch size; the shard's
-        throughput, the batch size that worked and the numerics that made its bytes
-        (:func:`ood_core.models.diffusion.numerics_record`) go into its stats."""
+        """Every item through :func:`run_batched` with this generator's batch size; the batch size
+        that worked and the numerics that made its bytes
+        (:func:`ood_core.models.diffusion.numerics_record`) go into its stats marker, its
+        throughput (:data:`TIMING_KEYS`) into its timings."""
         from ood_core.models.diffusion import numerics_record
 
         stats = run_batched(self, ctx, items, out, self.batch_size(ctx.cfg))
+        out.timings.update({k: stats.pop(k) for k in TIMING_KEYS})
         out.stats.update(stats, numerics=numerics_record(self.model(ctx), stats["batch_used"]))
 
     def _guarded(self, ctx: StageContext, batch: list[dict], out: ShardOutput) -> None:
@@ -274,12 +279,10 @@ class BoundaryGenerator(Generator):
                        center_box_mask(pipe.resolution) if g.mask == "box" else None, m_out)
             for it, rec, seed in zip(items, recs, seeds, strict=True)
         ]
-        t0 = time.perf_counter()
         results = boundary_inpaint_batch(
             pipe, jobs, score_fn=score_fn, rounds=g.rounds, steps=g.steps, strength=g.strength,
             guidance=g.guidance, lr=g.lr, grad_batch=g.grad_batch,
         )
-        per_image = round((time.perf_counter() - t0) / len(items), 3)
         out = []
         for it, rec, seed, result in zip(items, recs, seeds, results, strict=True):
             key = self.key(it)
@@ -298,7 +301,6 @@ class BoundaryGenerator(Generator):
                 score_after=result.score_after,
                 prompt_id="synood_context",
                 model_id=ctx.cfg.models.diffusion.name,
-                seconds=per_image,
                 moved_toward_ood=result.moved_toward_ood,
             )
             ctx.log(
@@ -365,28 +367,33 @@ class TextToImageGenerator(Generator):
         results = []
         for it, prompt, seed, image in zip(items, prompts, seeds, images, strict=True):
             r = row(self.key(it), "ok", "ok", None, **self.columns(it), prompt=prompt, prompt_id=g.t2i_template,
-                    seed=seed, model_id=ctx.cfg.models.t2i.name, seconds=per_image)
+                    seed=seed, model_id=ctx.cfg.models.t2i.name)
             results.append((r, sample_files(r, image)))
         return results
 
 
 def throughput(shard_stats: list[dict]) -> dict:
     """``{generator: {images, seconds, images_per_s, s_per_image, batch_size, batch_used}}`` summed
-    over shards (shards from before throughput was recorded are left out; ``batch_used`` is the
-    smallest batch any shard fell back to)."""
+    over shards, each a stats marker merged with its timings (shards from before throughput was
+    recorded are left out; ``batch_used`` is the smallest batch any shard fell back to; the rates
+    count only shards whose timings are there)."""
     out: dict[str, dict] = {}
+    timed: dict[str, int] = {}
     for st in shard_stats:
         if "generator" not in st:
             continue
         t = out.setdefault(st["generator"], {"images": 0, "seconds": 0.0, "batch_size": st["batch_size"],
                                              "batch_used": st["batch_used"], "shards": 0})
         t["images"] += st["images"]
-        t["seconds"] = round(t["seconds"] + st["generate_seconds"], 3)
+        if "generate_seconds" in st:
+            t["seconds"] = round(t["seconds"] + st["generate_seconds"], 3)
+            timed[st["generator"]] = timed.get(st["generator"], 0) + st["images"]
         t["batch_used"] = min(t["batch_used"], st["batch_used"])
         t["shards"] += 1
-    for t in out.values():
-        t["images_per_s"] = round(t["images"] / t["seconds"], 4) if t["seconds"] > 0 else None
-        t["s_per_image"] = round(t["seconds"] / t["images"], 4) if t["images"] else None
+    for name, t in out.items():
+        n = timed.get(name, 0)
+        t["images_per_s"] = round(n / t["seconds"], 4) if t["seconds"] > 0 else None
+        t["s_per_image"] = round(t["seconds"] / n, 4) if n else None
     return out
 
 
@@ -422,7 +429,9 @@ class GenerateStage(Stage):
 
     def finalize(self, ctx: StageContext) -> dict:
         """Throughput per generator over this folder's shards (``_SUCCESS.json`` and the artifact)."""
-        return {"throughput": throughput([ctx.store.shard_stats(i) for i in ctx.store.shard_indices()])}
+        store = ctx.store
+        return {"throughput": throughput([{**store.shard_stats(i), **store.shard_timing(i)}
+                                          for i in store.shard_indices()])}
 
     def run_shard(self, ctx: StageContext, shard: ShardPlan) -> ShardOutput:
         out = ShardOutput()
