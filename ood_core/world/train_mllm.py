@@ -43,11 +43,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 SETTINGS = {
-    "scenes": 6000, "steps": 3500, "batch": 16, "lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 100,
+    "scenes": 6000, "steps": 2500, "batch": 16, "lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 100,
     "vocab_size": 1024, "corpus_dialogues": 4000,
     "text": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
              "num_key_value_heads": 2, "max_position_embeddings": 1024},
-    "mix": {"elaborate": 0.6, "describe": 0.08, "context": 0.08, "near": 0.12, "fine": 0.04, "far": 0.08},
+    "mix": {"elaborate": 0.45, "describe": 0.08, "context": 0.1, "near": 0.15, "fine": 0.07, "far": 0.15},
 }  # fmt: skip
 MAX_WORDS = 3
 
