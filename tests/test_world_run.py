@@ -73,7 +73,10 @@ def test_elaborate_holds_real_conversations_at_the_default_thresholds(world_run)
 
 def test_zero_shot_scores_separate_id_from_every_world_ood_set(world_run):
     """Scores computed where finetune computes them: an ID/OOD swap there would put these below 0.5."""
-    done = world_run["results"]["finetune"]
+    from ood_core.storage import StageStore
+
+    store = StageStore(world_run["root"], "finetune", world_run["keys"]["finetune"])
+    done = json.loads(store.read_bytes(store.path("artifacts", "metrics.json")))
     for ood_set in C.EVAL_SETS:
-        assert done["metrics"]["mcm"][ood_set]["auroc"] > 0.6, json.dumps(done["metrics"]["mcm"])
+        assert done["results"]["mcm"][ood_set]["auroc"] > 0.6, json.dumps(done["results"]["mcm"])
     assert done["id_accuracy"]["zero_shot"] > 0.8
