@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 
 from ood_core.config import load_config  # noqa: E402
 from ood_core.pipeline import resolve_keys, run_local  # noqa: E402
+from tests.test_batching import _overrides  # noqa: E402
 
 STAGES = ("sketch", "generate", "elaborate", "finetune")
 # what a shard's content is: a racing or recomputing worker must write exactly these bytes
@@ -22,19 +23,7 @@ CLOCK_KEYS = {"seconds", "generate_seconds", "images_per_s", "s_per_image"}
 
 
 def _config(cache: str):
-    return load_config("tiny", {
-        "models.cache_dir": cache,
-        "data.images_per_class": "8",
-        "sketch.near_per_class": "0",
-        "sketch.far_labels": "1",
-        "sketch.sources_per_class": "1",
-        "sketch.overlap_cosine": "1.0",
-        "sketch.far_extra_labels": "[volcano]",
-        "generate.steps": "2",
-        "generate.rounds": "2",
-        "generate.t2i_steps": "2",
-        "generate.images_per_label": "1",
-    })
+    return load_config("tiny", _overrides(cache))
 
 
 def _content(folder: Path) -> dict[str, bytes]:
