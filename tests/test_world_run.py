@@ -47,7 +47,7 @@ def world_run(tmp_path_factory):
 
 def test_sketch_labels_come_from_the_world_mllm_and_pass_hygiene(world_run):
     rows = world_run["rows"]["sketch"]
-    world_words = set(C.NOUNS) | set(C.FAR_LOOKALIKES) | set(C.FINE_KINDS) | {w for v in C.LOOKALIKES.values() for w in v}
+    world_words = C.world_labels()
     for kind in ("far", "near", "fine"):
         kept = [r["text"] for r in rows if r.get("kind") == kind and r["status"] == "kept"]
         assert kept, f"no {kind} label kept: {[(r['key'], r['reason']) for r in rows if r.get('kind') == kind]}"

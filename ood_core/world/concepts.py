@@ -132,6 +132,11 @@ CAPTION_WORDS: tuple[str, ...] = (
 )  # fmt: skip
 
 
+def world_labels() -> set[str]:
+    """Every label the world knows: its nouns and the MLLM's far / near / fine answers."""
+    return set(NOUNS) | set(FAR_LOOKALIKES) | set(FINE_KINDS) | {w for v in LOOKALIKES.values() for w in v}
+
+
 PUNCTUATION = (".", ",", "?", "!", ":", ";", "'", "-", "(", ")")
 
 

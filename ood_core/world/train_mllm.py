@@ -164,10 +164,6 @@ class Dialogues:
             self._images[i] = R.render(self.scenes[i])
         return self._images[i]
 
-    def part(self, i: int) -> dict:
-        """An image part that renders nothing until asked (training reads cached features by index)."""
-        return _image(None, i)
-
     def draw(self, rng: np.random.Generator) -> list[dict]:
         kinds, weights = zip(*SETTINGS["mix"].items(), strict=True)
         kind = kinds[int(rng.choice(len(kinds), p=np.array(weights) / sum(weights)))]
@@ -490,7 +486,7 @@ def evaluate(model_dir: Path | str, seed: int, per_concept: int = 3, mllm=None) 
     near = {c: parse_label_list(mllm.chat([{"role": "user", "content": [_text(P.near_request(c, 3, MAX_WORDS, False))]}]),
                                 MAX_WORDS) for c in C.ID_CLASSES}  # fmt: skip
     fine = parse_label_list(mllm.chat([{"role": "user", "content": [_text(P.fine_request(names, 5, MAX_WORDS))]}]), MAX_WORDS)
-    world = set(C.NOUNS) | set(C.FAR_LOOKALIKES) | set(C.FINE_KINDS) | {w for v in C.LOOKALIKES.values() for w in v}
+    world = C.world_labels()
     near_all = [x for v in near.values() for x in v]
     return {
         "describe_accuracy": round(described / n, 4), "name_accuracy": round(named / n, 4),
