@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-OUT    ?= runs/tiny
+OUT    ?= runs/world
 
 .PHONY: install run world test test-e2e lint clean deploy bench
 
@@ -15,10 +15,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The main job: the whole pipeline on the tiny preset (CPU, no server, no downloads), then verify.
-## (It moves to the `world` preset once the trained world models are shipped: see README, "The world".)
+## The main job: the whole pipeline on the `world` preset (the shipped trained world models; CPU, no
+## server, no downloads), then verify. PRESET=tiny runs the random-weight plumbing preset instead.
+PRESET ?= world
 run: $(STAMP)
-	$(VENV)/bin/synth-ood run --preset tiny --out $(OUT)
+	$(VENV)/bin/synth-ood run --preset $(PRESET) --out $(OUT)
 	$(VENV)/bin/synth-ood verify $(OUT)
 
 ## Train every world model from scratch (seeded) into ood_core/world/weights; skips what is up to date.

@@ -18,7 +18,7 @@ from ood_core.publish import annotate_samples, write_dataset_card
 from ood_core.secrets import scrub_tree
 from ood_core.stages import STAGE_ORDER, STAGES, ShardPlan, StageContext
 from ood_core.stages.base import ModelHub
-from ood_core.storage import StageStore, list_stage_runs, merge_counts, stage_key
+from ood_core.storage import DamagedFileError, StageStore, list_stage_runs, merge_counts, stage_key
 
 PLAN = "plan.json"
 
@@ -129,7 +129,10 @@ def shard_key(cfg: RunConfig, name: str, keys: dict[str, str]) -> str:
 def read_plan(store: StageStore) -> dict | None:
     """``{"shard_key": str, "shards": n}`` or None before planning (``plan.json`` is written last)."""
     path = store.path(PLAN)
-    return store.read_json(path) if store.exists(path) else None
+    try:
+        return store.read_json(path) if store.exists(path) else None
+    except DamagedFileError:
+        return None  # planning is a pure function of the stage's key: plan again
 
 
 def _shard_plan_path(store: StageStore, index: int) -> str:
@@ -159,7 +162,16 @@ def load_shard_plan(ctx: StageContext, index: int) -> ShardPlan:
     path = _shard_plan_path(ctx.store, index)
     if not ctx.store.exists(path):
         raise KeyError(f"shard {index} is not planned in {ctx.store.url()} (no {path})")
-    return ShardPlan(index, ctx.store.read_json(path))
+    try:
+        return ShardPlan(index, ctx.store.read_json(path))
+    except DamagedFileError as err:
+        # the same key plans the same shards: re-derive this one and rewrite its file
+        shards = {p.index: p for p in STAGES.get(ctx.store.stage)().plan(ctx)}
+        if index not in shards:
+            raise err from None
+        ctx.log(f"[{ctx.store.stage}] shard {index}: its frozen plan was unreadable, planned again")
+        ctx.store.write_json(path, shards[index].items)
+        return ShardPlan(index, shards[index].items)
 
 
 def shard_donors(ctx: StageContext) -> list[StageStore]:
@@ -312,6 +324,7 @@ def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards:
     ModelHub.release()
     bad_inputs = write_bad_inputs(ctx, stage)
     stats = [ctx.store.shard_stats(i) for i in range(n_shards)]
+    marker_sizes = {n: i.get("size") for n, i in ctx.store._listing("stats").items()}
     info = {
         "stage": name,
         "key": keys[name],
@@ -322,8 +335,9 @@ def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards:
         "rows": sum(s["rows"] for s in stats),
         "samples": sum(s["samples"] for s in stats),
         "counts": merge_counts([s["counts"] for s in stats]),
-        # per shard (tar, manifest) bytes: a rerun checks them against one listing, reading no marker
-        "sizes": [[s.get("tar_size"), s.get("parquet_size")] for s in stats],
+        # per shard (tar, manifest, marker) bytes: a rerun checks them against listings, reading no marker
+        "sizes": [[s.get("tar_size"), s.get("parquet_size"), marker_sizes.get(f"{i:06d}.json")]
+                  for i, s in enumerate(stats)],
         "timings": {
             # markers from before timings moved out of them still hold their seconds
             "shard_seconds": round(sum({**s, **ctx.store.shard_timing(i)}.get("seconds", 0.0)
@@ -418,13 +432,26 @@ def read_run_history(root: str) -> list[dict]:
     if not store.exists(store.base):
         return []
     paths = sorted((p for p in store.fs.ls(store.base, detail=False) if p.endswith(".json")), reverse=True)
-    return [json.loads(store.read_bytes(p)) for p in paths]
+    out = []
+    for p in paths:
+        try:
+            out.append(store.read_json(p))
+        except DamagedFileError:
+            continue  # one damaged record must not hide the others
+    return out
 
 
 def read_run_record(root: str) -> dict | None:
+    """The latest run's record; if ``latest.json`` is damaged, the newest readable one of the history."""
     store = StageStore(root, "_runs", "latest")
     path = store.base + ".json"
-    return json.loads(store.read_bytes(path)) if store.exists(path) else None
+    if not store.exists(path):
+        return None
+    try:
+        return store.read_json(path)
+    except DamagedFileError:
+        history = read_run_history(root)
+        return history[0] if history else None
 
 
 def selected_stages(only: list[str] | None, force: list[str] | None) -> tuple[list[str], set[str]]:

@@ -41,6 +41,10 @@ import pyarrow.parquet as pq
 from schemas import ManifestSchema
 
 SUCCESS = "_SUCCESS.json"
+
+
+class DamagedFileError(ValueError):
+    """A JSON record of a run (marker, plan, run record) that does not parse: a kill or a full disk."""
 # Rows with these statuses are not training data: their samples go to ``rejected/NNNNNN.tar``
 # (kept for the report, with records that have no manifest row such as MLLM transcripts), so
 # ``shards/`` holds only what a consumer should use.
@@ -163,7 +167,15 @@ class StageStore:
         self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
     def read_json(self, path: str) -> Any:
-        return json.loads(self.read_bytes(path))
+        """The parsed file; :class:`DamagedFileError` naming it if it is truncated or not JSON."""
+        data = self.read_bytes(path)
+        try:
+            return json.loads(data)
+        except ValueError as err:
+            raise DamagedFileError(
+                f"{path}: unreadable ({len(data)} bytes, {err}); a kill or a full disk leaves such a file. "
+                "A rerun rebuilds it (`synth-ood run` with the same settings), or delete it by hand"
+            ) from None
 
     # ------------------------------------------------------------ shards
     def write_shard(
@@ -276,7 +288,18 @@ class StageStore:
         return self.path(SUCCESS)
 
     def is_complete(self) -> bool:
-        return self.exists(self.success_path())
+        """``_SUCCESS.json`` exists and parses (a truncated one means: finalize again)."""
+        return self.exists(self.success_path()) and self.success_damage() is None
+
+    def success_damage(self) -> str | None:
+        """Why an existing ``_SUCCESS.json`` cannot be read, or None."""
+        try:
+            self.read_success()
+        except DamagedFileError as err:
+            return str(err)
+        except FileNotFoundError:
+            return None
+        return None
 
     def read_success(self) -> dict:
         return self.read_json(self.success_path())
@@ -372,7 +395,8 @@ class StageStore:
         problems: list[str] = []
         sizes = None
         if not self.is_complete():
-            problems.append(f"{self.url()}: missing {SUCCESS}")
+            damage = self.exists(self.success_path()) and self.success_damage()
+            problems.append(damage or f"{self.url()}: missing {SUCCESS}")
             expected = None
         else:
             success = self.read_success()
@@ -402,6 +426,12 @@ class StageStore:
         if sizes is not None and done == list(range(len(sizes))) and all(a is not None for pair in sizes for a in pair):
             for i in done:
                 stats = {"tar_size": sizes[i][0], "parquet_size": sizes[i][1]}
+                marker = markers[f"{i:06d}.json"]
+                if len(sizes[i]) > 2 and marker.get("size") != sizes[i][2]:
+                    # a truncated or rewritten marker: the shard's deep check decides (and a rerun redoes it)
+                    problems.append(f"{self.url()}/stats/{i:06d}.json: {marker.get('size')} bytes, "
+                                    f"{SUCCESS} says {sizes[i][2]} (truncated or rewritten)")
+                    continue
                 files = {"tar": tars.get(f"{i:06d}.tar"), "parquet": manifests.get(f"{i:06d}.parquet")}
                 problems += self._cheap_problems(i, stats, markers[f"{i:06d}.json"], files)
             return problems

@@ -2,7 +2,7 @@
 
 The world preset at a reduced size. Every filter runs at its default threshold. Where a world
 model does not ship in this version the test is skipped with the reason (the diffusion models
-are replaced by the tiny random ones only where the world's are missing, and that is said).
+included).
 """
 
 from __future__ import annotations
@@ -27,21 +27,16 @@ def world_run(tmp_path_factory):
     from ood_core.pipeline import resolve_keys, run_local
     from ood_core.storage import StageStore
 
-    if missing := _missing("clip", "llava"):
+    if missing := _missing("clip", "llava", "sd-inpaint", "sd-t2i"):
         pytest.skip(f"world models {missing} do not ship in this version")
     tmp = tmp_path_factory.mktemp("world-run")
     overrides = {"data.images_per_class": "16", "sketch.sources_per_class": "4", "generate.rounds": "2",
                  "generate.images_per_label": "1", "models.cache_dir": str(tmp / "models")}
-    # the world's diffusion models have no recipe yet (README, "The world"): the tiny random ones
-    # paint the images then, which tests everything but the pictures' content
-    for model, key in (("sd-inpaint", "models.diffusion.name"), ("sd-t2i", "models.t2i.name")):
-        if _missing(model):
-            overrides[key] = f"tiny://{model}"
     cfg = load_config("world", overrides)
     root = str(tmp / "run")
     results = run_local(cfg, root, log=lambda m: None)
     keys = resolve_keys(cfg)
-    rows = {s: StageStore(root, s, keys[s]).read_manifest().to_pylist() for s in ("sketch", "elaborate")}
+    rows = {s: StageStore(root, s, keys[s]).read_manifest().to_pylist() for s in ("sketch", "generate", "elaborate")}
     return {"results": results, "rows": rows, "root": root, "keys": keys}
 
 
@@ -57,6 +52,14 @@ def test_sketch_labels_come_from_the_world_mllm_and_pass_hygiene(world_run):
     assert leaked and all(r["status"] == "rejected" for r in leaked)
     contexts = [r for r in rows if r.get("kind") == "context"]
     assert contexts and all(r["text"] and "background" in r["text"] for r in contexts)
+
+
+def test_generate_paints_both_kinds_with_the_world_diffusion_models(world_run):
+    rows = world_run["rows"]["generate"]
+    by_kind = {k: [r for r in rows if r["kind"] == k] for k in {r["kind"] for r in rows}}
+    assert "boundary" in by_kind and set(by_kind) & {"far", "near"}, sorted(by_kind)  # inpainted and text-to-image
+    for g, kind_rows in by_kind.items():
+        assert kind_rows and all(r["status"] == "ok" for r in kind_rows), (g, [r["reason"] for r in kind_rows])
 
 
 def test_elaborate_holds_real_conversations_at_the_default_thresholds(world_run):

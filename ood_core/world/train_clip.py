@@ -95,7 +95,7 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:  # noqa: F821
     return (x - mean) / std
 
 
-def render_set(seed: int, tag: str, concepts: list[str], progress: bool = False):
+def render_set(seed: int, tag: str, concepts: list[str], progress: bool = False, desc: str = "[world] clip: render"):
     """Scenes and images of ``concepts`` (index i of each concept under ``tag``)."""
     from tqdm.auto import tqdm
 
@@ -104,7 +104,7 @@ def render_set(seed: int, tag: str, concepts: list[str], progress: bool = False)
     for c in concepts:
         counts[c] = counts.get(c, 0) + 1
         scenes.append(R.scene_for(seed, c, counts[c], tag))
-    images = [R.render(s) for s in tqdm(scenes, desc="[world] clip: render", disable=not progress, leave=False)]
+    images = [R.render(s) for s in tqdm(scenes, desc=desc, disable=not progress, leave=False)]
     return scenes, images
 
 
