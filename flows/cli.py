@@ -169,7 +169,7 @@ def _print_history(root: str, history: list[dict]) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from ood_core.stages import STAGE_ORDER
-    from ood_core.storage import SUCCESS, list_stage_runs
+    from ood_core.storage import list_stage_runs
 
     problems: list[str] = []
     incomplete: list[str] = []
@@ -180,8 +180,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
             if store.is_complete():
                 problems += store.verify()
             else:
-                if store.exists(store.success_path()):
-                    problems.append(store.success_damage() or f"{store.url()}: {SUCCESS} unreadable")
                 # interrupted or in progress: not an inconsistency, but its finished shards must be intact
                 incomplete.append(store.url())
                 for i in store.shard_indices():

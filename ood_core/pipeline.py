@@ -314,7 +314,10 @@ def shard_rate(stats: dict) -> str:
 def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards: int, started: float) -> dict:
     """Run the stage-level step and write ``_SUCCESS.json`` last."""
     if ctx.store.is_complete():
-        return ctx.store.read_success()
+        try:
+            return ctx.store.read_success()
+        except DamagedFileError:
+            ctx.store.fs.rm(ctx.store.success_path())  # truncated by a kill or a full disk: finalize again
     missing = [i for i in range(n_shards) if not ctx.store.shard_done(i)]
     if missing:
         raise RuntimeError(f"{name}: cannot finalize, shards {missing} are not done in {ctx.store.url()}")

@@ -288,18 +288,8 @@ class StageStore:
         return self.path(SUCCESS)
 
     def is_complete(self) -> bool:
-        """``_SUCCESS.json`` exists and parses (a truncated one means: finalize again)."""
-        return self.exists(self.success_path()) and self.success_damage() is None
-
-    def success_damage(self) -> str | None:
-        """Why an existing ``_SUCCESS.json`` cannot be read, or None."""
-        try:
-            self.read_success()
-        except DamagedFileError as err:
-            return str(err)
-        except FileNotFoundError:
-            return None
-        return None
+        """``_SUCCESS.json`` exists (whether it parses, ``verify`` checks: reuse goes through it)."""
+        return self.exists(self.success_path())
 
     def read_success(self) -> dict:
         return self.read_json(self.success_path())
@@ -394,13 +384,16 @@ class StageStore:
         """Problems found, empty if consistent: missing files, hash mismatches, row counts."""
         problems: list[str] = []
         sizes = None
+        expected = None
         if not self.is_complete():
-            damage = self.exists(self.success_path()) and self.success_damage()
-            problems.append(damage or f"{self.url()}: missing {SUCCESS}")
-            expected = None
+            problems.append(f"{self.url()}: missing {SUCCESS}")
         else:
-            success = self.read_success()
-            expected, sizes = success.get("shards"), success.get("sizes")
+            try:
+                success = self.read_success()
+            except DamagedFileError as err:
+                problems.append(str(err))  # not reusable: the rerun finalizes again
+            else:
+                expected, sizes = success.get("shards"), success.get("sizes")
         if deep:
             done = self.shard_indices()
         else:
