@@ -145,6 +145,8 @@ def plan_stage(ctx: StageContext, name: str, keys: dict[str, str]) -> int:
     A frozen plan keeps shard numbering stable across resumes, and a shard task reads only its own
     items (a stage may have thousands of shards).
     """
+    if swept := ctx.store.sweep_temporaries():
+        ctx.log(f"[{name}] removed {len(swept)} temporary file(s) an interrupted writer left in {ctx.store.url()}")
     plan = read_plan(ctx.store)
     if plan is None:
         shards = STAGES.get(name)().plan(ctx)

@@ -25,10 +25,12 @@ Timings go to ``timings/``: written before the marker, never hashed or verified,
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import tarfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ import pyarrow.parquet as pq
 from schemas import ManifestSchema
 
 SUCCESS = "_SUCCESS.json"
+TMP_PREFIX = ".tmp-"
 
 
 class DamagedFileError(ValueError):
@@ -151,10 +154,34 @@ class StageStore:
             return
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
+        tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+        except OSError as err:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)  # never leave a partial temporary behind
+            if err.errno == errno.ENOSPC:
+                raise OSError(errno.ENOSPC, f"no space left on the device writing {path} ({len(data)} bytes): "
+                              f"free space under {self.root} and rerun; finished shards are kept") from None
+            raise
         self.fs.mv(tmp, path)
+
+    def sweep_temporaries(self, older_than_s: float = 3600.0) -> list[str]:
+        """Delete ``.tmp-*`` files a killed writer left in this stage folder; the paths removed.
+
+        Only those older than ``older_than_s``: another worker may be writing one right now.
+        """
+        if self.on_object_store() or not self.exists(self.base):
+            return []
+        now = time.time()
+        gone = []
+        for path, info in self.fs.find(self.base, detail=True).items():
+            t = _info_time(info)
+            if path.rsplit("/", 1)[-1].startswith(TMP_PREFIX) and t is not None and now - t > older_than_s:
+                self.fs.rm(path)
+                gone.append(path)
+        return gone
 
     def read_bytes(self, path: str) -> bytes:
         with self.fs.open(path, "rb") as f:

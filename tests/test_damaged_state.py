@@ -101,3 +101,39 @@ def test_a_truncated_run_record_falls_back_to_the_history(finished, tmp_path):
     _truncate(latest)
     record = read_run_record(str(root))
     assert record is not None and record["keys"] == finished[2]
+
+
+def test_old_temporaries_are_swept_and_fresh_ones_kept(tmp_path):
+    from ood_core.storage import StageStore
+
+    store = StageStore(str(tmp_path), "generate", "k")
+    store.write_json(store.path("stats", "000000.json"), {"rows": 1})
+    folder = tmp_path / "generate" / "k" / "stats"
+    old, fresh = folder / ".tmp-aaaa-000001.json", folder / ".tmp-bbbb-000002.json"
+    old.write_bytes(b"{")
+    fresh.write_bytes(b"{")
+    os.utime(old, (1e9, 1e9))
+    assert store.sweep_temporaries() == [str(old)]
+    assert not old.exists() and fresh.exists() and (folder / "000000.json").exists()
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    from ood_core.storage import StageStore
+
+    store = StageStore(str(tmp_path), "generate", "k")
+    real_open = store.fs.open
+
+    def full(path, mode="rb", **kw):
+        f = real_open(path, mode, **kw)
+        if "w" in mode:
+            f.write(b"partial")
+            f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return f
+
+    monkeypatch.setattr(store.fs, "open", full)
+    with pytest.raises(OSError, match="no space left on the device writing .*000000.json.*free space"):
+        store.write_json(store.path("stats", "000000.json"), {"rows": 1})
+    assert not list((tmp_path / "generate" / "k" / "stats").iterdir())
