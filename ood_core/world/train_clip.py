@@ -70,9 +70,9 @@ def model_config(vocab_size: int) -> dict:
 
 
 # ---------------------------------------------------------------- data
-def _concept_draw(rng: np.random.Generator, n: int) -> list[str]:
-    s = SETTINGS
-    n_id, n_near = int(n * s["id_share"]), int(n * s["near_share"])
+def concept_draw(rng: np.random.Generator, n: int, id_share: float, near_share: float) -> list[str]:
+    """``n`` training concepts: ID classes and near concepts in turn at their shares, far ones drawn, shuffled."""
+    n_id, n_near = int(n * id_share), int(n * near_share)
     near = C.NEAR_EVAL + C.NEAR_VAL
     out = [C.ID_CLASSES[i % len(C.ID_CLASSES)] for i in range(n_id)]
     out += [near[i % len(near)] for i in range(n_near)]
@@ -137,7 +137,7 @@ def build(out_dir: Path, seed: int = 0, progress: bool = True) -> dict:
         model.logit_scale.requires_grad_(False)
         # 2. the data: rendered once (uint8), captions drawn anew for every batch
         rng = R.rng_for(seed, TRAIN_TAG)
-        scenes, images = render_set(seed, TRAIN_TAG, _concept_draw(rng, s["images"]), progress)
+        scenes, images = render_set(seed, TRAIN_TAG, concept_draw(rng, s["images"], s["id_share"], s["near_share"]), progress)
         pixels = _uint8(images)
         del images
         # the classifier's classes: every shape (the images it is trained on), then every other word the

@@ -85,16 +85,6 @@ def build_tokenizer(seed: int, vocab_size: int):
 
 
 # ---------------------------------------------------------------- data
-def _concept_draw(rng: np.random.Generator, n: int) -> list[str]:
-    s = SETTINGS
-    n_id, n_near = int(n * s["id_share"]), int(n * s["near_share"])
-    near = C.NEAR_EVAL + C.NEAR_VAL
-    out = [C.ID_CLASSES[i % len(C.ID_CLASSES)] for i in range(n_id)]
-    out += [near[i % len(near)] for i in range(n_near)]
-    out += [C.FAR_CONCEPTS[int(i)] for i in rng.integers(0, len(C.FAR_CONCEPTS), n - n_id - n_near)]
-    return [out[int(i)] for i in rng.permutation(len(out))]
-
-
 def _masks(scenes, rng: np.random.Generator):
     """One training mask per scene (1 = paint): the object's box, the centre box, a random box, all."""
     import torch
@@ -294,7 +284,7 @@ def build(out_dir: Path, seed: int = 0, progress: bool = True) -> dict:
     import torch
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
-    from .train_clip import _uint8, render_set
+    from .train_clip import _uint8, concept_draw, render_set
 
     out_dir = Path(out_dir)
     s = SETTINGS
@@ -304,7 +294,7 @@ def build(out_dir: Path, seed: int = 0, progress: bool = True) -> dict:
         tokenizer = build_tokenizer(seed, s["vocab_size"])
         text_encoder, vae, scheduler = _components(tokenizer)
         rng = R.rng_for(seed, TRAIN_TAG)
-        scenes, images = render_set(seed, TRAIN_TAG, _concept_draw(rng, s["images"]), progress,
+        scenes, images = render_set(seed, TRAIN_TAG, concept_draw(rng, s["images"], s["id_share"], s["near_share"]), progress,
                                     "[world] diffusion: render")
         pixels = _uint8(images)
         del images
