@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(results: dict, out: str) -> None:
-    from ood_core.storage import format_counts
+    from ood_core.storage import StageStore, format_counts
 
     print(f"\nsynth-ood: outputs in {out}")
     for name, info in results.items():
@@ -88,7 +88,9 @@ def _print_summary(results: dict, out: str) -> None:
         for method, per_set in fin["metrics"].items():
             avg = per_set["average"]
             print(f"    {method:<10} FPR95 {100 * avg['fpr95']:6.2f}   AUROC {100 * avg['auroc']:6.2f}")
-        print(f"  report: {fin['artifacts']}/report.md")
+        # from where the outputs are now: the recorded URL is where they were written (a copy moves)
+        report = StageStore(out, "finetune", results["finetune"]["key"]).url() + "/artifacts/report.md"
+        print(f"  report: {report}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

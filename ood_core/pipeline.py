@@ -317,9 +317,12 @@ def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards:
     """Run the stage-level step and write ``_SUCCESS.json`` last."""
     if ctx.store.is_complete():
         try:
-            return ctx.store.read_success()
+            info = ctx.store.read_success()
         except DamagedFileError:
-            ctx.store.fs.rm(ctx.store.success_path())  # truncated by a kill or a full disk: finalize again
+            info = None  # truncated by a kill or a full disk
+        if info is not None and not ctx.store.artifact_problems(info.get("artifacts"), deep=False):
+            return info
+        ctx.store.fs.rm(ctx.store.success_path())  # finalize again: it rewrites the artifacts too
     missing = [i for i in range(n_shards) if not ctx.store.shard_done(i)]
     if missing:
         raise RuntimeError(f"{name}: cannot finalize, shards {missing} are not done in {ctx.store.url()}")
@@ -357,6 +360,8 @@ def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards:
     }
     info = scrub_tree(info)  # e.g. credentials in a configured URL never reach the record
     write_dataset_card(ctx.store, info)
+    # last before the marker: what verify and a rerun check the stage-level outputs against
+    info["artifacts"] = ctx.store.artifact_files()
     ctx.store.write_success(info)
     return info
 

@@ -325,8 +325,47 @@ class StageStore:
         self.write_json(self.success_path(), info)
 
     def clear(self) -> None:
+        """Delete the stage folder, ``_SUCCESS.json`` first: a kill mid-delete leaves no marker over
+        missing files, so the next run recomputes instead of trusting a half-deleted folder."""
+        if self.is_complete():
+            self.fs.rm(self.success_path())
         if self.exists(self.base):
             self.fs.rm(self.base, recursive=True)
+
+    # ------------------------------------------------------------ artifacts
+    def artifact_files(self, hashed: bool = True) -> dict[str, dict]:
+        """``relative path -> {size[, sha256]}`` of every file under ``artifacts/`` (one listing)."""
+        base = self.path("artifacts")
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for name, info in sorted(found.items()):
+            rel = name[len(base) + 1:]
+            if info.get("type") == "directory" or rel.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
+                continue
+            out[rel] = {"size": info.get("size")}
+            if hashed:
+                out[rel]["sha256"] = sha256_bytes(self.read_bytes(name))
+        return out
+
+    def artifact_problems(self, recorded: dict | None, deep: bool = True) -> list[str]:
+        """Artifacts missing, resized or (``deep``) rehashed against ``_SUCCESS.json``'s record."""
+        if not recorded:
+            return []  # a record from before artifacts were recorded, or a stage that writes none
+        found = self.artifact_files(hashed=deep)
+        problems = []
+        for rel, want in sorted(recorded.items()):
+            label = f"{self.url()}/artifacts/{rel}"
+            got = found.get(rel)
+            if got is None:
+                problems.append(f"{label}: missing")
+            elif got["size"] != want["size"]:
+                problems.append(f"{label}: {got['size']} bytes, {SUCCESS} says {want['size']} (truncated or rewritten)")
+            elif deep and got["sha256"] != want["sha256"]:
+                problems.append(f"{label}: sha256 differs from {SUCCESS} (corrupted or rewritten)")
+        return problems
 
     def _listing(self, folder: str) -> dict[str, dict]:
         """``name -> info`` of one folder in one listing (one request per 1,000 objects on S3)."""
@@ -421,6 +460,7 @@ class StageStore:
                 problems.append(str(err))  # not reusable: the rerun finalizes again
             else:
                 expected, sizes = success.get("shards"), success.get("sizes")
+                problems += self.artifact_problems(success.get("artifacts"), deep)
         if deep:
             done = self.shard_indices()
         else:
