@@ -12,6 +12,34 @@ import time
 FAN_OUT_STAGES = ("generate", "elaborate", "finetune")
 
 
+def _transient(err: BaseException) -> bool:
+    """A dropped connection, a timeout, a 5xx or a 429 from the Prefect API: worth asking again."""
+    import httpx
+
+    if isinstance(err, httpx.TransportError):
+        return True
+    return isinstance(err, httpx.HTTPStatusError) and (err.response.status_code >= 500 or err.response.status_code == 429)
+
+
+def api_call(what: str, fn, *args, attempts: int = 5, backoff: float = 1.0, log=print, **kwargs):
+    """``fn(*args, **kwargs)``, a Prefect API call, retried with exponential backoff on a transient
+    error; when it keeps failing (or fails for good), the error names ``what``."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - classified right below
+            if not _transient(err) or attempt == attempts:
+                raise RuntimeError(f"Prefect API call failed: {what}: {type(err).__name__}: {err}"
+                                   f"{f' (after {attempt} attempts)' if attempt > 1 else ''}. Check that the "
+                                   f"Prefect API is reachable (PREFECT_API_URL); finished shards are kept: run "
+                                   f"the deployment again") from err  # fmt: skip
+            delay = backoff * 2 ** (attempt - 1)
+            log(f"Prefect API call failed ({what}: {type(err).__name__}: {err}); retrying in {delay:.0f}s "
+                f"(attempt {attempt} of {attempts})")
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def chunked(indices: list[int], size: int) -> list[list[int]]:
     if size < 1:
         raise ValueError(f"chunk_size must be at least 1 (got {size})")
@@ -29,6 +57,7 @@ def run_chunks(
     resubmits: int = 1,
     resubmit_delay: float = 10.0,
     stale_seconds: float | None = None,
+    api_backoff: float = 1.0,
 ) -> dict[str, list[int]]:
     """Start each chunk of shard indices as a deployment run, ``max_in_flight`` at a time; wait.
 
@@ -38,6 +67,8 @@ def run_chunks(
     attempt. With ``stale_seconds``, a chunk run still Running whose last Prefect heartbeat
     (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` in the chunk's environment) is older than that, or
     Pending for longer than that, is marked Crashed first, so a SIGKILLed worker never leaves this run waiting forever.
+    Every API call is retried with backoff (``api_backoff`` seconds, doubled per attempt) on a
+    transient error; one that keeps failing fails the run naming the call.
     Returns ``{flow_run_name: indices}``; raises naming every chunk that did not complete.
     """
     from prefect.client.orchestration import get_client
@@ -49,6 +80,9 @@ def run_chunks(
         raise ValueError(f"resubmits must be 0 or more (got {resubmits})")
     # (indices, attempt, not before this time)
     queue: list[tuple[list[int], int, float]] = [(c, 0, 0.0) for c in chunks]
+    # a create retried after a lost response must not start the chunk twice: one key per chunk name
+    # and attempt of this (parent) flow run; a retry of the parent (a new run_count) starts new runs
+    parent = _parent_run()
     in_flight: dict = {}
     ran: dict[str, list[int]] = {}
     failed: list[str] = []
@@ -63,22 +97,27 @@ def run_chunks(
                 name = f"{stage}-{indices[0]:06d}-{indices[-1]:06d}" if indices else f"{stage}-finalize"
                 if attempt:
                     name += f"-resubmit{attempt}"
-                run = run_deployment(
-                    deployment, parameters={**params, "indices": indices}, timeout=0,
-                    flow_run_name=name, tags=["synth-ood", f"stage-{stage}", "chunk"],
-                )
+                run = api_call(
+                    f"creating chunk run {name} of deployment {deployment}", run_deployment,
+                    deployment, parameters={**params, "indices": indices}, timeout=0, flow_run_name=name,
+                    tags=["synth-ood", f"stage-{stage}", "chunk"],
+                    idempotency_key=f"{parent}:{name}" if parent else None, log=log, backoff=api_backoff,
+                )  # fmt: skip
                 in_flight[run.id] = (name, indices, attempt)
                 log(f"{stage}: chunk {name} ({len(indices)} shards) -> flow run {run.id}")
             time.sleep(poll_seconds)
             for run_id, (name, indices, attempt) in list(in_flight.items()):
-                flow_run = client.read_flow_run(run_id)
+                flow_run = api_call(f"reading the state of chunk run {name} ({run_id})", client.read_flow_run,
+                                    run_id, log=log, backoff=api_backoff)  # fmt: skip
                 state = flow_run.state
                 if stale_seconds and state is not None and (state.is_running() or state.is_pending()):
                     quiet = _quiet_seconds(client, flow_run)
                     if quiet > stale_seconds:
                         log(f"{stage}: chunk {name} ({run_id}) sent no heartbeat for {quiet:.0f}s "
                             f"(> {stale_seconds:.0f}s; its worker died?): marking it Crashed")
-                        state = _mark_crashed(client, run_id, f"no heartbeat for {quiet:.0f}s; its worker died?")
+                        state = api_call(f"marking chunk run {name} ({run_id}) Crashed", _mark_crashed, client,
+                                         run_id, f"no heartbeat for {quiet:.0f}s; its worker died?", log=log,
+                                         backoff=api_backoff)  # fmt: skip
                 if state is None or not state.is_final():
                     continue
                 del in_flight[run_id]
@@ -98,6 +137,13 @@ def run_chunks(
             f"are kept; run the deployment again to finish the rest"
         )
     return ran
+
+
+def _parent_run() -> str | None:
+    """``<flow run id>:<attempt>`` of the calling flow run, None outside one."""
+    from prefect.runtime import flow_run
+
+    return f"{flow_run.id}:{flow_run.run_count}" if flow_run.id else None
 
 
 def _quiet_seconds(client, flow_run) -> float:

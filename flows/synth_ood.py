@@ -68,8 +68,9 @@ def synth_ood(
         # tag per stage, so a concurrency limit can bound e.g. `stage-generate` on a GPU pool
         with tags("synth-ood", f"stage-{stage}"):
             started = time.time()
-            n_shards = plan_task(stage, cfg, out, keys, force=stage in forced)
-            if fan_out and stage in FAN_OUT_STAGES:
+            fanned = bool(fan_out) and stage in FAN_OUT_STAGES
+            n_shards = plan_task(stage, cfg, out, keys, force=stage in forced, load_models=not fanned)
+            if fanned:
                 results[stage] = _fan_out_stage(
                     fan_out, stage, cfg, out, keys, n_shards, started, chunk_size, max_in_flight, stale_after
                 )

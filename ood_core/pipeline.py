@@ -436,6 +436,19 @@ def write_run_record(root: str, cfg: RunConfig, keys: dict[str, str]) -> None:
     store.write_bytes(store.base + ".json", data)
 
 
+def clear_forced_stage(store: StageStore, run_id: str | None) -> bool:
+    """``force``'s delete of a stage folder, once per run: a retry of the run ``run_id`` keeps what
+    its earlier attempt recomputed. True if the folder was deleted now (always, without a run id)."""
+    marks = StageStore(store.root, "_runs", "forced")
+    mark = marks.path(f"{run_id}-{store.stage}-{store.key}.json") if run_id else None
+    if mark and marks.exists(mark):
+        return False
+    store.clear()
+    if mark:
+        marks.write_json(mark, {"run": run_id, "stage": store.stage, "key": store.key, "time": time.time()})
+    return True
+
+
 def read_run_history(root: str) -> list[dict]:
     """Every recorded run, newest first (``_runs/history/*.json``)."""
     store = StageStore(root, "_runs", "history")

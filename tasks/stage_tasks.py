@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from ood_core import secrets
 from ood_core.config import validate_config
 from ood_core.pipeline import (
+    clear_forced_stage,
     finalize_stage,
     load_stage_models,
     make_context,
@@ -89,20 +90,30 @@ def prepare_run_task(
 
 
 @task(name="plan-stage", task_run_name="plan-{stage}", cache_policy=NO_CACHE, retries=1)
-def plan_task(stage: str, cfg: dict, root: str, keys: dict[str, str], force: bool = False) -> int:
-    """Freeze the stage's shard plan; ``force`` first deletes the stage folder."""
+def plan_task(
+    stage: str, cfg: dict, root: str, keys: dict[str, str], force: bool = False, load_models: bool = True
+) -> int:
+    """Freeze the stage's shard plan; ``force`` first deletes the stage folder (once per flow run:
+    a retry of the run keeps what its first attempt recomputed). ``load_models=False`` where the
+    shards run elsewhere (a fan-out parent has no GPU and runs no shard)."""
+    from prefect.runtime import flow_run
+
     config = validate_config(cfg)
     store = stage_store(root, stage, keys)
     if force:
-        get_run_logger().info(f"{stage}: --force, removing {store.url()}")
-        store.clear()
+        if clear_forced_stage(store, flow_run.id):
+            get_run_logger().info(f"{stage}: --force, removed {store.url()}")
+        else:
+            get_run_logger().info(f"{stage}: --force was applied by an earlier attempt of this run: its finished "
+                                  f"shards are kept")  # fmt: skip
     ctx = make_context(config, root, stage, keys, _logger())
     n_shards = plan_stage(ctx, stage, keys)
     done = sum(store.shard_done(i) for i in range(n_shards))
     get_run_logger().info(f"{stage}: {n_shards} shards, {done} already done")
-    # the stage's models load here, at its start, so a bad id fails before any shard (the shard
-    # tasks run in this process and reuse them)
-    load_stage_models(ctx, stage)
+    if load_models:
+        # the stage's models load here, at its start, so a bad id fails before any shard (the shard
+        # tasks run in this process and reuse them)
+        load_stage_models(ctx, stage)
     return n_shards
 
 
