@@ -23,6 +23,7 @@ from tasks import (  # noqa: E402
     prepare_run_task,
     prune_rounds_task,
     shard_task,
+    slot_check_task,
 )
 
 
@@ -65,6 +66,7 @@ def synth_ood(
     keys, stages, forced = prepare_run_task(cfg, out, only, force)
     results = {}
     for stage in stages:
+        slot_check_task(stage)  # untagged: it must not wait on the limit it looks at
         # tag per stage, so a concurrency limit can bound e.g. `stage-generate` on a GPU pool
         with tags("synth-ood", f"stage-{stage}"):
             started = time.time()

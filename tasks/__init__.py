@@ -8,9 +8,10 @@ from tasks.stage_tasks import (
     prepare_run_task,
     prune_rounds_task,
     shard_task,
+    slot_check_task,
 )
 
 __all__ = [
     "finalize_task", "pending_shards_task", "plan_task", "preflight_task", "prepare_run_task", "prune_rounds_task",
-    "shard_task",
+    "shard_task", "slot_check_task",
 ]

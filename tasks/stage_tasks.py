@@ -196,6 +196,57 @@ def artifact_key(stage: str) -> str:
     return f"synth-ood-{slug}-{stage}"
 
 
+@task(name="concurrency-slot", task_run_name="slot-{stage}", cache_policy=NO_CACHE)
+def slot_check_task(stage: str) -> dict:
+    """Before a stage's tagged tasks queue on the limit ``stage-<stage>`` (if one exists): release the
+    slots held by task runs that ended or whose flow run ended (killed, crashed, cancelled), and if
+    the limit is still full, log the wait with the limit's name, its holders and what to do.
+
+    Returns ``{"limit": tag, "released": [holders], "waiting_on": [holders]}`` (``{}`` without a limit).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from tasks.prefect_api import api_call
+
+    tag, log = f"stage-{stage}", get_run_logger()
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_concurrency_limit_by_tag(tag)
+        except ObjectNotFound:
+            return {}
+        live, ended = [], []
+        for holder in limit.active_slots:
+            try:
+                run = api_call(f"reading task run {holder} (holder of a slot of '{tag}')", client.read_task_run, holder)
+            except RuntimeError:
+                live.append(f"task run {holder}")  # unknown is not dead: never free a slot on a guess
+                continue
+            flow_state = client.read_flow_run(run.flow_run_id).state if run.flow_run_id else None
+            states = [st for st in (run.state, flow_state) if st is not None]
+            name = f"task run '{run.name}' of flow run {run.flow_run_id} ({'/'.join(st.name for st in states)})"
+            (ended if any(st.is_final() for st in states) else live).append(name)
+        if ended and not live:
+            # every holder is gone, so nothing that runs loses its slot. A tag reset revokes the leases
+            # but (Prefect 3.8) leaves the limit's count: it is given back as well
+            held = client.read_global_concurrency_limit_by_name(f"tag:{tag}").active_slots
+            api_call(f"resetting concurrency limit '{tag}'", client.reset_concurrency_limit_by_tag, tag)
+            if held:
+                api_call(f"releasing {held} slot(s) of '{tag}'", client.release_concurrency_slots, [f"tag:{tag}"],
+                         held, 1.0)  # fmt: skip
+            log.warning(f"{stage}: released {len(ended)} slot(s) of concurrency limit '{tag}' held by runs that "
+                        f"ended without giving them back: {', '.join(ended)}")  # fmt: skip
+            return {"limit": tag, "released": ended, "waiting_on": []}
+        if len(limit.active_slots) >= limit.concurrency_limit:
+            log.warning(
+                f"{stage}: concurrency limit '{tag}' has all {limit.concurrency_limit} slot(s) taken "
+                f"({', '.join(live + ended)}); this run's {stage} tasks wait for a slot. If that run was killed, "
+                f"its slot comes back when its lease expires; or cancel it (`prefect flow-run cancel <id>`) and "
+                f"run again: the slots of runs that ended are released when a stage starts"
+            )
+        return {"limit": tag, "released": [], "waiting_on": live + ended}
+
+
 @task(name="prune-rounds", cache_policy=NO_CACHE)
 def prune_rounds_task(root: str, keep_last: int, current: str) -> list[str]:
     """Remove the folders of rounds older than the newest ``keep_last`` (never the current one's)."""

@@ -172,6 +172,7 @@ def test_a_fan_out_parent_plans_every_gpu_stage_without_loading_its_models(tmp_p
     monkeypatch.setattr(F, "preflight_task", lambda cfg, out: [])
     monkeypatch.setattr(F, "prepare_run_task", lambda cfg, out, only, force: ({}, list(STAGE_ORDER), []))
     monkeypatch.setattr(F, "plan_task", plan)
+    monkeypatch.setattr(F, "slot_check_task", lambda stage: {})
     monkeypatch.setattr(F, "_fan_out_stage", lambda *a, **k: {})
     monkeypatch.setattr(F, "shard_task", lambda *a, **k: {})
     monkeypatch.setattr(F, "finalize_task", lambda *a, **k: {})
