@@ -20,6 +20,10 @@ case "$GPU_POOL_TYPE" in
   *) echo "deploy.sh: GPU_POOL_TYPE must be process, docker or kubernetes (got '$GPU_POOL_TYPE')" >&2; exit 2 ;;
 esac
 export SYNTH_OOD_CODE_DIR=${SYNTH_OOD_CODE_DIR:-$code_dir}
+# the deployments' default output roots (a run or a schedule may still pass its own `out`): shared
+# storage for the GPU deployments, a folder of this checkout for the tiny ones (never a shared /tmp)
+export SYNTH_OOD_OUT=${SYNTH_OOD_OUT:-s3://synth-ood}
+export SYNTH_OOD_LOCAL_OUT=${SYNTH_OOD_LOCAL_OUT:-$PWD/runs/deployed}
 
 if [ -z "${PREFECT_API_URL:-}" ]; then
   echo "deploy.sh: set PREFECT_API_URL to your Prefect server (e.g. http://127.0.0.1:4200/api)" >&2
@@ -29,4 +33,5 @@ fi
 "$PREFECT" --no-prompt work-pool create gpu-pool --type "$GPU_POOL_TYPE" --base-job-template "$template" --overwrite
 "$PREFECT" --no-prompt work-pool create cpu-pool --type process --base-job-template deploy/work-pools/process-cpu.json --overwrite
 "$PREFECT" --no-prompt deploy --prefect-file deploy/prefect.yaml --all
-echo "deploy.sh: pools gpu-pool ($GPU_POOL_TYPE) and cpu-pool ready; flow runs start in $SYNTH_OOD_CODE_DIR"
+echo "deploy.sh: pools gpu-pool ($GPU_POOL_TYPE) and cpu-pool ready; flow runs start in $SYNTH_OOD_CODE_DIR;"\
+     "default outputs under $SYNTH_OOD_OUT (imagenet, food101) and $SYNTH_OOD_LOCAL_OUT (tiny)"

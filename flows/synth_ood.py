@@ -57,6 +57,9 @@ def synth_ood(
         from ood_core.rounds import resolve_round
 
         overrides = {**(overrides or {}), "generate.round": resolve_round(round, flow_run.scheduled_start_time)}
+    if "{{" in out:
+        raise ValueError(f"out is {out!r}: the deployment was registered without its output root set; deploy "
+                         f"with deploy/deploy.sh (SYNTH_OOD_OUT / SYNTH_OOD_LOCAL_OUT) or pass -p out=<root>")  # fmt: skip
     config = load_config(preset, overrides)
     check_keep_last(config.finetune.rounds_window, keep_last)  # before any work, not at the end
     # `only` on missing upstream outputs fails now, naming the stage (not after preflight and retries)

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -99,13 +98,7 @@ def write_dataset_card(store: StageStore, info: dict) -> None:
 _IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
 
 
-def embed_images(markdown: str, read: Callable[[str], bytes | None]) -> str:
-    """Replace ``![alt](file.png)`` links with inline ``data:`` URIs (a Prefect artifact has no folder)."""
-
-    def sub(m: re.Match) -> str:
-        data = read(m.group(2))
-        if data is None:
-            return m.group(0)
-        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(data).decode()})"
-
-    return _IMAGE_LINK.sub(sub, markdown)
+def link_images(markdown: str, base_url: str) -> str:
+    """Turn ``![alt](file.png)`` into a link to ``<base_url>/file.png`` (a Prefect artifact has no
+    folder to show a relative image from, and inlining it would store the bytes in Prefect's database)."""
+    return _IMAGE_LINK.sub(lambda m: f"[{m.group(1)} ({m.group(2)})]({base_url.rstrip('/')}/{m.group(2)})", markdown)

@@ -44,7 +44,7 @@ def metrics_table_markdown(
     id_accuracy: Mapping[str, float] | None = None,
     temperatures: Mapping[str, float | None] | None = None,
 ) -> str:
-    """Markdown table: one row per method, FPR95 / AUROC (in %) per OOD set plus their average.
+    """Markdown table: one row per method, FPR95 / AUROC / AUPR-In (in %) per OOD set plus their average.
 
     ``results[method][ood_set]`` is an :func:`ood_core.metrics.ood_metrics` dict. The first line is
     a caption naming the FPR95 convention. ``id_accuracy[method]`` (fraction) adds an "ID acc." column.
@@ -57,12 +57,12 @@ def metrics_table_markdown(
     sets = _ordered_sets(results)
     groups = [*sets, AVERAGE]
     caption = (
-        f"FPR95 (lower is better) and AUROC (higher is better) in %; "
+        f"FPR95 (lower is better), AUROC and AUPR (AUPR-In: ID as the positive class; higher is better) in %; "
         f"FPR95 convention: {convention} ({CONVENTION_TEXT[convention]})."
     )
     head = ["method"] + (["T"] if temperatures is not None else [])
     for g in groups:
-        head += [f"{g} FPR95↓", f"{g} AUROC↑"]
+        head += [f"{g} FPR95↓", f"{g} AUROC↑", f"{g} AUPR↑"]
     if id_accuracy is not None:
         head.append("ID acc.")
     lines = [
@@ -76,16 +76,17 @@ def metrics_table_markdown(
         if temperatures is not None:
             t = temperatures.get(method)
             row.append("–" if t is None else f"{t:g}")
-        fprs, aurocs = [], []
+        fprs, aurocs, auprs = [], [], []
         for s in sets:
             m = per_set.get(s)
             if m is None:
-                row += ["–", "–"]
+                row += ["–", "–", "–"]
                 continue
             fprs.append(float(m["fpr95"]))
             aurocs.append(float(m["auroc"]))
-            row += [_pct(m["fpr95"]), _pct(m["auroc"])]
-        row += [_pct(np.mean(fprs) if fprs else None), _pct(np.mean(aurocs) if aurocs else None)]
+            auprs.append(float(m["aupr_in"]))
+            row += [_pct(m["fpr95"]), _pct(m["auroc"]), _pct(m["aupr_in"])]
+        row += [_pct(np.mean(v) if v else None) for v in (fprs, aurocs, auprs)]
         if id_accuracy is not None:
             row.append(_pct(id_accuracy.get(method)))
         lines.append("| " + " | ".join(row) + " |")

@@ -31,7 +31,7 @@ from ood_core.pipeline import (
     stage_store,
     write_run_record,
 )
-from ood_core.publish import embed_images
+from ood_core.publish import link_images
 
 
 def _prefect_secret(name: str) -> str:
@@ -176,24 +176,19 @@ def _publish(stage: str, store, info: dict) -> None:
                   f"{t['batch_size']} / {t['batch_used']} |" for g, t in sorted(rates.items())]
     report = store.path("artifacts", "report.md")
     if store.exists(report):
-        # the UI cannot follow links into the stage folder: the report's plots go in inline
-        def read(name: str) -> bytes | None:
-            path = store.path("artifacts", name)
-            return store.read_bytes(path) if store.exists(path) else None
-
-        lines += ["", embed_images(store.read_bytes(report).decode(), read)]
-    create_markdown_artifact(secrets.scrub("\n".join(lines)), key=artifact_key(stage), description=f"synth-ood {stage} stage")
+        # the report's plots stay in the stage folder: the artifact links them (inlined, megabytes of
+        # base64 would go into Prefect's database on every run)
+        lines += ["", link_images(store.read_bytes(report).decode(), store.url() + "/artifacts")]
+    create_markdown_artifact(secrets.scrub("\n".join(lines)), key=artifact_key(stage, store.root),
+                             description=f"synth-ood {stage} stage, {store.url()}")  # fmt: skip
 
 
-def artifact_key(stage: str) -> str:
-    """``synth-ood-<deployment>-<stage>`` in a deployment run (``tiny`` never overwrites ``imagenet``)."""
-    from prefect.runtime import deployment
-
-    name = deployment.name
-    if not name:
-        return f"synth-ood-{stage}"
-    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
-    return f"synth-ood-{slug}-{stage}"
+def artifact_key(stage: str, root: str) -> str:
+    """``synth-ood-<stage>-<root's last folder>-<hash of the root>``: one artifact per stage and output
+    root, so runs on different roots (or deployments) never overwrite each other's."""
+    root = root.rstrip("/")
+    tail = re.sub(r"[^a-z0-9-]+", "-", root.rsplit("/", 1)[-1].lower()).strip("-")[:24].strip("-")
+    return "-".join(p for p in ("synth-ood", stage, tail, _root_tag(root)) if p)
 
 
 @task(name="concurrency-slot", task_run_name="slot-{stage}", cache_policy=NO_CACHE)

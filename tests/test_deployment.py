@@ -211,9 +211,11 @@ def test_fan_out_spreads_chunks_over_two_workers_on_an_s3_root(server, s3_bucket
     keys = read_run_record(root)["keys"]
     for stage in STAGE_ORDER:
         assert StageStore(root, stage, keys[stage]).is_complete()
-    # artifacts are keyed by deployment, so tiny never overwrites imagenet's
-    arts = _api(env, "/artifacts/filter", {"artifacts": {"key": {"any_": ["synth-ood-tiny-finetune"]}}})
-    assert arts and "FPR95" in arts[0]["data"]
+    # artifacts are keyed by stage and output root, so runs on other roots never overwrite them
+    from tasks.stage_tasks import artifact_key
+
+    arts = _api(env, "/artifacts/filter", {"artifacts": {"key": {"any_": [artifact_key("finetune", root)]}}})
+    assert arts and "FPR95" in arts[0]["data"] and "base64" not in arts[0]["data"]
     verify = subprocess.run([str(BIN / "synth-ood"), "verify", root], capture_output=True, text=True, env=env)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 

@@ -28,10 +28,16 @@ def test_gpu_stages_fan_out_and_sketch_does_not():
     assert set(FAN_OUT_STAGES) == {"generate", "elaborate", "finetune"}
 
 
-def test_artifact_key_outside_a_deployment_is_the_stage_key():
+def test_artifact_keys_differ_per_output_root_and_are_valid_prefect_keys():
+    import re
+
     from tasks.stage_tasks import artifact_key
 
-    assert artifact_key("finetune") == "synth-ood-finetune"
+    a, b = artifact_key("finetune", "s3://synth-ood/imagenet"), artifact_key("finetune", "/data/runs/imagenet")
+    assert a.startswith("synth-ood-finetune-imagenet-") and a != b
+    assert artifact_key("finetune", "/tmp/x/") == artifact_key("finetune", "/tmp/x")
+    for key in (a, b, artifact_key("generate", "/tmp/Runs With Spaces/ÜBER")):
+        assert re.fullmatch(r"[a-z0-9-]+", key) and "--" not in key, key
 
 
 class _FakePrefect:

@@ -33,15 +33,19 @@ def test_table_rows_columns_values_and_caption():
     assert "openood" in first and "OOD positive" in first
     header, *rows = _rows(table)
     cells = [c.strip() for c in header.strip("|").split("|")]
-    assert cells[:5] == ["method", "textures FPR95↓", "textures AUROC↑", "objects FPR95↓", "objects AUROC↑"]
-    assert cells[5:] == ["average FPR95↓", "average AUROC↑", "ID acc."]
+    assert cells[:7] == ["method", "textures FPR95↓", "textures AUROC↑", "textures AUPR↑", "objects FPR95↓",
+                         "objects AUROC↑", "objects AUPR↑"]
+    assert cells[7:] == ["average FPR95↓", "average AUROC↑", "average AUPR↑", "ID acc."]
     assert [r.split("|")[1].strip() for r in rows] == ["mcm", "neglabel"]
     mcm_cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert mcm_cells[1] == f"{100 * res['mcm']['textures']['fpr95']:.2f}"
     assert mcm_cells[2] == f"{100 * res['mcm']['textures']['auroc']:.2f}"
+    assert mcm_cells[3] == f"{100 * res['mcm']['textures']['aupr_in']:.2f}"
     avg = (res["mcm"]["textures"]["auroc"] + res["mcm"]["objects"]["auroc"]) / 2
-    assert mcm_cells[6] == f"{100 * avg:.2f}"
-    assert mcm_cells[7] == "50.00"
+    assert mcm_cells[8] == f"{100 * avg:.2f}"
+    avg_pr = (res["mcm"]["textures"]["aupr_in"] + res["mcm"]["objects"]["aupr_in"]) / 2
+    assert mcm_cells[9] == f"{100 * avg_pr:.2f}"
+    assert mcm_cells[10] == "50.00"
     assert "mcm" in metrics_table_markdown(_results("mcm"), "mcm").splitlines()[0]
 
 
@@ -60,8 +64,8 @@ def test_table_handles_missing_set_and_bad_convention():
     del res["neglabel"]["objects"]
     table = metrics_table_markdown(res, "openood")
     row = [c.strip() for c in _rows(table)[2].strip("|").split("|")]
-    assert row[3:5] == ["–", "–"]
-    assert row[6] == f"{100 * res['neglabel']['textures']['auroc']:.2f}"
+    assert row[4:7] == ["–", "–", "–"]
+    assert row[8] == f"{100 * res['neglabel']['textures']['auroc']:.2f}"
     with pytest.raises(ValueError, match="convention"):
         metrics_table_markdown(res, "sklearn")
 
@@ -109,12 +113,11 @@ def test_scores_crowded_below_one_are_shown_separated():
     assert histogram_view(plain)[2] == "score (higher = more ID)"
 
 
-def test_report_images_are_embedded_for_the_prefect_artifact():
-    import base64
+def test_report_images_are_linked_not_inlined_in_the_prefect_artifact():
+    from ood_core.publish import link_images
 
-    from ood_core.publish import embed_images
-
-    md = "# r\\n![ROC](roc.png) and ![missing](gone.png)"
-    out = embed_images(md, {"roc.png": b"PNGDATA"}.get)
-    assert f"![ROC](data:image/png;base64,{base64.b64encode(b'PNGDATA').decode()})" in out
-    assert "![missing](gone.png)" in out
+    md = "# r\\n![ROC](roc.png) and ![grid](samples/grid.png)"
+    out = link_images(md, "s3://b/run/finetune/k/artifacts/")
+    assert "[ROC (roc.png)](s3://b/run/finetune/k/artifacts/roc.png)" in out
+    assert "[grid (samples/grid.png)](s3://b/run/finetune/k/artifacts/samples/grid.png)" in out
+    assert "![" not in out and "base64" not in out
