@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs/world
 
-.PHONY: install run world test test-e2e lint clean deploy bench
+.PHONY: install run world test test-e2e lint clean deploy bench world-bench
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ test-e2e: $(STAMP)
 ## Generation throughput, batch 1 vs batch B (tiny models on the CPU; real-size SD-2 on a GPU if one is visible).
 bench: $(STAMP)
 	$(PY) benchmarks/generate_bench.py
+
+world-bench: $(STAMP)
+	$(PY) benchmarks/world_bench.py
 
 ## Create the work pools from deploy/work-pools/*.json and register deploy/prefect.yaml (needs PREFECT_API_URL).
 deploy: $(STAMP)

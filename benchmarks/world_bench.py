@@ -1,0 +1,154 @@
+"""World benchmark (issue 20): every method and its controls on the world's evaluation OOD sets,
+FPR95 / AUROC / AUPR-In as mean ± std over seeds, in one command.
+
+    make world-bench                                   # seeds 0 1 2, every variant
+    .venv/bin/python benchmarks/world_bench.py --seeds 0 --variants base lr0
+
+Each seed has its own output root under ``--out``, shared by its variants, so content addressing
+reuses what a variant does not change (``finetune.*`` variants rerun finetune only, ``generate.*``
+ones generate, elaborate and finetune; a second invocation reuses everything). The seed changes
+the world's rendered data and split, generation and training; the world models are the shipped ones.
+Writes ``<out>/world_bench.json``, ``<out>/world_bench.md`` (the table) and ``<out>/world_bench.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name -> (what it controls, overrides on the world preset, the rows it reports)
+SYNTHETIC_ROWS = ["synood", "mm_ood", "multi_os"]
+VARIANTS: dict[str, tuple[str, dict, list[str] | None]] = {
+    "base": ("the world preset as shipped (every method)", {}, None),
+    "lr0": ("SynOOD without the energy-gradient step (lr 0: plain inpainting)", {"generate.lr": 0.0}, SYNTHETIC_ROWS),
+    "t2i_only": ("fine-tuned on text-to-image samples only (far + near)",
+                 {"finetune.synthetic_kinds": ["far", "near"]}, SYNTHETIC_ROWS),
+    "both": ("fine-tuned on boundary + text-to-image samples",
+             {"finetune.synthetic_kinds": ["boundary", "far", "near"]}, SYNTHETIC_ROWS),
+    "filters_off": ("elaborate's CLIP filters off (ID confidence, dedup; unclear answers kept)",
+                    {"elaborate.max_id_confidence": 1.0, "elaborate.dedup_cosine": 1.0, "elaborate.unclear": "keep"},
+                    ["mm_ood", "synood", "multi_os"]),
+    "sources_1x": ("SynOOD with 2 boundary sources per class", {"sketch.sources_per_class": 2}, SYNTHETIC_ROWS),
+    "sources_4x": ("SynOOD with 8 boundary sources per class (= base)", {"sketch.sources_per_class": 8},
+                   SYNTHETIC_ROWS),
+    "sources_15x": ("SynOOD with 30 boundary sources per class (every train image)", {"sketch.sources_per_class": 30},
+                    SYNTHETIC_ROWS),
+}  # fmt: skip
+METRICS = ("fpr95", "auroc", "aupr_in")
+
+
+def run_variant(seed: int, name: str, out: Path, log) -> dict:
+    """One variant of one seed: its finetune summary (metrics per method and set) and wall time."""
+    from ood_core.config import load_config
+    from ood_core.pipeline import run_local
+
+    _, overrides, _ = VARIANTS[name]
+    cfg = load_config("world", {"seed": seed, **overrides})
+    t0 = time.perf_counter()
+    results = run_local(cfg, str(out / f"seed{seed}"), log=log)
+    summary = results["finetune"]["summary"]
+    elaborate = results["elaborate"]["counts"]
+    return {"seed": seed, "variant": name, "seconds": round(time.perf_counter() - t0, 1),
+            "metrics": summary["metrics"], "train_samples": summary["train"]["samples"],
+            "elaborate_counts": elaborate}  # fmt: skip
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """``{variant: {method: {set: {metric: (mean, std, n)}}}}`` over the seeds present."""
+    out: dict = {}
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        rows = VARIANTS[variant][2]
+        per = [r for r in runs if r["variant"] == variant]
+        methods = rows or list(per[0]["metrics"])
+        for method in methods:
+            for s in per[0]["metrics"].get(method, {}):
+                for m in METRICS:
+                    vals = [r["metrics"][method][s][m] for r in per if method in r["metrics"]]
+                    out.setdefault(variant, {}).setdefault(method, {}).setdefault(s, {})[m] = (
+                        float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals))
+    return out
+
+
+def table(agg: dict) -> str:
+    """Markdown: one row per (variant, method); FPR95 / AUROC / AUPR-In mean ± std in % per set."""
+    sets = [s for s in next(iter(next(iter(agg.values())).values())) if s != "average"] + ["average"]
+    head = ["variant", "method", "n"] + [f"{s} {m}" for s in sets for m in ("FPR95↓", "AUROC↑", "AUPR↑")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    for variant, methods in agg.items():
+        for method, per_set in methods.items():
+            n = next(iter(per_set.values()))["fpr95"][2]
+            cells = [f"{100 * per_set[s][m][0]:.1f} ± {100 * per_set[s][m][1]:.1f}" if s in per_set else "–"
+                     for s in sets for m in METRICS]  # fmt: skip
+            lines.append("| " + " | ".join([variant, method, str(n), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(agg: dict, path: Path) -> None:
+    """Average FPR95 and AUROC per (variant, method), error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, fpr, fpr_sd, auroc, auroc_sd = [], [], [], [], []
+    for variant, methods in agg.items():
+        for method, per_set in methods.items():
+            labels.append(f"{method}" if variant == "base" else f"{method} [{variant}]")
+            (f, fs, _), (a, as_, _) = per_set["average"]["fpr95"], per_set["average"]["auroc"]
+            fpr.append(100 * f), fpr_sd.append(100 * fs), auroc.append(100 * a), auroc_sd.append(100 * as_)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.32 * len(labels) + 1.5), sharey=True)
+    y = np.arange(len(labels))
+    axes[0].barh(y, fpr, xerr=fpr_sd, color="tab:red", alpha=0.7)
+    axes[0].set_xlabel("FPR95 % (lower is better), average of the evaluation sets")
+    axes[1].barh(y, auroc, xerr=auroc_sd, color="tab:blue", alpha=0.7)
+    axes[1].set_xlabel("AUROC % (higher is better)")
+    axes[1].set_xlim(max(0.0, min(auroc) - 5), 100)
+    axes[0].set_yticks(y, labels, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--out", default=str(ROOT / "runs" / "world-bench"))
+    p.add_argument("--quiet", action="store_true", help="only one line per variant")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, t0 = [], time.perf_counter()
+    for seed in args.seeds:
+        for name in args.variants:
+            print(f"[world-bench] seed {seed} {name}: {VARIANTS[name][0]}", flush=True)
+            r = run_variant(seed, name, out, (lambda m: None) if args.quiet else print)
+            avg = r["metrics"].get("synood", {}).get("average", {})
+            print(f"[world-bench] seed {seed} {name}: {r['seconds']} s, synood FPR95 {100 * avg.get('fpr95', np.nan):.1f} "
+                  f"AUROC {100 * avg.get('auroc', np.nan):.1f}, {r['train_samples']} training samples", flush=True)  # fmt: skip
+            runs.append(r)
+    agg = aggregate(runs)
+    wall = time.perf_counter() - t0
+    md = (f"`benchmarks/world_bench.py --seeds {' '.join(map(str, args.seeds))}` "
+          f"({len(runs)} runs, {wall / 60:.1f} min)\n\n" + table(agg))  # fmt: skip
+    (out / "world_bench.json").write_text(json.dumps({"runs": runs, "aggregate": agg, "wall_s": wall}, indent=1))
+    (out / "world_bench.md").write_text(md)
+    plot(agg, out / "world_bench.png")
+    print(md)
+    print(f"[world-bench] {out / 'world_bench.md'}, {out / 'world_bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

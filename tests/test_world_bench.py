@@ -1,0 +1,25 @@
+"""The world benchmark's bookkeeping (the runs themselves are `make world-bench`, not a test)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.world_bench import VARIANTS, aggregate, table
+
+
+def _run(seed, variant, auroc):
+    m = {"fpr95": 1 - auroc, "auroc": auroc, "aupr_in": auroc}
+    methods = ["mcm", "synood"] if variant == "base" else ["synood", "mm_ood", "multi_os"]
+    return {"seed": seed, "variant": variant,
+            "metrics": {k: {"world-near": m, "average": m} for k in methods}}  # fmt: skip
+
+
+def test_mean_and_sample_std_over_seeds_per_variant_and_method():
+    runs = [_run(0, "base", 0.8), _run(1, "base", 0.9), _run(0, "lr0", 0.7), _run(1, "lr0", 0.5)]
+    agg = aggregate(runs)
+    mean, std, n = agg["base"]["synood"]["world-near"]["auroc"]
+    assert (mean, n) == (pytest.approx(0.85), 2) and std == pytest.approx(0.0707107, rel=1e-5)
+    assert set(agg["base"]) == {"mcm", "synood"}  # base reports every method
+    assert set(agg["lr0"]) == set(VARIANTS["lr0"][2])  # a control reports the rows it controls
+    md = table(agg)
+    assert "| lr0 | synood | 2 | 40.0 ± 14.1 | 60.0 ± 14.1 |" in md
