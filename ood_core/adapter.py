@@ -70,6 +70,16 @@ class ResidualAdapter(nn.Module):
         return F.normalize(f + F.relu(self.norm(self.linear(f))), dim=-1)
 
 
+def load_adapter(data: bytes) -> ResidualAdapter:
+    """A :class:`ResidualAdapter` from the bytes of a finetune folder's ``artifacts/adapter.safetensors``."""
+    from safetensors.torch import load as load_safetensors
+
+    state = load_safetensors(data)
+    adapter = ResidualAdapter(state["linear.weight"].shape[1])
+    adapter.load_state_dict(state)
+    return adapter.eval()
+
+
 @torch.no_grad()
 def apply_adapter(adapter: nn.Module, feats: Any, batch_size: int = 8192) -> np.ndarray:
     """Adapted, L2-normalised features as float32 numpy (evaluation mode, batched)."""

@@ -231,6 +231,10 @@ class GenerateConfig(_Strict):
     # differently, so a sample's bytes depend on the batch it ran in (README, "Reproducibility")
     batch: int = Field(4, ge=1)
     t2i_shard_size: int = Field(16, ge=1)
+    # whose energy the noise step follows: frozen CLIP (SynOOD), or the latest earlier round's
+    # fine-tuned detector (its adapter on CLIP's image features), so that each nightly round's
+    # boundary samples aim at where the current detector is weakest (the first round: frozen CLIP)
+    scorer: Literal["frozen", "latest_round"] = "frozen"
 
     @model_validator(mode="after")
     def _known_template(self) -> GenerateConfig:

@@ -51,7 +51,9 @@ def upstream_keys(name: str, keys: dict[str, str]) -> dict[str, str]:
 
     stage = STAGES.get(name)()
     up = {u: keys[u] for u in stage.upstream}
-    up.update({k: v for k, v in keys.items() if k not in up and window_base(k) in stage.round_window})
+    # only the earlier rounds' entries (``finetune@r1``), never this run's folder of that stage: generate's
+    # closed loop reads the previous round's finetune, which this run's finetune comes after
+    up.update({k: v for k, v in keys.items() if k != window_base(k) and window_base(k) in stage.round_window})
     return up
 
 

@@ -66,11 +66,12 @@ class ClipModel:
             return torch.empty(0, self.embed_dim)
         return torch.cat(out)
 
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_pixels(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Differentiable image features for pixels in [0, 1], shape [B, 3, H, W] of any size.
 
         Mirrors the eval transform (resize the short side, centre crop, CLIP mean/std) with
-        differentiable ops, and returns L2-normalised features on ``pixels.device`` with the graph.
+        differentiable ops, and returns L2-normalised features (raw ones with ``normalize=False``:
+        what SynOOD's adapter takes) on ``pixels.device`` with the graph.
         """
         x = pixels.to(self.device, torch.float32)
         h, w = x.shape[-2:]
@@ -82,7 +83,8 @@ class ClipModel:
             top, left = (nh - s) // 2, (nw - s) // 2
             x = x[..., top : top + s, left : left + s]
         x = (x - self._mean) / self._std
-        return F.normalize(self.model.encode_image(x).float(), dim=-1)
+        f = self.model.encode_image(x).float()
+        return F.normalize(f, dim=-1) if normalize else f
 
 
 def _weights_path(pretrained: str) -> str:

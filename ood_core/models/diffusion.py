@@ -300,12 +300,21 @@ def center_box_mask(size: int, fraction: float = 0.5) -> Image.Image:
     return mask
 
 
-def energy_score_fn(clip: Any, text_features: torch.Tensor, logit_scale: float = 100.0) -> ScoreFn:
-    """Differentiable energy-style score of pixels: mean(logits) - logsumexp(logits) over ID prompts."""
+def energy_score_fn(
+    clip: Any, text_features: torch.Tensor, logit_scale: float = 100.0, adapter: torch.nn.Module | None = None
+) -> ScoreFn:
+    """Differentiable energy-style score of pixels: mean(logits) - logsumexp(logits) over ID prompts.
+
+    With ``adapter`` (a fine-tuned detector's image-side adapter, which takes raw CLIP features and
+    returns normalised ones) the logits are the detector's, not frozen CLIP's.
+    """
     text = F.normalize(text_features.float(), dim=-1).to(clip.device)
+    if adapter is not None:
+        adapter = adapter.to(clip.device).eval().requires_grad_(False)
 
     def score(pixels: torch.Tensor) -> torch.Tensor:
-        logits = logit_scale * clip.encode_pixels(pixels) @ text.T
+        feats = clip.encode_pixels(pixels) if adapter is None else adapter(clip.encode_pixels(pixels, normalize=False))
+        logits = logit_scale * feats @ text.T
         return logits.mean(-1) - torch.logsumexp(logits, dim=-1)
 
     return score

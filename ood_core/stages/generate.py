@@ -205,6 +205,24 @@ def _round(g) -> dict:
     return {"round": g.round} if g.round else {}
 
 
+def _scorer(g) -> dict:
+    # frozen CLIP (the default) leaves keys as they were before the closed loop existed; the
+    # detector a closed loop follows is in the key as the upstream folder ``finetune@<round>``
+    return {} if g.scorer == "frozen" else {"scorer": g.scorer}
+
+
+def detector_adapter(ctx: StageContext):
+    """The adapter of the latest earlier round's finetune that the closed loop scores with, or None
+    (frozen CLIP: ``generate.scorer: frozen``, or no earlier round's finetune is complete yet)."""
+    from ood_core.adapter import load_adapter
+
+    earlier = sorted(n for n in ctx.upstream if n.startswith("finetune@"))
+    if not earlier:
+        return None
+    store = ctx.upstream[earlier[-1]]
+    return load_adapter(store.read_bytes(store.path("artifacts", "adapter.safetensors")))
+
+
 def sample_seed(cfg: RunConfig, key: str) -> int:
     """A generated sample's seed: run seed, sample key and the generation round (a new round, new data)."""
     return derive_seed(cfg.seed, "generate", key, *([cfg.generate.round] if cfg.generate.round else []))
@@ -224,7 +242,7 @@ class BoundaryGenerator(Generator):
             "clip": cfg.models.clip.model_dump(mode="json"),
             # the batch size too: batched kernels round differently (README, "Reproducibility")
             "generate": {k: getattr(g, k) for k in ("steps", "strength", "guidance", "rounds", "lr", "m_out",
-                                                   "grad_batch", "mask", "batch")} | _round(g),
+                                                   "grad_batch", "mask", "batch")} | _round(g) | _scorer(g),
             # the energy scorer guiding the noise uses this scale
             "logit_scale": cfg.finetune.logit_scale,
         }
@@ -254,6 +272,15 @@ class BoundaryGenerator(Generator):
     def batch_size(self, cfg: RunConfig) -> int:
         return cfg.generate.batch
 
+    def _detector(self, ctx: StageContext):
+        if "detector" not in ctx.__dict__:  # once per stage run, not per batch
+            ctx.__dict__["detector"] = detector_adapter(ctx)
+            if ctx.cfg.generate.scorer == "latest_round":
+                which = "frozen CLIP (no earlier round's finetune yet)" if ctx.__dict__["detector"] is None else (
+                    "the fine-tuned detector of " + sorted(n for n in ctx.upstream if n.startswith("finetune@"))[-1])
+                ctx.log(f"[generate] closed loop: the noise step follows {which}")
+        return ctx.__dict__["detector"]
+
     def model(self, ctx: StageContext):
         return ctx.models.inpainter()
 
@@ -270,7 +297,8 @@ class BoundaryGenerator(Generator):
 
         g = ctx.cfg.generate
         pipe = ctx.models.inpainter()
-        score_fn = energy_score_fn(ctx.models.clip(), ctx.id_text_features, ctx.cfg.finetune.logit_scale)
+        score_fn = energy_score_fn(ctx.models.clip(), ctx.id_text_features, ctx.cfg.finetune.logit_scale,
+                                   adapter=self._detector(ctx))  # fmt: skip
         m_out = _m_out(g.m_out, len(ctx.dataset.classnames))
         recs = [ctx.records[it["source_key"]] for it in items]
         seeds = [sample_seed(ctx.cfg, self.key(it)) for it in items]
@@ -403,6 +431,11 @@ class GenerateStage(Stage):
     schema = GENERATE
     upstream = ("sketch",)
     models = ("clip", "diffusion", "t2i")
+    # the closed loop (generate.scorer: latest_round) reads the previous round's finetune folder
+    round_window = ("finetune",)
+
+    def window_size(self, cfg: RunConfig) -> int:
+        return 2 if cfg.generate.scorer == "latest_round" else 1
 
     def config_slice(self, cfg: RunConfig) -> dict:
         return {
@@ -412,7 +445,8 @@ class GenerateStage(Stage):
             "clip": cfg.models.clip.model_dump(mode="json"),
             # an empty round leaves keys as they were before rounds existed; the batch sizes
             # (batch, t2i_batch) are in: a sample's bytes depend on the batch it ran in
-            "generate": cfg.generate.model_dump(mode="json", exclude={"round"} if not cfg.generate.round else set()),
+            "generate": cfg.generate.model_dump(mode="json", exclude=({"round"} if not cfg.generate.round else set())
+                                                | ({"scorer"} if cfg.generate.scorer == "frozen" else set())),
             # the energy scorer guiding the noise uses this scale
             "logit_scale": cfg.finetune.logit_scale,
         }
