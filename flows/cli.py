@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 
@@ -60,6 +61,32 @@ def _fail(err: BaseException, args: argparse.Namespace, code: int) -> int:
     return code
 
 
+class _NoTraceback(logging.Formatter):
+    """Formats a record as ``inner`` does, without its traceback (the record keeps it for other handlers)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def console_without_tracebacks(logger: logging.Logger | None = None) -> None:
+    """Prefect's console lines keep their message but print no traceback: the CLI ends with its one
+    line (``--debug`` keeps them). Prefect's API log handler, and so the UI, still gets them."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in (logger or logging.getLogger()).handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _NoTraceback):
+            handler.setFormatter(_NoTraceback(handler.formatter))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from ood_core.pipeline import StageNotReady, check_upstream_ready, selected_stages
 
@@ -102,6 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(local_api_notice(), flush=True)
         from flows.synth_ood import synth_ood
 
+        if not getattr(args, "debug", False):
+            console_without_tracebacks()
         try:
             results = synth_ood(
                 preset=args.preset, out=out, only=_stages(args.only), force=_stages(args.force), overrides=overrides,

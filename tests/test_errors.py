@@ -172,3 +172,48 @@ def test_an_interrupt_is_one_line_with_what_to_do(tmp_path, capsys, monkeypatch)
         pytest.fail("the interrupt came out of the CLI as a traceback")
     assert rc == 130
     assert "rerun the same command to resume" in _failure(capsys)
+
+
+def test_prefect_console_lines_keep_their_message_but_not_the_traceback():
+    import io
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from flows.cli import console_without_tracebacks
+
+    logger = logging.getLogger("synth-ood-test-console")
+    logger.propagate = False
+    console, other = io.StringIO(), io.StringIO()
+    logger.handlers = [PrefectConsoleHandler(stream=console), logging.StreamHandler(other)]
+    console_without_tracebacks(logger)
+    console_without_tracebacks(logger)  # idempotent
+    try:
+        raise ValueError("planted failure")
+    except ValueError:
+        logger.error("Task run failed with exception: planted", exc_info=True)
+    assert "Task run failed with exception: planted" in console.getvalue()
+    assert "Traceback" not in console.getvalue() and "planted failure" not in console.getvalue()
+    assert "Traceback" in other.getvalue() and "planted failure" in other.getvalue()  # e.g. the API's handler
+
+
+@pytest.mark.slow
+def test_a_failed_prefect_run_prints_no_traceback_and_ends_with_one_line(tmp_path):
+    """Under Prefect (the default), the console keeps Prefect's one-line state messages only."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.fault_server import FaultServer
+
+    with FaultServer(default="429") as srv:
+        args = _endpoint_run(tmp_path, srv.url)
+        args.remove("--no-prefect")
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-4000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    # Prefect's "Stopping temporary server" may follow: the synth-ood line is the last of ours
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("synth-ood:")]
+    assert len(ours) == 1 and "sketch shard 0" in ours[0] and "HTTP 429" in ours[0], (ours, last)
