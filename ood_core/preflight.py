@@ -240,7 +240,7 @@ def _check_models(cfg: RunConfig) -> list[str]:
         field = f"{setting}.pretrained" if role == "clip" else f"{setting}.name"
         folder = None  # the local folder the weights load from, if any
         if tiny.is_tiny(name) and name[len(tiny.TINY_PREFIX) :].strip("/") not in tiny.kinds():
-            problems.append(f"{field}: unknown tiny model '{name}' (known: {', '.join(tiny.kinds())})")
+            problems.append(f"{setting}: unknown tiny model '{name}' (known: {', '.join(tiny.kinds())})")
             continue
         if name.startswith("world://"):
             from ood_core.world.weights import WorldWeightsError, resolve
@@ -248,10 +248,10 @@ def _check_models(cfg: RunConfig) -> list[str]:
             try:
                 folder = Path(resolve(name))  # hashes the shipped files: a damaged weight file is named before any work
             except WorldWeightsError as err:
-                problems.append(f"{field}: {err}")
+                problems.append(f"{setting}: {err}")
                 continue
         elif name.startswith(("/", "./", "~")) and not Path(name).expanduser().exists():
-            problems.append(f"{field}: local model folder {name} does not exist")
+            problems.append(f"{setting}: local model folder {name} does not exist")
             continue
         elif not is_model_uri(name) and Path(name).expanduser().exists():
             folder = Path(name).expanduser()
