@@ -220,3 +220,13 @@ def test_url_credentials_never_appear_in_a_preflight_message(tmp_path):
     with pytest.raises(PreflightError) as err:
         preflight(load_config("tiny", _endpoint(url, tmp_path)), str(tmp_path / "out"))
     assert "not reachable" in str(err.value) and "pw-preflight-77" not in str(err.value)
+
+
+def test_an_hf_hub_clip_name_is_looked_up_like_any_hub_id(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = load_config("tiny", {"models.clip.name": "hf-hub:timm/ViT-B-16-SigLIP"})
+    with pytest.raises(PreflightError, match=r"models.clip.name: 'timm/ViT-B-16-SigLIP' is not in .*hf download"):
+        preflight(cfg, str(tmp_path / "out"))
