@@ -43,7 +43,9 @@ def failure_line(err: BaseException, out: str | None = None) -> str:
         text += f"; free space under {out} and rerun the same command (finished shards are kept)"
     if passing:  # without Prefect's task retries, the user is the retry
         text += "; it may pass: rerun the same command to resume (finished shards are kept)"
-    return "synth-ood: " + " ".join(line.strip() for line in text.splitlines() if line.strip())
+    from ood_core.secrets import scrub  # a library's message may hold a URL with its password
+
+    return "synth-ood: " + scrub(" ".join(line.strip() for line in text.splitlines() if line.strip()))
 
 
 def _fail(err: BaseException, args: argparse.Namespace, code: int) -> int:

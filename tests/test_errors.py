@@ -217,3 +217,12 @@ def test_a_failed_prefect_run_prints_no_traceback_and_ends_with_one_line(tmp_pat
     # Prefect's "Stopping temporary server" may follow: the synth-ood line is the last of ours
     ours = [line for line in proc.stderr.splitlines() if line.startswith("synth-ood:")]
     assert len(ours) == 1 and "sketch shard 0" in ours[0] and "HTTP 429" in ours[0], (ours, last)
+
+
+def test_the_failure_line_is_scrubbed_and_flat():
+    from flows.cli import failure_line
+
+    err = ConnectionError("cannot reach http://alice:pw-line-secret@10.0.0.1/v1\n  retrying gave up")
+    line = failure_line(err)
+    assert line.startswith("synth-ood: ConnectionError: cannot reach http://") and "\n" not in line
+    assert "pw-line-secret" not in line and line.endswith("retrying gave up")
