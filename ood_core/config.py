@@ -176,6 +176,10 @@ class DataConfig(_Strict):
     def _folder_needs_root(self) -> DataConfig:
         if self.id_source == "imagefolder" and not self.root:
             raise ValueError("id_source 'imagefolder' needs data.root (a folder with train/<class>/ images)")
+        return self
+
+    @model_validator(mode="after")
+    def _sizes_ordered(self) -> DataConfig:
         _check_order("data.min_side squared", self.min_side**2, "data.max_pixels", self.max_pixels,
                      "every image would be skipped as too small or too large")
         return self
