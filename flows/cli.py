@@ -1,12 +1,16 @@
 """``synth-ood`` command line: run, status, verify, presets.
 
 ``run`` executes the Prefect flow with Prefect's local ephemeral API (no server to start);
-``status`` and ``verify`` read the output folder only and never import Prefect.
+``status`` and ``verify`` read the output folder only and never import Prefect. Every failure
+is one ``synth-ood: ...`` line on stderr (exit 2: refused before any work, 1: the run failed);
+``--debug`` prints the traceback above it.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
 import sys
 
@@ -17,6 +21,72 @@ def _stages(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
     return [s.strip() for v in values for s in v.split(",") if s.strip()]
+
+
+def failure_line(err: BaseException, out: str | None = None) -> str:
+    """``synth-ood: ...``: what failed (the stage, shard and folder for a shard) and what to do, on one line."""
+    try:
+        from ood_core.models import RetryableError
+        from ood_core.pipeline import shard_failure
+
+        text, passing = shard_failure(err), isinstance(err, RetryableError)
+    except Exception:  # noqa: BLE001 - the message must come out whatever is broken
+        text, passing = None, False
+    if text is None:
+        text = str(err) or type(err).__name__
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC and text.startswith("[Errno"):
+            text = (err.strerror or text) + (f": {err.filename}" if err.filename else "")  # the words say it
+        # our own errors are written for users; a library's needs its type to make sense
+        elif not type(err).__module__.startswith(("ood_core", "flows", "tasks")):
+            text = f"{type(err).__name__}: {text}"
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC and out and out not in text:
+        text += f"; free space under {out} and rerun the same command (finished shards are kept)"
+    if passing:  # without Prefect's task retries, the user is the retry
+        text += "; it may pass: rerun the same command to resume (finished shards are kept)"
+    from ood_core.secrets import scrub  # a library's message may hold a URL with its password
+
+    return "synth-ood: " + scrub(" ".join(line.strip() for line in text.splitlines() if line.strip()))
+
+
+def _fail(err: BaseException, args: argparse.Namespace, code: int) -> int:
+    """Report ``err`` (its traceback first with ``--debug``) and return the exit code."""
+    if getattr(args, "debug", False):
+        import traceback
+
+        traceback.print_exception(err, file=sys.stderr)
+    out = getattr(args, "out", None) or getattr(args, "dir", None)
+    if code == 2:  # refusals before any work are written as a whole (a preflight lists each problem)
+        print(f"synth-ood: {err}", file=sys.stderr)
+    else:
+        print(failure_line(err, out) + ("" if getattr(args, "debug", False) else " (--debug: traceback)"),
+              file=sys.stderr)
+    return code
+
+
+class _NoTraceback(logging.Formatter):
+    """Formats a record as ``inner`` does, without its traceback (the record keeps it for other handlers)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def console_without_tracebacks(logger: logging.Logger | None = None) -> None:
+    """Prefect's console lines keep their message but print no traceback: the CLI ends with its one
+    line (``--debug`` keeps them). Prefect's API log handler, and so the UI, still gets them."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in (logger or logging.getLogger()).handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _NoTraceback):
+            handler.setFormatter(_NoTraceback(handler.formatter))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -37,15 +107,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         # a missing upstream is one line here, not a failed flow run with Prefect's traceback
         check_upstream_ready(cfg, out, _stages(args.only), _stages(args.force))
     except (ConfigError, StageNotReady, ValueError) as err:
-        print(f"synth-ood: {err}", file=sys.stderr)
-        return 2
+        return _fail(err, args, 2)
     from ood_core.preflight import PreflightError, preflight
 
     try:
         preflight(cfg, out)  # seconds, before any model load or Prefect start-up
     except PreflightError as err:
-        print(f"synth-ood: {err}", file=sys.stderr)
-        return 2
+        return _fail(err, args, 2)
     if args.no_prefect:
         from ood_core.data import DataError
         from ood_core.pipeline import run_local
@@ -54,8 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             results = run_local(cfg, out, _stages(args.only), _stages(args.force), check=False,
                                 keep_last=args.keep_last)
         except (StageNotReady, DataError) as err:
-            print(f"synth-ood: {err}", file=sys.stderr)
-            return 2
+            return _fail(err, args, 2)
     else:
         from flows.local_api import configure_local_api, local_api_notice, uses_local_api
 
@@ -64,14 +131,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(local_api_notice(), flush=True)
         from flows.synth_ood import synth_ood
 
+        if not getattr(args, "debug", False):
+            console_without_tracebacks()
         try:
             results = synth_ood(
                 preset=args.preset, out=out, only=_stages(args.only), force=_stages(args.force), overrides=overrides,
                 keep_last=args.keep_last,
             )
         except StageNotReady as err:
-            print(f"synth-ood: {err}", file=sys.stderr)
-            return 2
+            return _fail(err, args, 2)
     _print_summary(results, out)
     return 0
 
@@ -210,8 +278,13 @@ def cmd_world(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="synth-ood", description=__doc__.splitlines()[0])
+    debug_help = "on a failure, print the traceback above the one-line message"
+    p.add_argument("--debug", action="store_true", help=debug_help)
+    # also after the command (`synth-ood run --debug`); SUPPRESS keeps the one given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run or resume the pipeline")
+    r = sub.add_parser("run", help="run or resume the pipeline", parents=[common])
     r.add_argument("--preset", default="tiny", help=f"one of {', '.join(available_presets())}, or a YAML path")
     r.add_argument("--out", default="runs/tiny", help="output root (local path or fsspec URL)")
     r.add_argument("--only", action="append", help="run only these stages (comma-separated)")
@@ -221,10 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keep-last", type=int, metavar="K", help="with --round: prune all but the last K rounds' folders")
     r.add_argument("--no-prefect", action="store_true", help="run in-process without Prefect (debugging)")
     r.set_defaults(func=cmd_run)
-    s = sub.add_parser("status", help="per stage: done / partial / missing, counts by status and reason")
+    s = sub.add_parser("status", help="per stage: done / partial / missing, counts by status and reason",
+                       parents=[common])
     s.add_argument("dir")
     s.set_defaults(func=cmd_status)
-    v = sub.add_parser("verify", help="re-hash every shard and manifest against its stats file")
+    v = sub.add_parser("verify", help="re-hash every shard and manifest against its stats file", parents=[common])
     v.add_argument("dir")
     v.set_defaults(func=cmd_verify)
     w = sub.add_parser("world", help="build or show the trained world models (`synth-ood world build -h`)", add_help=False)
@@ -234,8 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; any failure is one ``synth-ood:`` line and a non-zero exit, never a traceback."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("synth-ood: interrupted; rerun the same command to resume (finished shards are kept)", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, the traceback on --debug
+        return _fail(err, args, 1)
 
 
 def entry() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,12 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_order(low_key: str, low: float, high_key: str, high: float, why: str) -> None:
+    """A (low, high) pair of settings must not be inverted: it would silently keep nothing."""
+    if not low <= high:  # also catches NaN
+        raise ValueError(f"{low_key} ({low:g}) is above {high_key} ({high:g}): {why}; swap or fix them")
 
 
 # ---------------------------------------------------------------- models
@@ -118,6 +125,12 @@ class EndpointConfig(_Strict):
     breaker_cooldown: float = Field(5.0, ge=0.0)  # seconds an open breaker rejects requests
     api_key_secret: str | None = None  # name of a Prefect Secret block holding the API key
 
+    @model_validator(mode="after")
+    def _ordered(self) -> EndpointConfig:
+        _check_order("models.endpoint.backoff_initial", self.backoff_initial, "models.endpoint.backoff_max",
+                     self.backoff_max, "the first wait would exceed the cap on every wait")
+        return self
+
 
 class ModelsConfig(_Strict):
     # auto: the first GPU of the worker's CUDA_VISIBLE_DEVICES (one worker per GPU), else cpu
@@ -163,6 +176,12 @@ class DataConfig(_Strict):
     def _folder_needs_root(self) -> DataConfig:
         if self.id_source == "imagefolder" and not self.root:
             raise ValueError("id_source 'imagefolder' needs data.root (a folder with train/<class>/ images)")
+        return self
+
+    @model_validator(mode="after")
+    def _sizes_ordered(self) -> DataConfig:
+        _check_order("data.min_side squared", self.min_side**2, "data.max_pixels", self.max_pixels,
+                     "every image would be skipped as too small or too large")
         return self
 
 
@@ -261,6 +280,14 @@ class ElaborateConfig(_Strict):
     unclear_max_id_confidence: float = Field(0.5, ge=0.0, le=1.0)
     max_label_words: int = Field(3, ge=1)
 
+    @field_validator("energy_band")
+    @classmethod
+    def _band_ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None:
+            # otherwise found only at finetune, many minutes in: no synthetic image passes the band
+            _check_order("its low end", v[0], "its high end", v[1], "no energy lies in an inverted band")
+        return v
+
     @model_validator(mode="after")
     def _known_prompts(self) -> ElaborateConfig:
         from ood_core.prompts import ELABORATE_PROMPTS, check_prompt_id
@@ -350,8 +377,49 @@ def _where(path: Path, mark: Any) -> str:
     return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else f"{path}:1:1"
 
 
-def read_preset_yaml(path: Path) -> dict[str, Any]:
-    """Parse a preset with the safe loader; any problem is one ConfigError ``file:line:column: what``."""
+def _duplicate_key(node: Any, prefix: str = "", seen_nodes: set[int] | None = None) -> tuple[str, Any, Any] | None:
+    """The first key given twice in one mapping below ``node``: (dotted key, first mark, second mark).
+
+    The safe loader keeps the last value silently; merge keys (``<<``) are overrides by design.
+    """
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias: checked where its anchor is
+        return None
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], Any] = {}
+        for k, v in node.value:
+            if k.tag == "tag:yaml.org,2002:merge":
+                continue
+            name = str(k.value) if isinstance(k, yaml.ScalarNode) else "?"
+            if isinstance(k, yaml.ScalarNode):
+                if (k.tag, k.value) in first:
+                    return f"{prefix}{name}", first[(k.tag, k.value)], k.start_mark
+                first[(k.tag, k.value)] = k.start_mark
+            if found := _duplicate_key(v, f"{prefix}{name}.", seen_nodes):
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            if found := _duplicate_key(v, f"{prefix.removesuffix('.')}[{i}].", seen_nodes):
+                return found
+    return None
+
+
+def _key_mark(node: Any, loc: tuple) -> Any:
+    """Where the deepest key of ``loc`` that the file sets is written (None: the file sets none of it)."""
+    mark = None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        match = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and str(k.value) == str(part)]
+        if not match:
+            break
+        mark, node = match[-1][0].start_mark, match[-1][1]
+    return mark
+
+
+def _compose_preset(path: Path) -> tuple[dict[str, Any], Any]:
+    """The preset's tree and its YAML node (for the line of a bad key); every problem a ConfigError."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -368,14 +436,26 @@ def read_preset_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}:1:1: invalid YAML: {err}") from None
     if tree is None:
-        return {}
+        return {}, node
     if not isinstance(tree, dict):
         kind = "a list" if isinstance(tree, list) else f"a single value ({type(tree).__name__})"
         raise ConfigError(
             f"{_where(path, getattr(node, 'start_mark', None))}: a preset must be a mapping of sections "
             f"(data:, models:, ...), not {kind}"
         )
-    return tree
+    if dup := _duplicate_key(node):
+        key, first, second = dup
+        raise ConfigError(
+            f"{_where(path, second)}: duplicate key '{key}' (first at line {first.line + 1}); "
+            f"YAML would keep only the last value: keep one"
+        )
+    return tree, node
+
+
+def read_preset_yaml(path: Path) -> dict[str, Any]:
+    """Parse a preset with the safe loader; any problem (a duplicate key too) is one ConfigError
+    ``file:line:column: what``."""
+    return _compose_preset(path)[0]
 
 
 def _set_path(tree: dict, dotted: str, raw: Any) -> None:
@@ -389,9 +469,12 @@ def _set_path(tree: dict, dotted: str, raw: Any) -> None:
         node = child
     try:
         value = yaml.safe_load(raw) if isinstance(raw, str) and raw != "" else raw
+        dup = _duplicate_key(yaml.compose(raw, Loader=yaml.SafeLoader)) if isinstance(raw, str) and raw else None
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or type(err).__name__
         raise ConfigError(f"--set {dotted}={raw}: not a valid value ({problem}); quote it if it is text") from None
+    if dup:
+        raise ConfigError(f"--set {dotted}={raw}: duplicate key '{dup[0]}' in the value; give it once")
     # YAML reads 2026-11-22 as a date; no config field is a date, so such a value stays text
     node[keys[-1]] = raw if isinstance(value, datetime.date) else value
 
@@ -403,22 +486,30 @@ def parse_overrides(items: list[str] | None) -> dict[str, str]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set generate.rounds=2")
         key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
+        key = key.strip()
+        if key in out and out[key] != value.strip():
+            # the last one would win silently: a copy-paste slip in a long command line
+            raise ConfigError(f"--set {key} given twice ({key}={out[key]} and {key}={value.strip()}); give it once")
+        out[key] = value.strip()
     return out
 
 
-def _explain(err: ValidationError, model: type[BaseModel]) -> str:
+def _explain(err: ValidationError, model: type[BaseModel], where: Callable[[tuple], str] | None = None) -> str:
+    """One line per problem, each naming the key (and, with ``where``, the file line or override)."""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             parent = _section(model, e["loc"][:-1])
             allowed = ", ".join(sorted(parent.model_fields)) if parent else "?"
-            lines.append(f"unknown key '{key}' (allowed here: {allowed})")
+            line = f"unknown key '{key}' (allowed here: {allowed})"
         elif e["type"] == "value_error":
-            lines.append(f"bad combination in '{key}': {e['msg'].removeprefix('Value error, ')}")
+            line = f"bad combination in '{key}': {e['msg'].removeprefix('Value error, ')}"
         else:
-            lines.append(f"bad value for '{key}': {e['msg']} (got {e.get('input')!r})")
+            line = f"bad value for '{key}': {e['msg']} (got {e.get('input')!r})"
+        lines.append(f"{where(e['loc'])}: {line}" if where else line)
+    if len(lines) == 1:
+        return f"invalid configuration: {lines[0]}"
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
@@ -433,11 +524,12 @@ def _section(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def validate_config(tree: dict[str, Any]) -> RunConfig:
+def validate_config(tree: dict[str, Any], where: Callable[[tuple], str] | None = None) -> RunConfig:
+    """``tree`` as a RunConfig; a ConfigError naming each bad key (``where``: its source, e.g. file:line)."""
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_explain(err, RunConfig)) from None
+        raise ConfigError(_explain(err, RunConfig, where)) from None
 
 
 def load_config(preset: str, overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
@@ -454,10 +546,18 @@ def load_config(preset: str, overrides: dict[str, Any] | list[str] | None = None
             f"unknown preset '{preset}': choose one of {', '.join(available_presets())} "
             f"or pass a path to a YAML file"
         )
-    tree = read_preset_yaml(path)
+    tree, node = _compose_preset(path)
     tree.setdefault("preset", path.stem)
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for key, value in (overrides or {}).items():
         _set_path(tree, key, value)
-    return validate_config(tree)
+
+    def where(loc: tuple) -> str:
+        dotted = ".".join(str(p) for p in loc)
+        for key, value in (overrides or {}).items():
+            if dotted == key or dotted.startswith(f"{key}.") or key.startswith(f"{dotted}."):
+                return f"override {key}={value}"
+        return _where(path, _key_mark(node, loc)) if _key_mark(node, loc) is not None else str(path)
+
+    return validate_config(tree, where)

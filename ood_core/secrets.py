@@ -51,6 +51,11 @@ def set_secret_resolver(fn: Callable[[str], str] | None) -> None:
     _RESOLVER = fn
 
 
+def has_secret_resolver() -> bool:
+    """Whether named secrets can be read in this process (under the Prefect runner)."""
+    return _RESOLVER is not None
+
+
 def resolve_api_key(env_var: str | None, secret_name: str | None = None) -> str | None:
     """The API key from secret ``secret_name`` (if set) or environment variable ``env_var``."""
     if secret_name:

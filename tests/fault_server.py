@@ -1,9 +1,11 @@
 """A scripted OpenAI-compatible /v1/chat/completions server on 127.0.0.1 for endpoint fault tests.
 
 Each request takes the next action of ``script`` (then ``default``): ``ok``, ``429``, ``429ra``
-(with ``Retry-After: 1``), ``500``, ``reset`` (connection reset, no answer), ``slow`` (answers
+(with ``Retry-After: 1``), ``401`` (a rejected key), ``500``, ``reset`` (connection reset, no answer), ``slow`` (answers
 after ``slow_seconds``), ``err200`` (a 200 with an error object), ``nonjson`` (a 200 HTML body),
 ``empty`` (a 200 with empty content), ``echo`` (a 400 echoing the request, headers included).
+``GET /v1/models`` answers ``models`` (not taken from the script): None (the default) the 501 of a
+server without that route, ``ok`` the list ``served``, or a status code such as ``401``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ REPLY = "stone arch\nwooden fence\nfoggy harbour\nred kite\nglass jar"
 
 
 class FaultServer:
-    def __init__(self, script: list[str] | None = None, default: str = "ok", slow_seconds: float = 1.0):
+    def __init__(self, script: list[str] | None = None, default: str = "ok", slow_seconds: float = 1.0,
+                 models: str | None = None, served: tuple[str, ...] = ("m",)):
         self.script = list(script or [])
+        self.models, self.served = models, served
+        self.get_log: list[dict] = []  # Authorization header of every GET
         self.default = default
         self.slow_seconds = slow_seconds
         self.log: list[dict] = []  # action, Authorization header, model of every request
@@ -61,6 +66,17 @@ class FaultServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                with server.lock:
+                    server.get_log.append({"path": self.path, "auth": self.headers.get("Authorization")})
+                if server.models is None or not self.path.rstrip("/").endswith("/models"):
+                    self._send(501, b"Unsupported method ('GET')", ctype="text/plain")
+                elif server.models == "ok":
+                    body = {"object": "list", "data": [{"id": m, "object": "model"} for m in server.served]}
+                    self._send(200, json.dumps(body).encode())
+                else:
+                    self._send(int(server.models), b'{"error": {"message": "invalid api key"}}')
+
             def do_POST(self):  # noqa: N802 - http.server's naming
                 raw = self.rfile.read(int(self.headers["Content-Length"]))
                 action = server.next_action()
@@ -72,6 +88,8 @@ class FaultServer:
                         self._send(200, ok)
                     elif action == "429":
                         self._send(429, b'{"error": {"message": "rate limited"}}')
+                    elif action == "401":
+                        self._send(401, b'{"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}')
                     elif action == "429ra":
                         self._send(429, b'{"error": {"message": "rate limited"}}', headers={"Retry-After": "1"})
                     elif action == "500":

@@ -121,7 +121,7 @@ class ModelHub:
         if key not in self._cache:
             try:
                 self._cache[key] = loader(spec, device, self.cfg.models.cache_dir)
-            except (OSError, RuntimeError, ValueError) as err:
+            except Exception as err:  # noqa: BLE001 - any loader failure (e.g. an UnpicklingError) names the model
                 raise ModelLoadError(
                     scrub(f"could not load the {role} model '{model_id(role, spec)}' on {device}: "
                           f"{type(err).__name__}: {err}\n")
