@@ -178,6 +178,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     if rounds:
         latest = record["config"]["generate"].get("round", "")
         print("rounds: " + ", ".join(r["round"] + (" (latest run)" if r["round"] == latest else "") for r in rounds))
+        from ood_core.rounds import round_metrics
+
+        per_round = round_metrics(args.dir)
+        if per_round:
+            methods = [m for m in ("mcm", "neglabel", "synood", "mm_ood") if m in per_round[-1]["metrics"]]
+            print("  metrics per round (FPR95 / AUROC %, average over the OOD sets):")
+            print("    " + f"{'round':<12}" + "".join(f"{m:>18}" for m in methods))
+            for r in per_round:
+                cells = [f"{100 * r['metrics'][m]['fpr95']:6.2f} / {100 * r['metrics'][m]['auroc']:6.2f}"
+                         if m in r["metrics"] else "–" for m in methods]  # fmt: skip
+                print("    " + f"{r['round']:<12}" + "".join(f"{c:>18}" for c in cells))
     for name in STAGE_ORDER:
         store = StageStore(args.dir, name, record["keys"][name])
         if store.is_complete():

@@ -152,6 +152,26 @@ def plot_roc(
     return _save(fig, path)
 
 
+def plot_rounds(rounds: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+                methods: Sequence[str] = ("mcm", "neglabel", "synood", "mm_ood")) -> Path:
+    """FPR95 and AUROC (average over the OOD sets) per generation round, one line per method."""
+    fig = _new_figure(10, 3.5)
+    axes = fig.subplots(1, 2)
+    names = [r["round"] for r in rounds]
+    for method in methods:
+        if not any(method in r["metrics"] for r in rounds):
+            continue
+        for ax, key in zip(axes, ("fpr95", "auroc"), strict=True):
+            ys = [100 * r["metrics"][method][key] if method in r["metrics"] else np.nan for r in rounds]
+            ax.plot(range(len(names)), ys, marker="o", label=method)
+    for ax, title in zip(axes, ("FPR95 % (lower is better)", "AUROC % (higher is better)"), strict=True):
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    return _save(fig, path)
+
+
 def histogram_view(arrays: Mapping[str, np.ndarray], n_bins: int = 40) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
     """Values, bin edges and x label that show the separation of one method's score histograms.
 

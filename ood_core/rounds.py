@@ -113,3 +113,28 @@ def prune_rounds(root: str, keep_last: int, current: str, log=print) -> list[str
         _store(root).fs.rm(_store(root).path(f"{r['round']}.json"))
         pruned.append(r["round"])
     return pruned
+
+
+def round_metrics(root: str, current: str = "", current_metrics: dict | None = None) -> list[dict]:
+    """``[{"round", "metrics": {method: {"fpr95", "auroc"}}}]`` (averages over the OOD sets), oldest
+    first, for every recorded round whose finetune folder is complete; ``current_metrics`` stands in
+    for the round ``current`` (a finetune that is finishing has no ``_SUCCESS.json`` yet)."""
+    out = []
+    for r in list_rounds(root):
+        metrics = None
+        if r["round"] == current and current_metrics is not None:
+            metrics = current_metrics
+        elif "finetune" in r["keys"]:
+            store = StageStore(root, "finetune", r["keys"]["finetune"])
+            if store.is_complete():
+                try:
+                    metrics = store.read_success().get("summary", {}).get("metrics")
+                except ValueError:
+                    metrics = None  # a damaged record: that round is left out, not fatal
+        if metrics:
+            out.append({"round": r["round"], "metrics": {m: {k: v["average"][k] for k in ("fpr95", "auroc")}
+                                                         for m, v in metrics.items() if "average" in v}})
+    if current and current_metrics is not None and current not in [r["round"] for r in out]:
+        out.append({"round": current, "metrics": {m: {k: v["average"][k] for k in ("fpr95", "auroc")}
+                                                  for m, v in current_metrics.items() if "average" in v}})
+    return out

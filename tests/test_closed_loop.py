@@ -44,7 +44,7 @@ def test_an_adapter_changes_the_energy_and_the_identity_adapter_does_not():
 
 
 @pytest.mark.slow
-def test_round_two_follows_round_ones_detector(tmp_path):
+def test_round_two_follows_round_ones_detector(tmp_path, capsys):
     cache = str(tmp_path / "models")
     root = str(tmp_path / "closed")
     logs: list[str] = []
@@ -71,3 +71,17 @@ def test_round_two_follows_round_ones_detector(tmp_path):
 
     closed, frozen = scores(results, root), scores(open_loop, str(tmp_path / "open"))
     assert closed.keys() == frozen.keys() and closed != frozen
+
+    # the metrics of both rounds: in `synth-ood status` and as a plot in round 2's report
+    import argparse
+
+    from flows.cli import cmd_status
+
+    capsys.readouterr()
+    assert cmd_status(argparse.Namespace(dir=root)) == 0
+    out = capsys.readouterr().out
+    table = out.split("metrics per round", 1)[1].splitlines()
+    assert [line.split()[0] for line in table[2:4]] == ["r1", "r2"], out
+    artifacts = f"{root}/finetune/{results['finetune']['key']}/artifacts"
+    assert "![Metrics per round](rounds.png)" in open(f"{artifacts}/report.md").read()
+    assert open(f"{artifacts}/rounds.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"

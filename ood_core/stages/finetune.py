@@ -343,6 +343,9 @@ class FinetuneStage(Stage):
             grid = _synthetic_grid(ctx)
             if grid:
                 report.image_grid(grid[0], grid[1], os.path.join(tmp, "synthetic_grid.png"))
+            rounds = _rounds(ctx, results)
+            if len(rounds) > 1:
+                report.plot_rounds(rounds, os.path.join(tmp, "rounds.png"))
             for name in sorted(os.listdir(tmp)):
                 with open(os.path.join(tmp, name), "rb") as f:
                     store.write_bytes(art(name), f.read())
@@ -366,8 +369,18 @@ class FinetuneStage(Stage):
             "![ROC curves](roc.png)",
             "![Score histograms](score_histograms.png)",
             "![Kept and rejected synthetic images](synthetic_grid.png)",
+            *(["", f"Metrics of the {len(rounds)} generation rounds present (average over the OOD sets):", "",
+                "![Metrics per round](rounds.png)"] if len(rounds) > 1 else []),
         ]
         store.write_bytes(art("report.md"), "\n".join(md).encode())
+
+
+def _rounds(ctx: StageContext, results: dict) -> list[dict]:
+    """The metrics of every recorded generation round on this root, this one's from ``results``."""
+    from ood_core.rounds import round_metrics
+
+    current = ctx.cfg.generate.round
+    return round_metrics(ctx.store.root, current, results) if current else []
 
 
 def _window_summary(ctx: StageContext) -> dict:
