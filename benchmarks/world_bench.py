@@ -119,16 +119,60 @@ def plot(agg: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def run_rounds(seed: int, n_rounds: int, out: Path, log) -> dict:
+    """Nightly rounds, open loop (frozen CLIP guides the noise) vs closed loop (the previous round's
+    detector does), each training on every round so far; ``{loop: [per-round metrics]}``."""
+    from ood_core.config import load_config
+    from ood_core.pipeline import run_local
+    from ood_core.rounds import round_metrics
+
+    curves = {}
+    for loop, scorer in (("open", "frozen"), ("closed", "latest_round")):
+        root = out / f"rounds-{loop}-seed{seed}"
+        for i in range(1, n_rounds + 1):
+            cfg = load_config("world", {"seed": seed, "generate.round": f"night{i}", "generate.scorer": scorer,
+                                        "finetune.rounds_window": n_rounds})  # fmt: skip
+            run_local(cfg, str(root), log=log)
+        curves[loop] = round_metrics(str(root))
+    return curves
+
+
+def rounds_table(curves_by_seed: dict[int, dict]) -> str:
+    """Markdown: SynOOD and MCM average FPR95 / AUROC per round, open vs closed loop, mean ± std."""
+    loops = next(iter(curves_by_seed.values()))
+    n = len(next(iter(loops.values())))
+    lines = ["| round | " + " | ".join(f"{loop} loop synood FPR95↓ | {loop} loop synood AUROC↑" for loop in loops) + " |",
+             "|---:|" + "---:|" * (2 * len(loops))]  # fmt: skip
+    for i in range(n):
+        cells = []
+        for loop in loops:
+            for k in ("fpr95", "auroc"):
+                v = [100 * c[loop][i]["metrics"]["synood"][k] for c in curves_by_seed.values()]
+                cells.append(f"{np.mean(v):.1f} ± {np.std(v, ddof=1) if len(v) > 1 else 0.0:.1f}")
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out", default=str(ROOT / "runs" / "world-bench"))
     p.add_argument("--quiet", action="store_true", help="only one line per variant")
+    p.add_argument("--rounds", type=int, default=0, help="instead: N nightly rounds, open vs closed loop")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.rounds:
+        t0 = time.perf_counter()
+        curves = {s: run_rounds(s, args.rounds, out, (lambda m: None) if args.quiet else print) for s in args.seeds}
+        md = (f"`benchmarks/world_bench.py --rounds {args.rounds} --seeds {' '.join(map(str, args.seeds))}` "
+              f"({(time.perf_counter() - t0) / 60:.1f} min)\n\n" + rounds_table(curves))  # fmt: skip
+        (out / "world_rounds.json").write_text(json.dumps(curves, indent=1))
+        (out / "world_rounds.md").write_text(md)
+        print(md)
+        return 0
     runs, t0 = [], time.perf_counter()
     for seed in args.seeds:
         for name in args.variants:
