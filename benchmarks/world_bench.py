@@ -92,6 +92,21 @@ def table(agg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compact_table(agg: dict, runs: list[dict]) -> str:
+    """Markdown: averages over the evaluation sets plus near-OOD AUROC, and the synthetic training set size."""
+    lines = ["| variant | method | seeds | FPR95↓ (avg) | AUROC↑ (avg) | AUPR↑ (avg) | AUROC↑ world-near | synthetic train images |",
+             "|:---|:---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for variant, methods in agg.items():
+        samples = [r["train_samples"] for r in runs if r["variant"] == variant and "train_samples" in r]
+        size = f"{np.mean(samples):.0f}" if samples else "–"
+        for method, per_set in methods.items():
+            avg, near = per_set["average"], per_set.get("world-near")
+            cell = lambda v: f"{100 * v[0]:.1f} ± {100 * v[1]:.1f}"  # noqa: E731
+            lines.append(f"| {variant} | {method} | {avg['fpr95'][2]} | {cell(avg['fpr95'])} | {cell(avg['auroc'])} | "
+                         f"{cell(avg['aupr_in'])} | {cell(near['auroc']) if near else '–'} | {size} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def plot(agg: dict, path: Path) -> None:
     """Average FPR95 and AUROC per (variant, method), error bars = std over seeds."""
     import matplotlib
@@ -185,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     agg = aggregate(runs)
     wall = time.perf_counter() - t0
     md = (f"`benchmarks/world_bench.py --seeds {' '.join(map(str, args.seeds))}` "
-          f"({len(runs)} runs, {wall / 60:.1f} min)\n\n" + table(agg))  # fmt: skip
+          f"({len(runs)} runs, {wall / 60:.1f} min)\n\n" + compact_table(agg, runs) + "\nPer evaluation set:\n\n"
+          + table(agg))  # fmt: skip
     (out / "world_bench.json").write_text(json.dumps({"runs": runs, "aggregate": agg, "wall_s": wall}, indent=1))
     (out / "world_bench.md").write_text(md)
     plot(agg, out / "world_bench.png")
