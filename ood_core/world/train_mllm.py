@@ -43,7 +43,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 SETTINGS = {
-    "scenes": 6000, "steps": 2500, "batch": 16, "lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 100,
+    "scenes": 20000, "id_scene_share": 0.5, "steps": 3000, "batch": 16, "lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 100,
+    "short_answer_tokens": 4, "short_answer_weight": 6.0,
     "vocab_size": 1024, "corpus_dialogues": 4000,
     "text": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
              "num_key_value_heads": 2, "max_position_embeddings": 1024},
@@ -147,8 +148,10 @@ class Dialogues:
 
     def __init__(self, seed: int, n_scenes: int, tag: str = TRAIN_TAG):
         rng = R.rng_for(seed, tag)
-        concepts = [C.ALL_CONCEPTS[int(i)] for i in rng.integers(0, len(C.ALL_CONCEPTS), n_scenes // 2)]
-        concepts += [C.ID_CLASSES[i % len(C.ID_CLASSES)] for i in range(n_scenes - len(concepts))]  # half ID
+        # every concept drawn, plus a share of ID scenes in turn (what elaborate mostly shows it)
+        n_any = n_scenes - int(n_scenes * SETTINGS["id_scene_share"])
+        concepts = [C.ALL_CONCEPTS[int(i)] for i in rng.integers(0, len(C.ALL_CONCEPTS), n_any)]
+        concepts += [C.ID_CLASSES[i % len(C.ID_CLASSES)] for i in range(n_scenes - len(concepts))]
         counts: dict[str, int] = {}
         self.scenes = []
         for c in concepts:
@@ -266,11 +269,16 @@ def _processor(tokenizer, clip_dir: Path, patch: int):
 
 
 # ---------------------------------------------------------------- batches
-def encode(conv: list[dict], tokenizer, image_tokens: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 outside the assistant's words and its closing </s>)."""
+def encode(conv: list[dict], tokenizer, image_tokens: int) -> tuple[list[int], list[int], list[float]]:
+    """Token ids, labels (-100 outside the assistant's words and its closing </s>) and loss weights.
+
+    A short answer (a yes/no verdict, a label) is one or two tokens beside a description's dozens: its
+    tokens weigh ``short_answer_weight`` so that the verdict is learnt as well as the prose around it.
+    """
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     ids: list[int] = []
     labels: list[int] = []
+    weights: list[float] = []
     for k, m in enumerate(conv):
         piece = _render(conv[: k + 1])[len(_render(conv[:k])):]
         if m["role"] == "assistant":
@@ -279,12 +287,15 @@ def encode(conv: list[dict], tokenizer, image_tokens: int) -> tuple[list[int], l
             body = tokenizer(piece[len(head):], add_special_tokens=False)["input_ids"]
             ids += h + body
             labels += [-100] * len(h) + body[:-1] + [-100]  # the trailing newline after </s> is not learnt
+            short = len(body) - 2 <= SETTINGS["short_answer_tokens"]  # body ends with </s> and a newline
+            weights += [0.0] * len(h) + [SETTINGS["short_answer_weight"] if short else 1.0] * (len(body) - 1) + [0.0]
         else:
             t = tokenizer(piece, add_special_tokens=False)["input_ids"]
             t = [x for tok in t for x in ([tok] * image_tokens if tok == image_id else [tok])]
             ids += t
             labels += [-100] * len(t)
-    return ids, labels
+            weights += [0.0] * len(t)
+    return ids, labels, weights
 
 
 # ---------------------------------------------------------------- build
@@ -381,26 +392,37 @@ def _batch(tokenizer, convs: list[list[dict]], image_tokens: int):
     import torch
 
     encoded = [encode(c, tokenizer, image_tokens) for c in convs]
-    width = max(len(i) for i, _ in encoded)
+    width = max(len(i) for i, _, _ in encoded)
     ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
     labels = torch.full((len(encoded), width), -100)
+    weights = torch.zeros((len(encoded), width))
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for r, (i, lab) in enumerate(encoded):
+    for r, (i, lab, w) in enumerate(encoded):
         ids[r, : len(i)], labels[r, : len(i)], mask[r, : len(i)] = torch.tensor(i), torch.tensor(lab), 1
+        weights[r, : len(i)] = torch.tensor(w)
     index = [p["index"] for c in convs for m in c for p in m["content"] if p["type"] == "image"]
-    return ids, labels, mask, index
+    return ids, labels, weights, mask, index
 
 
 def _loss(model, tokenizer, convs, features, image_tokens: int, return_logits: bool = False):
-    """LLaVA's forward with the image features taken from the cache (what it computes from pixels)."""
-    ids, labels, mask, index = _batch(tokenizer, convs, image_tokens)
+    """LLaVA's forward with the image features taken from the cache (what it computes from pixels);
+    the next-token loss weighted per token (see ``encode``)."""
+    import torch.nn.functional as F
+
+    ids, labels, weights, mask, index = _batch(tokenizer, convs, image_tokens)
     embeds = model.get_input_embeddings()(ids)
     if index:
         projected = model.model.multi_modal_projector(features[index]).to(embeds.dtype)
         at = (ids == model.config.image_token_index).unsqueeze(-1)
         embeds = embeds.masked_scatter(at, projected)
-    out = model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
-    return out.logits if return_logits else out.loss
+    logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+    if return_logits:
+        return logits
+    # position t predicts token t + 1, as transformers' own causal-LM loss shifts
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                          reduction="none")  # fmt: skip
+    w = weights[:, 1:].flatten()
+    return (nll * w).sum() / w.sum().clamp(min=1e-6)
 
 
 def _check_cached_path(model, processor, tokenizer, dialogues: Dialogues, features, image_tokens: int) -> None:
@@ -408,7 +430,7 @@ def _check_cached_path(model, processor, tokenizer, dialogues: Dialogues, featur
     import torch
 
     conv = _describe(R.rng_for(0, "check"), dialogues.scenes[0], 0)
-    ids, _, mask, _ = _batch(tokenizer, [conv], image_tokens)
+    ids, _, _, mask, _ = _batch(tokenizer, [conv], image_tokens)
     pixels = processor.image_processor([dialogues.image(0)], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
