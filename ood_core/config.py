@@ -48,6 +48,12 @@ class MLLMSpec(_Strict):
     api_key_env: str = "OPENAI_API_KEY"
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0.0)
+    # What is read of one answer: a server that ignores max_tokens (or a hostile one) can neither
+    # fill the output folder nor swell the next request; a cut is a row with its reason. Left out
+    # of stage keys at their defaults (see ood_core.identity.key_dump): no model within
+    # max_new_tokens reaches them.
+    max_answer_bytes: int = Field(16384, ge=256)
+    max_answer_labels: int = Field(200, ge=1)
 
     @model_validator(mode="after")
     def _endpoint_needs_url(self) -> MLLMSpec:
@@ -114,13 +120,15 @@ class TextToImageSpec(DiffusionRuntime):
 class EndpointConfig(_Strict):
     """How requests to an HTTP model endpoint behave under load (not part of any stage key)."""
 
-    timeout: float = Field(120.0, gt=0.0)  # seconds per request (read/write/pool)
+    timeout: float = Field(120.0, gt=0.0)  # seconds per request in total, from sending to the last byte
     connect_timeout: float = Field(10.0, gt=0.0)
     max_retries: int = Field(5, ge=0)  # per request, on 429 / 5xx / timeouts / connection errors
     backoff_initial: float = Field(1.0, ge=0.0)  # exponential backoff with jitter, seconds
     backoff_max: float = Field(30.0, ge=0.0)
     retry_after_max: float = Field(120.0, ge=0.0)  # longest Retry-After honoured
     max_in_flight: int = Field(8, ge=1)  # concurrent requests per endpoint, per process
+    # a response body larger than this is a failed request (memory), never read to its end
+    max_response_bytes: int = Field(64 * 2**20, ge=1024)
     breaker_failures: int = Field(3, ge=1)  # consecutive requests failing all retries: fail the shard
     breaker_cooldown: float = Field(5.0, ge=0.0)  # seconds an open breaker rejects requests
     api_key_secret: str | None = None  # name of a Prefect Secret block holding the API key

@@ -16,17 +16,32 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ood_core.config import DataConfig
+from ood_core.config import DataConfig, MLLMSpec
 
 # Fields that say where a thing lives or is served, not what it is.
 INFRA_FIELDS = frozenset({"root", "ood_root", "base_url", "api_key_env", "cache_dir"})
+# Fields left out of a key while at their default: they came after keys existed and, at their
+# defaults, change no output (answer bounds that no model within max_new_tokens reaches).
+DEFAULT_FREE_FIELDS: dict[type, tuple[str, ...]] = {MLLMSpec: ("max_answer_bytes", "max_answer_labels")}
 
 _IDENTITY: dict[tuple, str] = {}
 
 
+def key_dump(spec: BaseModel) -> dict[str, Any]:
+    """``spec`` as JSON for a stage key: nested specs too, without DEFAULT_FREE_FIELDS at their default."""
+    out = spec.model_dump(mode="json")
+    for name, info in type(spec).model_fields.items():
+        value = getattr(spec, name)
+        if isinstance(value, BaseModel):
+            out[name] = key_dump(value)
+        elif name in DEFAULT_FREE_FIELDS.get(type(spec), ()) and value == info.default:
+            del out[name]
+    return out
+
+
 def content_spec(spec: BaseModel) -> dict[str, Any]:
     """``spec`` as JSON without its infrastructure fields (e.g. an MLLM spec without ``base_url``)."""
-    return {k: v for k, v in spec.model_dump(mode="json").items() if k not in INFRA_FIELDS}
+    return {k: v for k, v in key_dump(spec).items() if k not in INFRA_FIELDS}
 
 
 def _source_entry(source: str, roots: list[Path]) -> tuple[str, int | str]:

@@ -100,12 +100,8 @@ def _split_inline_numbering(text: str) -> str:
     return re.sub(r"(?<=\S)[ \t,;]+(?=\(?\d{1,3}[.)]\s)", "\n", text)
 
 
-def parse_label_list(text: str, max_words: int) -> list[str]:
-    """Labels listed in an MLLM answer: lower-case, ordered, deduplicated, at most ``max_words`` words.
-
-    If any line carries a list marker only marked lines count (preamble and sign-off are ignored);
-    otherwise lines are split on commas/semicolons and chatty lines are skipped.
-    """
+def _list_items(text: str) -> list[str]:
+    """The raw list items of an answer, in order (see :func:`parse_label_list`)."""
     text = _split_inline_numbering(clean_text(text))
     lines = [ln.strip() for ln in text.replace("\r", "\n").split("\n") if ln.strip()]
     marked = [(ln, _MARKER.match(ln)) for ln in lines]
@@ -127,6 +123,10 @@ def parse_label_list(text: str, max_words: int) -> list[str]:
             if _PREAMBLE.match(body):
                 continue
             items.extend(re.split(r"[,;]", body))
+    return items
+
+
+def _item_labels(items: list[str], max_words: int) -> list[str]:
     out: list[str] = []
     seen: set[str] = set()
     for item in items:
@@ -140,11 +140,82 @@ def parse_label_list(text: str, max_words: int) -> list[str]:
     return out
 
 
+def parse_label_list(text: str, max_words: int) -> list[str]:
+    """Labels listed in an MLLM answer: lower-case, ordered, deduplicated, at most ``max_words`` words.
+
+    If any line carries a list marker only marked lines count (preamble and sign-off are ignored);
+    otherwise lines are split on commas/semicolons and chatty lines are skipped.
+    """
+    return _item_labels(_list_items(text), max_words)
+
+
+# ---------------------------------------------------------------- bounded answers
+@dataclass(frozen=True)
+class Cut:
+    """What a bound cut off one MLLM answer: a manifest ``reason`` and the detail for its ``error``."""
+
+    reason: Literal["answer_truncated", "too_many_labels"]
+    detail: str
+
+
+def bound_answer(reply: str, max_bytes: int) -> tuple[str, Cut | None]:
+    """``reply`` cut to at most ``max_bytes`` bytes of UTF-8 (at a character boundary), and the cut."""
+    if len(reply) * 4 <= max_bytes:  # no character takes more than 4 bytes
+        return reply, None
+    data = reply.encode("utf-8", errors="surrogatepass")
+    if len(data) <= max_bytes:
+        return reply, None
+    kept = data[:max_bytes].decode("utf-8", errors="ignore")
+    return kept, Cut("answer_truncated", f"answer of {len(data)} bytes cut to its first {max_bytes} "
+                                         f"(models.mllm.max_answer_bytes)")
+
+
+def answer_labels(text: str, max_words: int, max_labels: int) -> tuple[list[str], Cut | None]:
+    """:func:`parse_label_list` reading at most ``max_labels`` list items, and the cut."""
+    items, cut = _list_items(text), None
+    if len(items) > max_labels:
+        cut = Cut("too_many_labels", f"answer lists {len(items)} items; the first {max_labels} were read "
+                                     f"(models.mllm.max_answer_labels)")
+        items = items[:max_labels]
+    return _item_labels(items, max_words), cut
+
+
+# ---------------------------------------------------------------- instructions, role markers, URLs
+# An answer that talks to a model ("ignore previous instructions"), carries chat-template role
+# markers or links is not a description of an image: such text never becomes a prompt.
+_INJECTION = (
+    ("an instruction to a model", re.compile(
+        r"\b(?:ignore|disregard|forget|override|bypass)\b(?:\W+\w+){0,4}?\W+(?:previous|prior|above|earlier|all|"
+        r"any|your|the|these|those|system)\b(?:\W+\w+){0,3}?\W+(?:instructions?|prompts?|rules?|messages?|"
+        r"directions?|guidelines?|context)\b"
+        r"|\b(?:you are now|from now on,? you|pretend to be|new instructions?|system prompt|"
+        r"jailbreak|developer mode|do anything now)\b", re.IGNORECASE)),
+    ("a chat role marker", re.compile(
+        r"<\|[a-z_]*\|>|\[/?inst\]|<</?sys>>|</?s>|#{2,}\s*(?:instruction|system|response)\b"
+        r"|(?:^|[\n\[(<.!?;])\s*(?:system|assistant|user|human|developer)\s*[:>\])]", re.IGNORECASE)),
+    ("a URL", re.compile(
+        r"\b(?:https?|ftp|file|data|javascript)\s*:\s*//?|\bwww\.[^\s.]+\.|\b[\w-]+\.(?:com|net|org|io|ru|cn|xyz|"
+        r"top|info|biz|ly|me|co|app|dev|onion)\b(?!\.\w)", re.IGNORECASE)),
+)
+
+
+def injection(text: str) -> str | None:
+    """What makes ``text`` an instruction rather than a description (e.g. ``a URL: 'www.x.ru'``), or None."""
+    s = clean_text(text)
+    for what, pattern in _INJECTION:
+        m = pattern.search(s)
+        if m:
+            return f"{what}: {m.group(0).strip()[:60]!r}"
+    return None
+
+
 # ---------------------------------------------------------------- hygiene
 Reason = Literal[
     "ok", "duplicate", "equals_id_class", "overlaps_id_class", "too_similar_to_id", "empty", "too_long",
-    "unsafe_characters", "mixed_script",
+    "unsafe_characters", "mixed_script", "injection",
 ]
+# a name of an object, not a padded answer: 3 long words fit
+MAX_LABEL_CHARS = 64
 
 # A label becomes a prompt, a manifest value and (in a report) text near file names: path
 # separators and traversal have no place in an object's name.
@@ -233,13 +304,15 @@ def label_hygiene(
     text_cosine: Callable[[list[str], list[str]], np.ndarray] | None = None,
     overlap_cosine: float = 0.85,
     max_words: int | None = None,
+    max_chars: int = MAX_LABEL_CHARS,
 ) -> list[LabelVerdict]:
     """One verdict per candidate, in input order.
 
     Labels are normalised first (:func:`normalize_label`: NFKC, no format/control/ANSI
     characters). Checks, first failing wins: empty, unsafe_characters (``/``, ``\\``, ``..``),
-    mixed_script (a word mixing Latin with Cyrillic/Greek, see :func:`mixed_script`), too_long
-    (> ``max_words``), duplicate, equals_id_class, overlaps_id_class (shared content word),
+    mixed_script (a word mixing Latin with Cyrillic/Greek, see :func:`mixed_script`), injection
+    (an instruction, role marker or URL, see :func:`injection`), too_long (> ``max_words`` words
+    or > ``max_chars`` characters), duplicate, equals_id_class, overlaps_id_class (shared content word),
     too_similar_to_id (max of ``text_cosine(labels, id_classnames)`` above ``overlap_cosine``).
     Independently, ``leakage`` is set when the label equals or overlaps a name in
     ``eval_ood_names``.
@@ -270,7 +343,10 @@ def label_hygiene(
         if mixed_script(label):
             v["reason"] = "mixed_script"
             continue
-        if max_words is not None and len(_words(label)) > max_words:
+        if injection(label):
+            v["reason"] = "injection"
+            continue
+        if len(label) > max_chars or (max_words is not None and len(_words(label)) > max_words):
             v["reason"] = "too_long"
             continue
         if label in seen:

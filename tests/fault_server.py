@@ -3,7 +3,11 @@
 Each request takes the next action of ``script`` (then ``default``): ``ok``, ``429``, ``429ra``
 (with ``Retry-After: 1``), ``401`` (a rejected key), ``500``, ``reset`` (connection reset, no answer), ``slow`` (answers
 after ``slow_seconds``), ``err200`` (a 200 with an error object), ``nonjson`` (a 200 HTML body),
-``empty`` (a 200 with empty content), ``echo`` (a 400 echoing the request, headers included).
+``empty`` (a 200 with empty content), ``echo`` (a 400 echoing the request, headers included),
+``huge`` (the reply padded to ``huge_bytes`` with one endless line), ``many`` (an answer listing
+``many_labels`` labels, the reply's five over and over), ``trickle`` (a good answer sent one byte
+every ``trickle_seconds``; ``trickled`` counts the bytes it got out), ``reply:<text>`` (answers
+``<text>``).
 ``GET /v1/models`` answers ``models`` (not taken from the script): None (the default) the 501 of a
 server without that route, ``ok`` the list ``served``, or a status code such as ``401``.
 """
@@ -20,10 +24,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 REPLY = "stone arch\nwooden fence\nfoggy harbour\nred kite\nglass jar"
 
 
+def huge_reply(size: int) -> str:
+    """REPLY, then one line of filler words up to ``size`` characters (too many words for a label)."""
+    return (REPLY + "\n" + "filler " * (size // 7 + 1))[:size]
+
+
+def many_reply(n: int) -> str:
+    """An answer listing ``n`` labels: REPLY's five, over and over."""
+    lines = REPLY.split("\n")
+    return "\n".join(lines[i % len(lines)] for i in range(n))
+
+
 class FaultServer:
     def __init__(self, script: list[str] | None = None, default: str = "ok", slow_seconds: float = 1.0,
-                 models: str | None = None, served: tuple[str, ...] = ("m",)):
+                 models: str | None = None, served: tuple[str, ...] = ("m",), huge_bytes: int = 5 * 2**20,
+                 many_labels: int = 20_000, trickle_seconds: float = 1.0):
         self.script = list(script or [])
+        self.huge_bytes, self.many_labels, self.trickle_seconds = huge_bytes, many_labels, trickle_seconds
+        self.trickled = 0
+        self.requests: list[bytes] = []  # every POST body
         self.models, self.served = models, served
         self.get_log: list[dict] = []  # Authorization header of every GET
         self.default = default
@@ -82,10 +101,33 @@ class FaultServer:
                 action = server.next_action()
                 with server.lock:
                     server.log.append({"action": action, "auth": self.headers.get("Authorization")})
-                ok = json.dumps({"choices": [{"message": {"role": "assistant", "content": REPLY}}]}).encode()
+                    server.requests.append(raw)
+
+                def answer(content: str) -> bytes:
+                    return json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+
+                ok = answer(REPLY)
                 try:
                     if action == "ok":
                         self._send(200, ok)
+                    elif action == "huge":
+                        self._send(200, answer(huge_reply(server.huge_bytes)))
+                    elif action == "many":
+                        self._send(200, answer(many_reply(server.many_labels)))
+                    elif action.startswith("reply:"):
+                        self._send(200, answer(action[len("reply:"):]))
+                    elif action == "trickle":
+                        self.send_response(200)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(ok)))
+                        self.end_headers()
+                        self.wfile.flush()
+                        for i in range(len(ok)):
+                            self.wfile.write(ok[i : i + 1])
+                            self.wfile.flush()
+                            with server.lock:
+                                server.trickled += 1
+                            time.sleep(server.trickle_seconds)
                     elif action == "429":
                         self._send(429, b'{"error": {"message": "rate limited"}}')
                     elif action == "401":

@@ -101,25 +101,28 @@ def test_unreachable_endpoint_before_any_success_fails_the_shard():
 
 
 def test_in_flight_requests_are_bounded():
+    import contextlib
     import threading
 
     cfg = FAST.model_copy(update={"max_in_flight": 2, "timeout": 5.0})
     with FaultServer(default="slow", slow_seconds=1.0) as srv:
         c = client(srv.url, cfg)
         peak, live, lock = [0], [0], threading.Lock()
-        real = c.transport._client.post
+        real = c.transport._client.stream
 
-        def counting_post(*a, **kw):
+        @contextlib.contextmanager
+        def counting_stream(*a, **kw):
             with lock:
                 live[0] += 1
                 peak[0] = max(peak[0], live[0])
             try:
-                return real(*a, **kw)
+                with real(*a, **kw) as resp:
+                    yield resp
             finally:
                 with lock:
                     live[0] -= 1
 
-        c.transport._client.post = counting_post
+        c.transport._client.stream = counting_stream
         threads = [threading.Thread(target=c.chat, args=(MSG,)) for _ in range(6)]
         for t in threads:
             t.start()

@@ -2,7 +2,8 @@
 
 Retries come from ``tenacity`` around ``httpx``: exponential backoff with jitter on 429, 5xx,
 timeouts and connection errors, honouring ``Retry-After``. A bounded number of requests is in
-flight per endpoint and process; each request has its own timeout. A circuit breaker turns an
+flight per endpoint and process; each request has one deadline (``timeout``, from sending to the
+last byte) and a body-size cap. A circuit breaker turns an
 endpoint that stays unhealthy (``breaker_failures`` consecutive requests failing every retry, or
 failing before any request succeeded) into :class:`EndpointDown`, a ``RetryableError`` that fails
 the shard for the orchestrator's retry; a single request that fails for good, a 4xx, or a 200 whose
@@ -13,6 +14,7 @@ Every error text is scrubbed of the API key, credential headers and URL credenti
 from __future__ import annotations
 
 import email.utils
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -145,24 +147,59 @@ class EndpointTransport:
         self.waits.append(seconds)
         time.sleep(seconds)
 
+    def _exchange(self, body: dict) -> tuple[int, httpx.Headers, bytes]:
+        """POST ``body``; (status, headers, body) read in full within ``timeout`` seconds in total.
+
+        httpx's timeouts bound each read, so a server trickling its answer a byte at a time would
+        hold a request indefinitely: the exchange runs in a thread that the caller waits on until
+        the deadline. A thread left behind stops at its next chunk or at httpx's read timeout.
+        """
+        cfg, done, stop, box = self.cfg, threading.Event(), threading.Event(), {}
+
+        def work() -> None:
+            try:
+                with self._client.stream("POST", self.url, json=body) as resp:
+                    data = bytearray()
+                    for part in resp.iter_bytes():
+                        if stop.is_set():
+                            return
+                        data += part
+                        if len(data) > cfg.max_response_bytes:
+                            raise EndpointRequestError(
+                                "response_too_large", f"MLLM endpoint {self.url} sent more than "
+                                f"{cfg.max_response_bytes} bytes (models.endpoint.max_response_bytes): not read further")
+                    box["answer"] = (resp.status_code, resp.headers, bytes(data))
+            except BaseException as err:  # noqa: BLE001 - handed to the waiting caller
+                box["error"] = err
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="endpoint-request", daemon=True).start()
+        if not done.wait(cfg.timeout):
+            stop.set()
+            raise _Transient("timeout", f"no complete answer within {cfg.timeout:g}s (models.endpoint.timeout)")
+        if "error" in box:
+            raise box["error"]
+        return box["answer"]
+
     def _attempt(self, body: dict) -> Any:
         with self._slots:
             try:
-                resp = self._client.post(self.url, json=body)
+                code, headers, raw = self._exchange(body)
             except httpx.TimeoutException as err:
                 raise _Transient("timeout", f"no answer within {self.cfg.timeout:g}s ({type(err).__name__})") from None
             except httpx.TransportError as err:
                 raise _Transient("connection_error", f"{type(err).__name__}: {err}") from None
-        code = resp.status_code
+        text = raw.decode("utf-8", errors="replace")
         if code in (408, 429) or code >= 500:
-            raise _Transient(f"http_{code}", f"HTTP {code}: {resp.text[:300]}", parse_retry_after(resp.headers.get("retry-after")))
+            raise _Transient(f"http_{code}", f"HTTP {code}: {text[:300]}", parse_retry_after(headers.get("retry-after")))
         if code >= 400:
-            raise EndpointRequestError(f"http_{code}", f"MLLM endpoint {self.url} returned HTTP {code}: {resp.text[:500]}")
+            raise EndpointRequestError(f"http_{code}", f"MLLM endpoint {self.url} returned HTTP {code}: {text[:500]}")
         try:
-            return resp.json()
+            return json.loads(raw)
         except ValueError:
             raise EndpointRequestError(
-                "bad_response", f"MLLM endpoint {self.url} returned HTTP {code} with a body that is not JSON: {resp.text[:200]!r}"
+                "bad_response", f"MLLM endpoint {self.url} returned HTTP {code} with a body that is not JSON: {text[:200]!r}"
             ) from None
 
     def post_json(self, body: dict) -> Any:

@@ -21,6 +21,7 @@ import re
 import numpy as np
 
 from ood_core.config import RunConfig
+from ood_core.identity import key_dump
 from ood_core.stages.base import (
     ID_PROMPT,
     STAGES,
@@ -106,10 +107,10 @@ class ElaborateStage(Stage):
     def config_slice(self, cfg: RunConfig) -> dict:
         return {
             "clip": cfg.models.clip.model_dump(mode="json"),
-            "mllm": (cfg.elaborate.mllm or cfg.models.mllm).model_dump(mode="json"),
+            "mllm": key_dump(cfg.elaborate.mllm or cfg.models.mllm),
             "seed": cfg.seed,
             "logit_scale": cfg.finetune.logit_scale,
-            "elaborate": cfg.elaborate.model_dump(mode="json"),
+            "elaborate": key_dump(cfg.elaborate),
         }
 
     def plan(self, ctx: StageContext) -> list[ShardPlan]:
@@ -183,6 +184,7 @@ class ElaborateStage(Stage):
             if talk.get("error"):
                 out.add(row(it["key"], "failed", "mllm_error", talk["error"], **cols, **talk["cols"]))
                 continue
+            cuts = talk["cuts"]
             f = feats[j].numpy()
             arr = np.asarray(images[j], dtype=np.float32)
             dup = max((float(f @ kf) for kf in kept_feats), default=-1.0)
@@ -199,7 +201,10 @@ class ElaborateStage(Stage):
                 measures.update(elaborated_label=v.label, label_status=v.status, label_reason=v.reason,
                                 leakage=v.leakage)
             seen = talk["cols"]["id_visible"]
-            if not np.isfinite(arr).all() or arr.std() < 1.0:
+            if cuts:
+                # a judge whose answer had to be cut (it ignored max_tokens) is not trusted to filter
+                status, reason = "rejected", cuts[0].reason
+            elif not np.isfinite(arr).all() or arr.std() < 1.0:
                 status, reason = "rejected", "blank"
             elif seen == "yes":
                 status, reason = "rejected", "id_visible"
@@ -216,7 +221,7 @@ class ElaborateStage(Stage):
             else:
                 status, reason = "kept", "ok"
                 kept_feats.append(f)
-            r = row(it["key"], status, reason, None, **cols, **measures)
+            r = row(it["key"], status, reason, "; ".join(c.detail for c in cuts) or None, **cols, **measures)
             meta = {**r, "conversation": talk["conversation"]}
             # rejected images are kept too (for the report's grid), marked by their row
             extra = {"npy": npy_bytes(f.astype(np.float32))} if status == "kept" else {}
@@ -224,7 +229,12 @@ class ElaborateStage(Stage):
         return out
 
     def _elaborate(self, ctx: StageContext, images: list, items: list[dict], topk: np.ndarray) -> list[dict]:
-        """Rounds 1-3 for every image, batched per round; returns per image its columns and transcript."""
+        """Rounds 1-3 for every image, batched per round; returns per image its columns and transcript.
+
+        Each answer is cut to the spec's ``max_answer_bytes`` before it is stored or sent back with
+        the next round's question; ``cuts`` lists what the bounds cut, per image.
+        """
+        from ood_core.labels import Cut, answer_labels, bound_answer
         from ood_core.models.mllm import chat_batch
         from ood_core.prompts import ELABORATE_PROMPTS as P
 
@@ -242,7 +252,7 @@ class ElaborateStage(Stage):
             else:  # far: the image's CLIP top-k ID classes
                 asked, q2 = [classnames[int(c)] for c in topk[j]], ec.id_visible_any_prompt
             rounds = [ec.describe_prompt, q2] + ([ec.label_prompt] if it.get("kind") in T2I_KINDS else [])
-            talks.append({"asked": asked, "rounds": rounds, "answers": [], "error": None})
+            talks.append({"asked": asked, "rounds": rounds, "answers": [], "error": None, "cuts": []})
 
         def ask(r: int) -> None:
             active = [j for j, t in enumerate(talks) if len(t["rounds"]) > r and not t["error"]]
@@ -254,6 +264,9 @@ class ElaborateStage(Stage):
                 if isinstance(reply, Exception):
                     talks[j]["error"] = f"round {r + 1}: {type(reply).__name__}: {reply}"
                     continue
+                reply, cut = bound_answer(reply, spec.max_answer_bytes)
+                if cut:
+                    talks[j]["cuts"].append(Cut(cut.reason, f"round {r + 1}: {cut.detail}"))
                 talks[j]["answers"].append(reply)
                 convs[j].append({"role": "assistant", "content": [_text(reply)]})
                 if len(talks[j]["rounds"]) > r + 1:  # the next question, with every earlier turn in context
@@ -275,7 +288,10 @@ class ElaborateStage(Stage):
                 "id_visible": parse_yes_no(answers[1]) if answers[1] is not None else None,
             }
             if len(t["rounds"]) == 3 and answers[2] is not None:
-                label = parse_outlier_label(answers[2], ec.max_label_words)
+                labels, cut = answer_labels(answers[2], ec.max_label_words, spec.max_answer_labels)
+                if cut:
+                    t["cuts"].append(Cut(cut.reason, f"round 3: {cut.detail}"))
+                label = labels[0] if labels else None
                 t["elaborated_label"] = label
                 if label is None:
                     t["cols"].update(label_status="rejected", label_reason="no_label_parsed")

@@ -41,6 +41,32 @@ def _files(r: dict) -> dict[str, bytes]:
     return {"json": json.dumps(r, sort_keys=True).encode()}
 
 
+def _cut_rows(out: ShardOutput, key: str, cuts: list, **cols) -> None:
+    """Each bound that cut an answer (:class:`ood_core.labels.Cut`) is a rejected row: the part cut off."""
+    for c in cuts:
+        if c is not None:
+            out.add(row(f"{key}_{c.reason}", "rejected", c.reason, c.detail, **cols))
+
+
+def _chat(ctx: StageContext, out: ShardOutput, messages: list[dict], seed: int, key: str, **cols) -> str:
+    """One MLLM answer, cut to ``models.mllm.max_answer_bytes`` (a cut is a row)."""
+    from ood_core.labels import bound_answer
+
+    reply, cut = bound_answer(ctx.models.mllm().chat(messages, seed=seed), ctx.cfg.models.mllm.max_answer_bytes)
+    _cut_rows(out, key, [cut], **cols)
+    return reply
+
+
+def _labels(ctx: StageContext, out: ShardOutput, reply: str, key: str, **cols) -> list[str]:
+    """The answer's labels, at most ``models.mllm.max_answer_labels`` list items read (a cut is a row)."""
+    from ood_core.labels import answer_labels
+
+    sc = ctx.cfg.sketch
+    labels, cut = answer_labels(reply, sc.max_label_words, ctx.cfg.models.mllm.max_answer_labels)
+    _cut_rows(out, key, [cut], **cols)
+    return labels
+
+
 @STAGES.register("sketch")
 class SketchStage(Stage):
     name = "sketch"
@@ -133,11 +159,11 @@ class SketchStage(Stage):
             out.add(r, _files(r) if status == "kept" else None)
 
     def _far(self, ctx: StageContext, out: ShardOutput) -> None:
-        """One conversation: summarise the ID categories, then ask for labels turn by turn."""
-        from ood_core.labels import parse_label_list
+        """One conversation: summarise the ID categories, then ask for labels turn by turn.
 
+        Every turn resends the earlier answers as they were bounded (``models.mllm.max_answer_bytes``).
+        """
         sc = ctx.cfg.sketch
-        mllm = ctx.models.mllm()
         classnames = ctx.dataset.classnames
         messages = [
             {
@@ -153,11 +179,12 @@ class SketchStage(Stage):
         seed = derive_seed(ctx.cfg.seed, "far")
         try:
             for turn in range(max_turns + 1):
-                reply = mllm.chat(messages, seed=seed + turn)
+                key = f"far_turn{turn:02d}"
+                reply = _chat(ctx, out, messages, seed + turn, key, kind="far")
                 transcript.append({"prompt": messages[-1]["content"][0]["text"], "reply": reply})
                 messages.append({"role": "assistant", "content": [_text(reply)]})
                 if turn > 0:
-                    labels += [x for x in parse_label_list(reply, sc.max_label_words) if x not in labels]
+                    labels += [x for x in _labels(ctx, out, reply, key, kind="far") if x not in labels]
                     if len(labels) >= sc.far_labels:
                         break
                 messages.append(
@@ -168,26 +195,25 @@ class SketchStage(Stage):
                 raise
             out.add(row("far_conversation", "failed", type(err).__name__, f"{type(err).__name__}: {err}", kind="far"))
         out.samples.append(_transcript_sample("far_conversation", transcript))
-        if not labels and not out.rows:
+        if not labels and not any(r["status"] == "failed" for r in out.rows):
             out.add(row("far_conversation", "rejected", "no_labels_parsed", None, kind="far"))
         self._hygiene(ctx, out, labels[: sc.far_labels] + list(sc.far_extra_labels), "far", "far")
 
     def _fine(self, ctx: StageContext, out: ShardOutput) -> None:
         """EOE's fine-grained task: other kinds of the ID super-category that are not ID classes."""
-        from ood_core.labels import parse_label_list
-
         sc = ctx.cfg.sketch
         classnames = ctx.dataset.classnames
         prompt = _text(fine_request(classnames, sc.fine_labels, sc.max_label_words))
         try:
-            reply = ctx.models.mllm().chat([{"role": "user", "content": [prompt]}], seed=derive_seed(ctx.cfg.seed, "fine"))
+            reply = _chat(ctx, out, [{"role": "user", "content": [prompt]}], derive_seed(ctx.cfg.seed, "fine"),
+                          "fine_reply", kind="fine")
         except Exception as err:  # noqa: BLE001 - the failure is recorded as a row
             if is_shard_error(err):
                 raise
             out.add(row("fine_reply", "failed", type(err).__name__, f"{type(err).__name__}: {err}", kind="fine"))
             return
         out.samples.append(_transcript_sample("fine_reply", [{"prompt": prompt["text"], "reply": reply}]))
-        labels = parse_label_list(reply, sc.max_label_words)[: sc.fine_labels]
+        labels = _labels(ctx, out, reply, "fine_reply", kind="fine")[: sc.fine_labels]
         if not labels:
             out.add(row("fine_reply", "rejected", "no_labels_parsed", None, kind="fine"))
         self._hygiene(ctx, out, labels, "fine", "fine")
@@ -195,7 +221,6 @@ class SketchStage(Stage):
     def _near(self, ctx: StageContext, out: ShardOutput, class_idx: int) -> None:
         """Per class: labels that look similar but come from other domains (MM-OOD shows images)."""
         from ood_core.data import usable_images
-        from ood_core.labels import parse_label_list
 
         sc = ctx.cfg.sketch
         name = ctx.dataset.classnames[class_idx]
@@ -205,9 +230,8 @@ class SketchStage(Stage):
         content.append(_text(near_request(name, sc.near_per_class, sc.max_label_words, bool(images))))
         prefix = f"near_c{class_idx:04d}"
         try:
-            reply = ctx.models.mllm().chat(
-                [{"role": "user", "content": content}], seed=derive_seed(ctx.cfg.seed, "near", class_idx)
-            )
+            reply = _chat(ctx, out, [{"role": "user", "content": content}], derive_seed(ctx.cfg.seed, "near", class_idx),
+                          prefix, kind="near", class_idx=class_idx)
         except Exception as err:  # noqa: BLE001 - the failure is recorded as a row
             if is_shard_error(err):
                 raise
@@ -215,19 +239,26 @@ class SketchStage(Stage):
                         class_idx=class_idx))
             return
         out.samples.append(_transcript_sample(f"{prefix}_reply", [{"reply": reply}]))
-        labels = parse_label_list(reply, sc.max_label_words)[: sc.near_per_class]
+        labels = _labels(ctx, out, reply, prefix, kind="near", class_idx=class_idx)[: sc.near_per_class]
         if not labels:
             out.add(row(prefix, "rejected", "no_labels_parsed", None, kind="near", class_idx=class_idx))
         self._hygiene(ctx, out, labels, "near", prefix, class_idx=class_idx)
 
     def _context(self, ctx: StageContext, out: ShardOutput, item: dict, key: str) -> None:
-        """SynOOD: the MLLM describes the image's context without its main subject."""
+        """SynOOD: the MLLM describes the image's context without its main subject.
+
+        An answer holding an instruction, a chat role marker or a URL is rejected (``injection``):
+        it never becomes an inpainting prompt.
+        """
         from ood_core.data import load_image
-        from ood_core.labels import context_prompt
+        from ood_core.labels import context_prompt, injection
 
         rec = ctx.records[item["source_key"]]
         image = load_image(rec, ctx.cfg.data.image_size)
-        reply = ctx.models.mllm().chat(
+        cols = {"kind": "context", "source_key": rec.key, "class_idx": rec.class_idx}
+        reply = _chat(
+            ctx,
+            out,
             [
                 {
                     "role": "user",
@@ -237,10 +268,16 @@ class SketchStage(Stage):
                     ],
                 }
             ],
-            seed=derive_seed(ctx.cfg.seed, "context", rec.key),
+            derive_seed(ctx.cfg.seed, "context", rec.key),
+            key,
+            **cols,
         )
+        found = injection(reply)
+        if found:
+            out.add(row(key, "rejected", "injection", f"the answer holds {found}: not used as a prompt", **cols))
+            return
         prompt = context_prompt(reply, ctx.cfg.sketch.context_max_chars)
-        r = row(key, "kept", "ok", None, kind="context", text=prompt, source_key=rec.key, class_idx=rec.class_idx)
+        r = row(key, "kept", "ok", None, text=prompt, **cols)
         out.add(r, {**_files(r), "txt": reply.encode()})
 
     def _negatives(self, ctx: StageContext, out: ShardOutput) -> None:
