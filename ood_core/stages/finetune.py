@@ -166,7 +166,11 @@ class FinetuneStage(Stage):
         for r in rows:
             by_role.setdefault(r["role"], []).append(r)
 
+        dim = next(iter(feats.values())).shape[-1]
+
         def raw(keys: list[str]) -> torch.Tensor:
+            if not keys:
+                return torch.zeros((0, dim))
             return torch.from_numpy(np.stack([feats[k] for k in keys]).astype(np.float32))
 
         def stack(role: str) -> torch.Tensor:
@@ -201,7 +205,11 @@ class FinetuneStage(Stage):
             paired = [r for r in syn_rows if source_of.get(r["key"]) in feats]
             id_keys = [source_of[r["key"]] for r in paired]
             id_cls = [int(r["class_idx"]) for r in paired]
-        else:
+        if fc.synood_data == "all" or not id_keys:
+            if fc.synood_data == "sources":
+                # text-to-image samples have no source image (finetune.synthetic_kinds without boundary)
+                log("[finetune] no kept synthetic image has a source ID image: the adapter trains on the whole "
+                    "ID train split instead (as synood_data: all)")
             id_keys = [r["key"] for r in by_role["id_train"]]
             id_cls = [int(r["class_idx"]) for r in by_role["id_train"]]
         x_syn = stack("synthetic")
