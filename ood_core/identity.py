@@ -39,6 +39,21 @@ def key_dump(spec: BaseModel) -> dict[str, Any]:
     return out
 
 
+def pin_model_ids(tree: Any) -> Any:
+    """``tree`` with every ``world://<model>`` id suffixed by its build's digest (``@<hash>``): a model
+    id names weights that a rebuild changes, so the keys that name it must change with them."""
+    if isinstance(tree, dict):
+        return {k: pin_model_ids(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [pin_model_ids(v) for v in tree]
+    if isinstance(tree, str) and tree.startswith("world://"):
+        from ood_core.world.weights import build_digest
+
+        digest = build_digest(tree)
+        return f"{tree}@{digest}" if digest else tree
+    return tree
+
+
 def content_spec(spec: BaseModel) -> dict[str, Any]:
     """``spec`` as JSON without its infrastructure fields (e.g. an MLLM spec without ``base_url``)."""
     return {k: v for k, v in key_dump(spec).items() if k not in INFRA_FIELDS}

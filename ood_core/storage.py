@@ -62,9 +62,12 @@ def canonical_json(obj: Any) -> str:
 
 
 def stage_key(stage: str, schema_version: int, config: dict, upstream: dict[str, str]) -> str:
-    """Hash of what determines a stage's output: same inputs, same folder."""
+    """Hash of what determines a stage's output: same inputs, same folder (a world model id counts
+    with its build's digest: rebuilt weights give new folders)."""
+    from ood_core.identity import pin_model_ids
+
     payload = canonical_json(
-        {"stage": stage, "schema": schema_version, "config": config, "upstream": upstream}
+        {"stage": stage, "schema": schema_version, "config": pin_model_ids(config), "upstream": upstream}
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -175,3 +175,25 @@ def test_a_model_without_a_training_recipe_is_named_and_skipped(tmp_path, monkey
     assert B.build_world(tmp_path, only=["llava"], progress=False) == {}
     assert "llava: no training recipe (ood_core.world.no_such_recipe)" in capsys.readouterr().out
     assert not (tmp_path / "llava").exists()
+
+
+def test_rebuilt_world_weights_behind_the_same_id_give_new_stage_keys(tmp_path, monkeypatch):
+    """A key names ``world://llava`` with its build's digest: a rebuild (or a `git pull` of new
+    shipped weights) never reuses outputs of the old models."""
+    import json
+    import shutil
+
+    from ood_core.config import load_config
+    from ood_core.pipeline import resolve_keys
+    from ood_core.world import weights as W
+
+    shipped = resolve_keys(load_config("world"))
+    for m in W.MODELS:
+        shutil.copytree(W.WEIGHTS_DIR / m, tmp_path / m)
+    monkeypatch.setenv("SYNTH_OOD_WORLD_DIR", str(tmp_path))
+    assert resolve_keys(load_config("world")) == shipped  # the same build elsewhere: the same keys
+    record = json.loads((tmp_path / "llava" / W.RECORD).read_text())
+    record["files"] = {**record["files"], "model.safetensors": "0" * 64}  # another build of the LLaVA
+    (tmp_path / "llava" / W.RECORD).write_text(json.dumps(record))
+    rebuilt = resolve_keys(load_config("world"))
+    assert rebuilt["sketch"] != shipped["sketch"] and rebuilt["elaborate"] != shipped["elaborate"]

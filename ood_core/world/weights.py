@@ -105,3 +105,18 @@ def resolve(uri: str) -> str:
     if model not in MODELS:
         raise WorldWeightsError(f"unknown world model '{uri}' (known: {', '.join(WORLD_PREFIX + m for m in MODELS)})")
     return str(verify(weights_dir() / model, model))
+
+
+def build_digest(uri: str) -> str | None:
+    """A short hash of the recorded file hashes of ``world://<model>``'s build (None when it has no
+    record): what a stage key pins, so rebuilt weights behind the same id give new keys."""
+    import hashlib
+    import json
+
+    model = uri[len(WORLD_PREFIX):].strip("/")
+    path = weights_dir() / model / RECORD
+    try:
+        files = json.loads(path.read_text()).get("files", {})
+    except (OSError, ValueError):
+        return None  # the loader and the preflight name the missing or damaged record
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
