@@ -309,10 +309,14 @@ def test_stage_counts_and_report_published_as_prefect_artifacts(tiny_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    keys = [f"synth-ood-{s}" for s in STAGE_ORDER]
+    from tasks.stage_tasks import artifact_key
+
+    out, _ = tiny_run
+    key = {s: artifact_key(s, str(out)) for s in STAGE_ORDER}  # per stage and output root
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(key.values()))))
     by_key = {a.key: a.data for a in arts}
-    assert set(by_key) == set(keys)
-    assert "| kept |" in by_key["synth-ood-sketch"]
-    assert "FPR95" in by_key["synth-ood-finetune"] and "AUROC" in by_key["synth-ood-finetune"]
+    assert set(by_key) == set(key.values())
+    assert "| kept |" in by_key[key["sketch"]]
+    assert "FPR95" in by_key[key["finetune"]] and "AUROC" in by_key[key["finetune"]]
+    assert "base64" not in by_key[key["finetune"]]  # plots linked, not inlined
