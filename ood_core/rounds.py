@@ -115,26 +115,28 @@ def prune_rounds(root: str, keep_last: int, current: str, log=print) -> list[str
     return pruned
 
 
+def _averages(metrics: dict) -> dict:
+    """``{method: {"fpr95", "auroc"}}`` averaged over the OOD sets, from finetune's ``metrics``."""
+    return {m: {k: v["average"][k] for k in ("fpr95", "auroc")} for m, v in metrics.items() if "average" in v}
+
+
+def _finished_metrics(root: str, keys: dict) -> dict | None:
+    store = StageStore(root, "finetune", keys["finetune"]) if "finetune" in keys else None
+    if store is None or not store.is_complete():
+        return None
+    try:
+        return store.read_success().get("summary", {}).get("metrics")
+    except ValueError:
+        return None  # a damaged record: that round is left out, not fatal
+
+
 def round_metrics(root: str, current: str = "", current_metrics: dict | None = None) -> list[dict]:
     """``[{"round", "metrics": {method: {"fpr95", "auroc"}}}]`` (averages over the OOD sets), oldest
     first, for every recorded round whose finetune folder is complete; ``current_metrics`` stands in
     for the round ``current`` (a finetune that is finishing has no ``_SUCCESS.json`` yet)."""
-    out = []
-    for r in list_rounds(root):
-        metrics = None
-        if r["round"] == current and current_metrics is not None:
-            metrics = current_metrics
-        elif "finetune" in r["keys"]:
-            store = StageStore(root, "finetune", r["keys"]["finetune"])
-            if store.is_complete():
-                try:
-                    metrics = store.read_success().get("summary", {}).get("metrics")
-                except ValueError:
-                    metrics = None  # a damaged record: that round is left out, not fatal
-        if metrics:
-            out.append({"round": r["round"], "metrics": {m: {k: v["average"][k] for k in ("fpr95", "auroc")}
-                                                         for m, v in metrics.items() if "average" in v}})
-    if current and current_metrics is not None and current not in [r["round"] for r in out]:
-        out.append({"round": current, "metrics": {m: {k: v["average"][k] for k in ("fpr95", "auroc")}
-                                                  for m, v in current_metrics.items() if "average" in v}})
-    return out
+    stand_in = current_metrics is not None and bool(current)
+    rounds = [(r["round"], current_metrics if stand_in and r["round"] == current else _finished_metrics(root, r["keys"]))
+              for r in list_rounds(root)]  # fmt: skip
+    if stand_in and current not in [name for name, _ in rounds]:
+        rounds.append((current, current_metrics))
+    return [{"round": name, "metrics": _averages(m)} for name, m in rounds if m]

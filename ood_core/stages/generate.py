@@ -211,16 +211,16 @@ def _scorer(g) -> dict:
     return {} if g.scorer == "frozen" else {"scorer": g.scorer}
 
 
-def detector_adapter(ctx: StageContext):
-    """The adapter of the latest earlier round's finetune that the closed loop scores with, or None
-    (frozen CLIP: ``generate.scorer: frozen``, or no earlier round's finetune is complete yet)."""
+def detector_adapter(ctx: StageContext) -> tuple[str | None, object | None]:
+    """``(upstream name, adapter)`` of the latest earlier round's finetune that the closed loop scores
+    with, or ``(None, None)`` (``generate.scorer: frozen``, or no earlier round's finetune yet)."""
     from ood_core.adapter import load_adapter
 
     earlier = sorted(n for n in ctx.upstream if n.startswith("finetune@"))
     if not earlier:
-        return None
+        return None, None
     store = ctx.upstream[earlier[-1]]
-    return load_adapter(store.read_bytes(store.path("artifacts", "adapter.safetensors")))
+    return earlier[-1], load_adapter(store.read_bytes(store.path("artifacts", "adapter.safetensors")))
 
 
 def sample_seed(cfg: RunConfig, key: str) -> int:
@@ -273,11 +273,10 @@ class BoundaryGenerator(Generator):
         return cfg.generate.batch
 
     def _detector(self, ctx: StageContext):
-        if "detector" not in ctx.__dict__:  # once per stage run, not per batch
-            ctx.__dict__["detector"] = detector_adapter(ctx)
+        if "detector" not in ctx.__dict__:  # once per stage run (the context's own cache), not per batch
+            name, ctx.__dict__["detector"] = detector_adapter(ctx)
             if ctx.cfg.generate.scorer == "latest_round":
-                which = "frozen CLIP (no earlier round's finetune yet)" if ctx.__dict__["detector"] is None else (
-                    "the fine-tuned detector of " + sorted(n for n in ctx.upstream if n.startswith("finetune@"))[-1])
+                which = f"the fine-tuned detector of {name}" if name else "frozen CLIP (no earlier round's finetune yet)"
                 ctx.log(f"[generate] closed loop: the noise step follows {which}")
         return ctx.__dict__["detector"]
 

@@ -110,13 +110,8 @@ def resolve(uri: str) -> str:
 def build_digest(uri: str) -> str | None:
     """A short hash of the recorded file hashes of ``world://<model>``'s build (None when it has no
     record): what a stage key pins, so rebuilt weights behind the same id give new keys."""
-    import hashlib
-    import json
-
-    model = uri[len(WORLD_PREFIX):].strip("/")
-    path = weights_dir() / model / RECORD
     try:
-        files = json.loads(path.read_text()).get("files", {})
+        files = read_record(weights_dir() / uri[len(WORLD_PREFIX):].strip("/")).get("files", {})
     except (OSError, ValueError):
         return None  # the loader and the preflight name the missing or damaged record
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
