@@ -34,9 +34,16 @@ VARIANTS: dict[str, tuple[str, dict, list[str] | None]] = {
                  {"finetune.synthetic_kinds": ["far", "near"]}, SYNTHETIC_ROWS),
     "both": ("fine-tuned on boundary + text-to-image samples",
              {"finetune.synthetic_kinds": ["boundary", "far", "near"]}, SYNTHETIC_ROWS),
+    "noise": ("SynOOD trained on noise images in place of generated ones (1 per boundary source)",
+              {"generate.noise_per_source": 1, "finetune.synthetic_kinds": ["noise"]}, SYNTHETIC_ROWS),
     "filters_off": ("elaborate's CLIP filters off (ID confidence, dedup; unclear answers kept)",
                     {"elaborate.max_id_confidence": 1.0, "elaborate.dedup_cosine": 1.0, "elaborate.unclear": "keep"},
                     ["mm_ood", "synood", "multi_os"]),
+    "mllm_filter_off": ("elaborate's MLLM filter off (its id_visible verdicts recorded, not applied)",
+                        {"elaborate.mllm_filter": False}, ["mm_ood", "synood", "multi_os"]),
+    "all_filters_off": ("elaborate's MLLM and CLIP filters off (every generated image trains)",
+                        {"elaborate.mllm_filter": False, "elaborate.max_id_confidence": 1.0,
+                         "elaborate.dedup_cosine": 1.0}, ["mm_ood", "synood", "multi_os"]),
     "sources_1x": ("SynOOD with 2 boundary sources per class", {"sketch.sources_per_class": 2}, SYNTHETIC_ROWS),
     "sources_4x": ("SynOOD with 8 boundary sources per class (= base)", {"sketch.sources_per_class": 8},
                    SYNTHETIC_ROWS),
@@ -59,6 +66,7 @@ def run_variant(seed: int, name: str, out: Path, log) -> dict:
     elaborate = results["elaborate"]["counts"]
     return {"seed": seed, "variant": name, "seconds": round(time.perf_counter() - t0, 1),
             "metrics": summary["metrics"], "train_samples": summary["train"]["samples"],
+            "synthetic_samples": summary["train"].get("synthetic"),
             "elaborate_counts": elaborate}  # fmt: skip
 
 
@@ -97,7 +105,7 @@ def compact_table(agg: dict, runs: list[dict]) -> str:
     lines = ["| variant | method | seeds | FPR95↓ (avg) | AUROC↑ (avg) | AUPR↑ (avg) | AUROC↑ world-near | synthetic train images |",
              "|:---|:---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for variant, methods in agg.items():
-        samples = [r["train_samples"] for r in runs if r["variant"] == variant and "train_samples" in r]
+        samples = [r["synthetic_samples"] for r in runs if r["variant"] == variant and r.get("synthetic_samples")]
         size = f"{np.mean(samples):.0f}" if samples else "–"
         for method, per_set in methods.items():
             avg, near = per_set["average"], per_set.get("world-near")

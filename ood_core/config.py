@@ -262,6 +262,9 @@ class GenerateConfig(_Strict):
     # fine-tuned detector (its adapter on CLIP's image features), so that each nightly round's
     # boundary samples aim at where the current detector is weakest (the first round: frozen CLIP)
     scorer: Literal["frozen", "latest_round"] = "frozen"
+    # a control: seeded noise images per boundary source (kind ``noise``; 0 = none), to train on in
+    # place of generated ones (finetune.synthetic_kinds: [noise])
+    noise_per_source: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _known_template(self) -> GenerateConfig:
@@ -284,6 +287,9 @@ class ElaborateConfig(_Strict):
     label_prompt: str = "label_v1"
     id_topk: int = Field(5, ge=1)  # far images: ask about the CLIP top-k ID classes
     unclear: Literal["keep", "reject", "clip"] = "clip"
+    # the MLLM's round-2 verdict filters (``id_visible`` and ``unclear``); off = recorded, not
+    # applied, so a benchmark can separate what the MLLM filter adds from the CLIP filters
+    mllm_filter: bool = True
     # policy 'clip': an unclear answer is decided by this (stricter) CLIP ID-confidence bound
     unclear_max_id_confidence: float = Field(0.5, ge=0.0, le=1.0)
     max_label_words: int = Field(3, ge=1)
@@ -356,7 +362,7 @@ class FinetuneConfig(_Strict):
     # MM-OOD: share of near-OOD labels in the mixed outlier label set (OOD type unknown)
     mm_ood_near_ratio: float = Field(0.5, ge=0.0, le=1.0)
     # which kinds of kept synthetic images train the adapter (boundary = SynOOD, far = MM-OOD)
-    synthetic_kinds: list[Literal["boundary", "far", "near"]] = ["boundary"]
+    synthetic_kinds: list[Literal["boundary", "far", "near", "noise"]] = ["boundary"]
     # train on the kept synthetic images (and elaborated labels) of the last K generation rounds,
     # this one included (1: this round only); the rounds it reads go into finetune's key
     rounds_window: int = Field(1, ge=1)

@@ -247,6 +247,25 @@ def test_unclear_policy_keep_keeps_the_unclear_images(upstream):
     assert unclear and all(r["status"] == "kept" for r in unclear)
 
 
+def test_mllm_filter_off_records_the_verdicts_and_applies_only_the_clip_filters(upstream):
+    far = [r["key"] for r in upstream["rows"] if r["kind"] == "far"]
+    upstream["mllm"].script.update({far[0]: {2: "Yes."}, far[2]: {2: "maybe"}})  # as the test above scripts them
+    run_local(upstream["cfg"], upstream["root"], only=["elaborate"], log=lambda m: None)
+    on = StageStore(upstream["root"], "elaborate", resolve_keys(upstream["cfg"])["elaborate"])
+    by_key = {r["key"]: r for r in on.read_manifest().to_pylist()}
+    cfg = load_config("tiny", {**upstream["over"], "elaborate.mllm_filter": "false"})
+    assert resolve_keys(cfg)["elaborate"] != on.key  # its own folder
+    run_local(cfg, upstream["root"], only=["elaborate"], log=lambda m: None)
+    off = StageStore(upstream["root"], "elaborate", resolve_keys(cfg)["elaborate"]).read_manifest().to_pylist()
+    assert {r["reason"] for r in off}.isdisjoint({"id_visible", "id_visible_unclear"})
+    mllm_rejected = [r for r in off if by_key[r["key"]]["reason"] in ("id_visible", "id_visible_unclear")]
+    assert mllm_rejected and all(r["id_visible"] == by_key[r["key"]]["id_visible"] for r in off)
+    # what the MLLM did not reject is decided as before
+    for r in off:
+        if r not in mllm_rejected:
+            assert (r["status"], r["reason"]) == (by_key[r["key"]]["status"], by_key[r["key"]]["reason"]), r["key"]
+
+
 def test_endpoint_down_fails_the_shard_for_a_retry(upstream):
     from ood_core.models import RetryableError
 

@@ -23,5 +23,5 @@ def test_mean_and_sample_std_over_seeds_per_variant_and_method():
     assert set(agg["lr0"]) == set(VARIANTS["lr0"][2])  # a control reports the rows it controls
     md = table(agg)
     assert "| lr0 | synood | 2 | 40.0 ± 14.1 | 60.0 ± 14.1 |" in md
-    compact = compact_table(agg, [{**r, "train_samples": 10} for r in runs])
+    compact = compact_table(agg, [{**r, "synthetic_samples": 10} for r in runs])
     assert "| lr0 | synood | 2 | 40.0 ± 14.1 | 60.0 ± 14.1 | 60.0 ± 14.1 | 60.0 ± 14.1 | 10 |" in compact

@@ -206,9 +206,9 @@ class ElaborateStage(Stage):
                 status, reason = "rejected", cuts[0].reason
             elif not np.isfinite(arr).all() or arr.std() < 1.0:
                 status, reason = "rejected", "blank"
-            elif seen == "yes":
+            elif ec.mllm_filter and seen == "yes":
                 status, reason = "rejected", "id_visible"
-            elif seen == "unclear" and (
+            elif ec.mllm_filter and seen == "unclear" and (
                 ec.unclear == "reject" or (ec.unclear == "clip" and id_conf[j] > ec.unclear_max_id_confidence)
             ):
                 status, reason = "rejected", "id_visible_unclear"

@@ -309,7 +309,8 @@ class FinetuneStage(Stage):
             "leaked_labels": [r["text"] for r in leaked],
             "id_accuracy": acc,
             "convention": fc.fpr_convention,
-            "train": {"adapter_loss": img_hist, "negatives_loss": txt_hist, "samples": len(x_train)},
+            "train": {"adapter_loss": img_hist, "negatives_loss": txt_hist, "samples": len(x_train),
+                      "synthetic": len(by_role["synthetic"])},
             # EOE scores with the sketched labels, MM-OOD with sketched + elaborated (mixed near/far)
             "outlier_labels": {"eoe": outliers, "mm_ood": mm_labels},
             **_window_summary(ctx),

@@ -5,6 +5,8 @@
   (see ``ood_core.models.diffusion.boundary_inpaint``).
 * ``far`` / ``near`` (MM-OOD's far branch): N text-to-image samples of every kept sketched
   outlier label, from a prompt template with an id (``ood_core.prompts.T2I_TEMPLATES``).
+* ``noise`` (a control, off by default): seeded noise images, ``generate.noise_per_source`` per
+  boundary source, so a benchmark can train on noise in place of generated images.
 
 A generator is chosen from :data:`GENERATORS` by the plan item's ``generator`` field; every shard
 holds the items of one generator only, so each kind's shards depend only on that generator's
@@ -37,7 +39,7 @@ from schemas import GENERATE
 
 # the plan's order of generators: boundary shards first, so their shard indices do not move
 # when the far branch's item count changes
-GENERATOR_ORDER = ("boundary", "t2i")
+GENERATOR_ORDER = ("boundary", "t2i", "noise")
 # the clock-dependent part of run_batched's record: kept out of the stats marker, whose bytes are
 # part of the shard's content (see ood_core.storage)
 TIMING_KEYS = ("generate_seconds", "images_per_s", "s_per_image")
@@ -399,6 +401,63 @@ class TextToImageGenerator(Generator):
         return results
 
 
+def noise_image(seed: int, size: int):
+    """A seeded RGB noise image: uniform noise on a random grid (1 px to size/4 px cells), upsampled
+    bilinearly, so the set spans white noise to coloured blobs (Hendrycks et al.'s noise outliers)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    cells = int(rng.integers(2, size + 1)) if rng.random() < 0.5 else int(rng.integers(2, max(3, size // 4)))
+    grid = rng.integers(0, 256, size=(cells, cells, 3), dtype=np.uint8)
+    return Image.fromarray(grid).resize((size, size), Image.BILINEAR), cells
+
+
+@GENERATORS.register("noise")
+class NoiseGenerator(Generator):
+    """Control: ``noise_per_source`` noise images per boundary source, in place of generated ones
+    (same source key and class, so finetune pairs them as it pairs boundary samples)."""
+
+    name = "noise"
+
+    def config_slice(self, cfg: RunConfig) -> dict:
+        g = cfg.generate
+        return {"seed": cfg.seed, "resolution": cfg.models.diffusion.resolution,
+                "generate": {"noise_per_source": g.noise_per_source, "shard_size": g.shard_size} | _round(g)}
+
+    def shard_size(self, cfg: RunConfig) -> int:
+        return cfg.generate.shard_size
+
+    def items(self, ctx: StageContext) -> list[dict]:
+        n = ctx.cfg.generate.noise_per_source
+        return [{"generator": self.name, "source_key": r["source_key"], "class_idx": r["class_idx"], "index": i}
+                for r in (ctx.upstream_rows("sketch", kind="context", status="kept") if n else []) for i in range(n)]
+
+    def key(self, item: dict) -> str:
+        return f"noise_{item['source_key']}_{item['index']:02d}"
+
+    def columns(self, item: dict) -> dict:
+        return {"kind": "noise", "source_key": item["source_key"], "class_idx": item["class_idx"]}
+
+    def model(self, ctx: StageContext):
+        return None
+
+    def run(self, ctx: StageContext, items: list[dict], out: ShardOutput) -> None:
+        stats = run_batched(self, ctx, items, out, len(items))
+        out.timings.update({k: stats.pop(k) for k in TIMING_KEYS})
+        out.stats.update(stats)
+
+    def generate_batch(self, ctx: StageContext, items: list[dict]) -> list[tuple[dict, dict[str, bytes]]]:
+        results = []
+        for it in items:
+            seed = sample_seed(ctx.cfg, self.key(it))
+            image, cells = noise_image(seed, ctx.cfg.models.diffusion.resolution)
+            r = row(self.key(it), "ok", "ok", None, **self.columns(it), seed=seed, prompt=f"noise:{cells}",
+                    prompt_id="noise", model_id="noise")
+            results.append((r, sample_files(r, image)))
+        return results
+
+
 def throughput(shard_stats: list[dict]) -> dict:
     """``{generator: {images, seconds, images_per_s, s_per_image, batch_size, batch_used}}`` summed
     over shards, each a stats marker merged with its timings (shards from before throughput was
@@ -445,7 +504,9 @@ class GenerateStage(Stage):
             # an empty round leaves keys as they were before rounds existed; the batch sizes
             # (batch, t2i_batch) are in: a sample's bytes depend on the batch it ran in
             "generate": cfg.generate.model_dump(mode="json", exclude=({"round"} if not cfg.generate.round else set())
-                                                | ({"scorer"} if cfg.generate.scorer == "frozen" else set())),
+                                                | ({"scorer"} if cfg.generate.scorer == "frozen" else set())
+                                                | ({"noise_per_source"} if not cfg.generate.noise_per_source
+                                                   else set())),
             # the energy scorer guiding the noise uses this scale
             "logit_scale": cfg.finetune.logit_scale,
         }
