@@ -51,6 +51,16 @@ VARIANTS: dict[str, tuple[str, dict, list[str] | None]] = {
                     SYNTHETIC_ROWS),
 }  # fmt: skip
 METRICS = ("fpr95", "auroc", "aupr_in")
+# --sweep: one setting at a time around the preset, scored on the validation OOD split only
+# (world-val: the leakage filter and every score see it, no evaluation set does)
+VAL_SETS = ["world-val"]
+SWEEPS: dict[str, list] = {
+    "finetune.epochs": [1, 3, 10, 30],
+    "finetune.lr": [1e-4, 1e-3, 1e-2],
+    "finetune.text_epochs": [0, 5, 20],
+    "generate.lr": [0.0, 10.0, 30.0],
+}
+SWEEP_ROWS = ("synood", "neglabel", "mcm")
 
 
 def run_variant(seed: int, name: str, out: Path, log) -> dict:
@@ -176,6 +186,69 @@ def rounds_table(curves_by_seed: dict[int, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_sweep(seed: int, out: Path, log) -> list[dict]:
+    """Every value of every :data:`SWEEPS` axis on ``world-val``: ``[{axis, value, seed, metrics}]``,
+    metrics of :data:`SWEEP_ROWS` on the validation split (the preset's value of an axis included)."""
+    from ood_core.config import load_config
+    from ood_core.pipeline import run_local
+
+    rows = []
+    for axis, values in SWEEPS.items():
+        for value in values:
+            cfg = load_config("world", {"seed": seed, "data.ood_sets": VAL_SETS, axis: value})
+            summary = run_local(cfg, str(out / f"val-seed{seed}"), log=log)["finetune"]["summary"]
+            rows.append({"axis": axis, "value": value, "seed": seed,
+                         "metrics": {m: summary["metrics"][m]["average"] for m in SWEEP_ROWS}})
+    return rows
+
+
+def sweep_summary(rows: list[dict]) -> tuple[str, dict]:
+    """Markdown (per axis and value: each row's val FPR95 / AUROC, mean ± std over seeds) and the value
+    of each axis with SynOOD's lowest mean val FPR95 (ties: higher AUROC)."""
+    lines = ["| setting | value | " + " | ".join(f"{m} FPR95↓ | {m} AUROC↑" for m in SWEEP_ROWS) + " |",
+             "|:---|---:|" + "---:|" * (2 * len(SWEEP_ROWS))]  # fmt: skip
+    best: dict = {}
+    for axis, values in SWEEPS.items():
+        for value in values:
+            per = [r["metrics"] for r in rows if r["axis"] == axis and r["value"] == value]
+            if not per:
+                continue
+            cells, stat = [], {}
+            for m in SWEEP_ROWS:
+                for k in ("fpr95", "auroc"):
+                    v = 100 * np.array([p[m][k] for p in per])
+                    stat[(m, k)] = v.mean()
+                    cells.append(f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}")
+            lines.append(f"| {axis} | {value:g} | " + " | ".join(cells) + " |")
+            score = (stat[("synood", "fpr95")], -stat[("synood", "auroc")])
+            if axis not in best or score < best[axis][1]:
+                best[axis] = (value, score)
+    return "\n".join(lines) + "\n", {a: v for a, (v, _) in best.items()}
+
+
+def plot_sweep(rows: list[dict], path: Path) -> None:
+    """One panel per setting: val FPR95 of each row against the value, error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SWEEPS), figsize=(4 * len(SWEEPS), 3.2), sharey=True)
+    for ax, (axis, values) in zip(np.atleast_1d(axes), SWEEPS.items(), strict=True):
+        for m in SWEEP_ROWS:
+            v = [[100 * r["metrics"][m]["fpr95"] for r in rows if r["axis"] == axis and r["value"] == x]
+                 for x in values]
+            ax.errorbar(range(len(values)), [np.mean(x) for x in v], yerr=[np.std(x) for x in v], marker="o",
+                        capsize=3, label=m)
+        ax.set_xticks(range(len(values)), [f"{x:g}" for x in values])
+        ax.set_xlabel(axis)
+    np.atleast_1d(axes)[0].set_ylabel("FPR95 % on world-val (lower is better)")
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -183,10 +256,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "world-bench"))
     p.add_argument("--quiet", action="store_true", help="only one line per variant")
     p.add_argument("--rounds", type=int, default=0, help="instead: N nightly rounds, open vs closed loop")
+    p.add_argument("--sweep", action="store_true", help="instead: one setting at a time, on world-val only")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        t0 = time.perf_counter()
+        rows = [r for s in args.seeds for r in run_sweep(s, out, (lambda m: None) if args.quiet else print)]
+        md, best = sweep_summary(rows)
+        md = (f"`benchmarks/world_bench.py --sweep --seeds {' '.join(map(str, args.seeds))}` "
+              f"({(time.perf_counter() - t0) / 60:.1f} min)\n\n" + md
+              + "\nSynOOD's best value per setting on world-val: " + json.dumps(best) + "\n")  # fmt: skip
+        (out / "world_sweep.json").write_text(json.dumps({"rows": rows, "best": best}, indent=1))
+        (out / "world_sweep.md").write_text(md)
+        plot_sweep(rows, out / "world_sweep.png")
+        print(md)
+        return 0
     if args.rounds:
         t0 = time.perf_counter()
         curves = {s: run_rounds(s, args.rounds, out, (lambda m: None) if args.quiet else print) for s in args.seeds}

@@ -25,3 +25,19 @@ def test_mean_and_sample_std_over_seeds_per_variant_and_method():
     assert "| lr0 | synood | 2 | 40.0 ± 14.1 | 60.0 ± 14.1 |" in md
     compact = compact_table(agg, [{**r, "synthetic_samples": 10} for r in runs])
     assert "| lr0 | synood | 2 | 40.0 ± 14.1 | 60.0 ± 14.1 | 60.0 ± 14.1 | 60.0 ± 14.1 | 10 |" in compact
+
+
+def test_sweep_picks_the_value_with_synood_s_lowest_validation_fpr(monkeypatch):
+    import benchmarks.world_bench as wb
+
+    monkeypatch.setattr(wb, "SWEEPS", {"finetune.epochs": [1, 3]})
+
+    def r(value, seed, fpr):
+        m = {"fpr95": fpr, "auroc": 1 - fpr}
+        return {"axis": "finetune.epochs", "value": value, "seed": seed,
+                "metrics": {"synood": m, "neglabel": {"fpr95": 0.5, "auroc": 0.5}, "mcm": {"fpr95": 0.5, "auroc": 0.5}}}
+
+    rows = [r(1, 0, 0.30), r(1, 1, 0.10), r(3, 0, 0.25), r(3, 1, 0.20)]  # means 0.20 vs 0.225
+    md, best = wb.sweep_summary(rows)
+    assert best == {"finetune.epochs": 1}
+    assert "| finetune.epochs | 1 | 20.0 ± 14.1 | 80.0 ± 14.1 | 50.0 ± 0.0 |" in md
