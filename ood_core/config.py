@@ -202,8 +202,14 @@ class SketchConfig(_Strict):
     near_per_class: int = Field(3, ge=0)
     near_images: int = Field(0, ge=0)
     max_label_words: int = Field(3, ge=1)
-    lexicon: Literal["wordnet", "imagenet21k", "world"] = "imagenet21k"
+    # neglabel: WordNet built into NegLabel's word lists by its procedure (ood_core/lexicon.py);
+    # wordnet: first lemma of every noun and adjective synset (the earlier imagenet default)
+    lexicon: Literal["wordnet", "neglabel", "imagenet21k", "world"] = "imagenet21k"
     lexicon_limit: int | None = Field(None, ge=1)
+    # order of the kept negatives, which NegLabel's grouping drops the last (n mod groups) of:
+    # "score" = NegLabel's (nouns, then adjectives, each from the least ID-like up, so the dropped
+    # remainder is its most ID-like kept adjectives); "lexicon" = lexicon order (earlier behaviour)
+    neg_order: Literal["lexicon", "score"] = "lexicon"
     neg_keep_fraction: float = Field(0.15, gt=0.0, le=1.0)
     neg_percentile: float = Field(95.0, ge=0.0, le=100.0)
     overlap_cosine: float = Field(0.85, ge=0.0, le=1.0)

@@ -16,13 +16,17 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ood_core.config import DataConfig, MLLMSpec
+from ood_core.config import DataConfig, MLLMSpec, SketchConfig
 
 # Fields that say where a thing lives or is served, not what it is.
 INFRA_FIELDS = frozenset({"root", "ood_root", "base_url", "api_key_env", "cache_dir"})
 # Fields left out of a key while at their default: they came after keys existed and, at their
 # defaults, change no output (answer bounds that no model within max_new_tokens reaches).
-DEFAULT_FREE_FIELDS: dict[type, tuple[str, ...]] = {MLLMSpec: ("max_answer_bytes", "max_answer_labels")}
+# Settings added later whose default is the earlier behaviour keep the earlier keys the same way.
+DEFAULT_FREE_FIELDS: dict[type, tuple[str, ...]] = {
+    MLLMSpec: ("max_answer_bytes", "max_answer_labels"),
+    SketchConfig: ("neg_order",),
+}
 
 _IDENTITY: dict[tuple, str] = {}
 

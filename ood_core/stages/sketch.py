@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from ood_core.config import RunConfig
-from ood_core.identity import content_spec, data_content
+from ood_core.identity import content_spec, data_content, key_dump
 from ood_core.prompts import context_request, far_opening, far_request, fine_request, near_request  # noqa: E402
 from ood_core.stages.base import (
     ID_PROMPT,
@@ -79,7 +79,7 @@ class SketchStage(Stage):
             "data": data_content(cfg.data, cfg.seed),
             "clip": cfg.models.clip.model_dump(mode="json"),
             "mllm": content_spec(cfg.models.mllm),
-            "sketch": cfg.sketch.model_dump(mode="json"),
+            "sketch": key_dump(cfg.sketch),
         }
 
     def listed_bad_inputs(self, ctx: StageContext) -> list:
@@ -299,7 +299,9 @@ class SketchStage(Stage):
             # leakage is checked on the kept candidates only (a word-set test per evaluation name)
             kept_words = [words[i] for i in sorted(keep)]
             leaked = {v.raw for v in label_hygiene(kept_words, [], eval_ood_names=_eval_names(ctx)) if v.leakage}
-            for i, w in enumerate(words):
+            # rows in the order the negatives are used: the scores group them in that order
+            for i in map(int, neg_row_order(score, sc.neg_order)):
+                w = words[i]
                 if w in id_words:
                     status, reason = "rejected", "equals_id_class"
                 elif i not in keep:
@@ -340,6 +342,19 @@ def neg_mining_keep(sim: np.ndarray, keep_fraction: float, percentile: float) ->
     score = np.percentile(sim, percentile, axis=1)
     # stable sort: equal scores keep lexicon order, so the selection is reproducible
     return np.argsort(score, kind="stable")[: int(len(score) * keep_fraction)]
+
+
+def neg_row_order(score: np.ndarray, order: str) -> np.ndarray:
+    """Order of one part of speech's candidate rows, hence of its kept negatives downstream.
+
+    ``"score"``: NegLabel's (``text_features_neg_noun[ind_noun[...]]``, ``ind = argsort(neg_sim)``):
+    from the least to the most ID-like (stable on ties). ``"lexicon"``: lexicon order.
+    """
+    if order == "score":
+        return np.argsort(score, kind="stable")
+    if order == "lexicon":
+        return np.arange(len(score))
+    raise ValueError(f"unknown sketch.neg_order {order!r}: use 'score' or 'lexicon'")
 
 
 def _transcript_sample(key: str, turns: list[dict]):
