@@ -353,6 +353,11 @@ class FinetuneConfig(_Strict):
     eoe_template: str = "a photo of a {}"
     neglabel_template: str = "the nice {}"
     synood_id_template: str = "a nice {}"
+    # class-name list per prompt set (ood_core.classnames: "openai", "wordnet-first-lemma"; or
+    # "dataset" = data.classnames, the default of any set not named): "eoe" (MCM, energy,
+    # max-logit, EOE), "neglabel" (NegLabel, SynOOD's score), "synood" (SynOOD's adapter and text
+    # side, "a nice {}": the reference takes each class's first WordNet lemma), "mm_ood" (MM-OOD, Multi-OS)
+    id_names: dict[Literal["eoe", "neglabel", "synood", "mm_ood"], str] = {}  # ood_core.classnames.PROMPT_SETS
     synood_data: Literal["sources", "all"] = "sources"
     adapter_init_gain: float = Field(1.0, gt=0.0)
     synood_text: Literal["released", "joint"] = "released"
@@ -366,6 +371,17 @@ class FinetuneConfig(_Strict):
     # train on the kept synthetic images (and elaborated labels) of the last K generation rounds,
     # this one included (1: this round only); the rounds it reads go into finetune's key
     rounds_window: int = Field(1, ge=1)
+
+    @field_validator("id_names")
+    @classmethod
+    def _known_lists(cls, v: dict[str, str]) -> dict[str, str]:
+        from ood_core.classnames import CLASSNAME_LISTS, DATASET
+
+        for prompts, choice in v.items():
+            if choice != DATASET and choice not in CLASSNAME_LISTS:
+                raise ValueError(f"finetune.id_names.{prompts}: unknown class-name list '{choice}' "
+                                 f"(known: {DATASET}, {', '.join(CLASSNAME_LISTS.names())})")
+        return v
 
 
 class RunConfig(_Strict):

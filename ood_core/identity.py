@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ood_core.config import DataConfig, MLLMSpec, SketchConfig
+from ood_core.config import DataConfig, FinetuneConfig, MLLMSpec, SketchConfig
 
 # Fields that say where a thing lives or is served, not what it is.
 INFRA_FIELDS = frozenset({"root", "ood_root", "base_url", "api_key_env", "cache_dir"})
@@ -26,6 +26,7 @@ INFRA_FIELDS = frozenset({"root", "ood_root", "base_url", "api_key_env", "cache_
 DEFAULT_FREE_FIELDS: dict[type, tuple[str, ...]] = {
     MLLMSpec: ("max_answer_bytes", "max_answer_labels"),
     SketchConfig: ("neg_order",),
+    FinetuneConfig: ("id_names",),
 }
 
 _IDENTITY: dict[tuple, str] = {}

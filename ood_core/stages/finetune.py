@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 
 from ood_core.config import RunConfig
-from ood_core.identity import data_content
+from ood_core.identity import data_content, key_dump
 from ood_core.stages.base import (
     ID_PROMPT,
     STAGES,
@@ -56,7 +56,7 @@ class FinetuneStage(Stage):
             "clip": cfg.models.clip.model_dump(mode="json"),
             # the window's effect is the set of rounds it reads, which the key hashes as upstream
             # folders (so the same set gives the same key, and a window of 1 keeps the old keys)
-            "finetune": cfg.finetune.model_dump(mode="json", exclude={"rounds_window"}),
+            "finetune": {k: v for k, v in key_dump(cfg.finetune).items() if k != "rounds_window"},
         }
 
     def shard_slice(self, cfg: RunConfig) -> dict:
@@ -152,6 +152,7 @@ class FinetuneStage(Stage):
         import torch.nn.functional as F
 
         from ood_core.adapter import train_image_adapter, train_negative_text, train_negative_text_released
+        from ood_core.classnames import prompt_set_names
         from ood_core.metrics import id_accuracy, ood_metrics, roc_curve
         from ood_core.models import resolve_device
         from ood_core.scores import SCORES, ScoreContext, score_temperature
@@ -176,15 +177,18 @@ class FinetuneStage(Stage):
         def stack(role: str) -> torch.Tensor:
             return raw([r["key"] for r in by_role.get(role, [])])
 
-        # 2. text features, each method with its reference template
+        # 2. text features, each method with its reference template and class-name list
         classnames = ctx.dataset.classnames
         n_id = len(classnames)
 
-        def id_texts(template: str) -> torch.Tensor:
-            return ctx.text_features([template.format(c) for c in classnames])
+        names = prompt_set_names(fc.id_names, ctx.dataset)
 
-        id_mm = ctx.id_text_features  # MM-OOD / Multi-OS: the project's ID prompt
-        id_eoe, id_neg, id_syn = id_texts(fc.eoe_template), id_texts(fc.neglabel_template), id_texts(fc.synood_id_template)
+        def id_texts(template: str, prompts: str) -> torch.Tensor:
+            return ctx.text_features([template.format(c) for c in names[prompts]])
+
+        id_mm = id_texts(ID_PROMPT, "mm_ood")  # MM-OOD / Multi-OS: the project's ID prompt
+        id_eoe, id_neg = id_texts(fc.eoe_template, "eoe"), id_texts(fc.neglabel_template, "neglabel")
+        id_syn = id_texts(fc.synood_id_template, "synood")
         neg_text = ctx.negative_text_features
         sketch_rows = ctx.upstream_rows("sketch")
         outliers = [r["text"] for r in sketch_rows if r["status"] == "kept" and r["kind"] in ("far", "near", "fine")]
