@@ -197,6 +197,11 @@ class DataConfig(_Strict):
 class SketchConfig(_Strict):
     far_labels: int = Field(100, ge=0)
     far_per_turn: int = Field(50, ge=1)
+    # EOE's setting (eval.sh: 4 label files of L labels each): N independently generated far label
+    # sets, one conversation and one shard each. Set 0 is the far label set of every method (rows
+    # of kind "far"); sets 1..N-1 (kind "far_set", source_key = their conversation) are EOE's only,
+    # which averages its score over the N sets (ood_core.scores.eoe_averaged)
+    far_label_sets: int = Field(1, ge=1)
     # outlier labels given by the user, added to the MLLM's far labels (same hygiene, same rows)
     far_extra_labels: list[str] = []
     near_per_class: int = Field(3, ge=0)

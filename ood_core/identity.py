@@ -25,7 +25,7 @@ INFRA_FIELDS = frozenset({"root", "ood_root", "base_url", "api_key_env", "cache_
 # Settings added later whose default is the earlier behaviour keep the earlier keys the same way.
 DEFAULT_FREE_FIELDS: dict[type, tuple[str, ...]] = {
     MLLMSpec: ("max_answer_bytes", "max_answer_labels"),
-    SketchConfig: ("neg_order",),
+    SketchConfig: ("neg_order", "far_label_sets"),
     FinetuneConfig: ("id_names",),
 }
 

@@ -191,13 +191,16 @@ class FinetuneStage(Stage):
         id_syn = id_texts(fc.synood_id_template, "synood")
         neg_text = ctx.negative_text_features
         sketch_rows = ctx.upstream_rows("sketch")
-        outliers = [r["text"] for r in sketch_rows if r["status"] == "kept" and r["kind"] in ("far", "near", "fine")]
+        outliers, *further_sets = eoe_label_sets(sketch_rows)
         leaked = [r for r in sketch_rows if r.get("leakage")]
         out_mm = ctx.text_features([ID_PROMPT.format(t) for t in outliers]) if outliers else None
         out_eoe = ctx.text_features([fc.eoe_template.format(t) for t in outliers]) if outliers else None
+        out_eoe_sets = [ctx.text_features([fc.eoe_template.format(t) for t in labels]) for labels in further_sets
+                        if labels and outliers]
         mm_labels = mm_ood_labels(ctx)  # MM-OOD: sketched + elaborated labels, near/far mixed
         mm_text = ctx.text_features([ID_PROMPT.format(t) for t in mm_labels]) if mm_labels else None
-        log(f"[finetune] outlier labels: EOE {len(outliers)} sketched, MM-OOD {len(mm_labels)} sketched + elaborated")
+        log(f"[finetune] outlier labels: EOE {len(outliers)} sketched ({1 + len(further_sets)} label set(s)), "
+            f"MM-OOD {len(mm_labels)} sketched + elaborated")
         by_role["synthetic"] = select_synthetic(ctx, by_role.get("synthetic", []))
 
         # 3. SynOOD image side: source ID images paired 1:1 with their kept synthetic images
@@ -267,7 +270,7 @@ class FinetuneStage(Stage):
                 if method in ("eoe", "mm_ood") and outt is None:
                     continue
                 sc = ScoreContext(image_feats=x, id_text_feats=idt, neg_text_feats=negt, outlier_text_feats=outt,
-                                  cfg=fc, seed=ctx.cfg.seed)
+                                  outlier_sets=out_eoe_sets if method == "eoe" else [], cfg=fc, seed=ctx.cfg.seed)
                 scores.setdefault(method, {})[role] = np.asarray(SCORES.get(method)(sc))
             with torch.no_grad():
                 xa = adapter(x_raw)
@@ -316,6 +319,7 @@ class FinetuneStage(Stage):
             "train": {"adapter_loss": img_hist, "negatives_loss": txt_hist, "samples": len(x_train)},
             # EOE scores with the sketched labels, MM-OOD with sketched + elaborated (mixed near/far)
             "outlier_labels": {"eoe": outliers, "mm_ood": mm_labels},
+            "eoe_label_sets": [len(outliers), *(len(x) for x in further_sets)],
             **_window_summary(ctx),
             "artifacts": ctx.store.url() + "/artifacts",
         }
@@ -424,6 +428,22 @@ def mix_labels(near: list[str], far: list[str], near_ratio: float) -> list[str]:
     n_near = min(len(near), max(1, round(total * near_ratio)))
     n_far = min(len(far), max(1, round(total * (1.0 - near_ratio))))
     return list(near[:n_near]) + list(far[:n_far])
+
+
+def eoe_label_sets(sketch_rows: list[dict]) -> list[list[str]]:
+    """EOE's outlier label sets from sketch's rows: set 0 = the kept far, near and fine labels; set
+    k > 0 = the kept labels of far conversation k (``sketch.far_label_sets``) with the same near
+    and fine labels (EOE's near and fine-grained tasks are other runs than its far label files)."""
+    kept = [r for r in sketch_rows if r["status"] == "kept"]
+    first = [r["text"] for r in kept if r["kind"] in ("far", "near", "fine")]
+    others = [r["text"] for r in kept if r["kind"] in ("near", "fine")]
+    sets: dict[str, list[str]] = {}
+    for r in kept:
+        if r["kind"] == "far_set":
+            sets.setdefault(r["source_key"], []).append(r["text"])
+    # conversation order far1, far2, ... (numeric: far10 after far9)
+    order = sorted(sets, key=lambda k: int(k.removeprefix("far").split("_", 1)[0]))
+    return [first, *([*sets[k], *others] for k in order)]
 
 
 def mm_ood_labels(ctx: StageContext) -> list[str]:
