@@ -197,13 +197,24 @@ class DataConfig(_Strict):
 class SketchConfig(_Strict):
     far_labels: int = Field(100, ge=0)
     far_per_turn: int = Field(50, ge=1)
+    # EOE's setting (eval.sh: 4 label files of L labels each): N independently generated far label
+    # sets, one conversation and one shard each. Set 0 is the far label set of every method (rows
+    # of kind "far"); sets 1..N-1 (kind "far_set", source_key = their conversation) are EOE's only,
+    # which averages its score over the N sets (ood_core.scores.eoe_averaged)
+    far_label_sets: int = Field(1, ge=1)
     # outlier labels given by the user, added to the MLLM's far labels (same hygiene, same rows)
     far_extra_labels: list[str] = []
     near_per_class: int = Field(3, ge=0)
     near_images: int = Field(0, ge=0)
     max_label_words: int = Field(3, ge=1)
-    lexicon: Literal["wordnet", "imagenet21k", "world"] = "imagenet21k"
+    # neglabel: WordNet built into NegLabel's word lists by its procedure (ood_core/lexicon.py);
+    # wordnet: first lemma of every noun and adjective synset (the earlier imagenet default)
+    lexicon: Literal["wordnet", "neglabel", "imagenet21k", "world"] = "imagenet21k"
     lexicon_limit: int | None = Field(None, ge=1)
+    # order of the kept negatives, which NegLabel's grouping drops the last (n mod groups) of:
+    # "score" = NegLabel's (nouns, then adjectives, each from the least ID-like up, so the dropped
+    # remainder is its most ID-like kept adjectives); "lexicon" = lexicon order (earlier behaviour)
+    neg_order: Literal["lexicon", "score"] = "lexicon"
     neg_keep_fraction: float = Field(0.15, gt=0.0, le=1.0)
     neg_percentile: float = Field(95.0, ge=0.0, le=100.0)
     overlap_cosine: float = Field(0.85, ge=0.0, le=1.0)
@@ -353,6 +364,11 @@ class FinetuneConfig(_Strict):
     eoe_template: str = "a photo of a {}"
     neglabel_template: str = "the nice {}"
     synood_id_template: str = "a nice {}"
+    # class-name list per prompt set (ood_core.classnames: "openai", "wordnet-first-lemma"; or
+    # "dataset" = data.classnames, the default of any set not named): "eoe" (MCM, energy,
+    # max-logit, EOE), "neglabel" (NegLabel, SynOOD's score), "synood" (SynOOD's adapter and text
+    # side, "a nice {}": the reference takes each class's first WordNet lemma), "mm_ood" (MM-OOD, Multi-OS)
+    id_names: dict[Literal["eoe", "neglabel", "synood", "mm_ood"], str] = {}  # ood_core.classnames.PROMPT_SETS
     synood_data: Literal["sources", "all"] = "sources"
     adapter_init_gain: float = Field(1.0, gt=0.0)
     synood_text: Literal["released", "joint"] = "released"
@@ -366,6 +382,17 @@ class FinetuneConfig(_Strict):
     # train on the kept synthetic images (and elaborated labels) of the last K generation rounds,
     # this one included (1: this round only); the rounds it reads go into finetune's key
     rounds_window: int = Field(1, ge=1)
+
+    @field_validator("id_names")
+    @classmethod
+    def _known_lists(cls, v: dict[str, str]) -> dict[str, str]:
+        from ood_core.classnames import CLASSNAME_LISTS, DATASET
+
+        for prompts, choice in v.items():
+            if choice != DATASET and choice not in CLASSNAME_LISTS:
+                raise ValueError(f"finetune.id_names.{prompts}: unknown class-name list '{choice}' "
+                                 f"(known: {DATASET}, {', '.join(CLASSNAME_LISTS.names())})")
+        return v
 
 
 class RunConfig(_Strict):

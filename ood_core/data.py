@@ -132,6 +132,9 @@ class IDDataset:
     classnames: list[str]
     records: list[ImageRecord]
     bad_inputs: list[BadInput] = field(default_factory=list)
+    # each class's id where the source has one (an imagefolder's folder names, e.g. ImageNet
+    # wnids): what a named class-name list (ood_core.classnames) looks a class up by
+    class_ids: list[str] = field(default_factory=list)
 
     def train(self) -> list[ImageRecord]:
         return [r for r in self.records if r.split == "train"]
@@ -524,6 +527,7 @@ def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
     records: list[ImageRecord] = []
     bad: list[BadInput] = []
     kept_names: list[str] = []
+    kept_ids: list[str] = []
     for folder, name, s in zip(folders, classnames, slugs, strict=True):
         listed = _list_images(train_dir / folder)
         if not listed:
@@ -541,6 +545,7 @@ def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
             continue
         idx = len(kept_names)
         kept_names.append(name)
+        kept_ids.append(folder)
         val_listed = val_by_class.get(folder, [])
         val_files = _usable(val_listed, cfg, None, bad, name, "test")
         if val_files:
@@ -558,7 +563,7 @@ def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
                 records.append(ImageRecord(f"{s}_{split}_{i:04d}", idx, name, split, str(p)))
     if not kept_names:
         raise DataError(f"no class folder in {train_dir} has a usable image; " + _layout_help(root))
-    return IDDataset(classnames=kept_names, records=records, bad_inputs=bad)
+    return IDDataset(classnames=kept_names, records=records, bad_inputs=bad, class_ids=kept_ids)
 
 
 # ---------------------------------------------------------------- val/ layouts

@@ -16,15 +16,19 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ood_core.config import DataConfig, ElaborateConfig, MLLMSpec
+from ood_core.config import DataConfig, ElaborateConfig, FinetuneConfig, MLLMSpec, SketchConfig
 
 # Fields that say where a thing lives or is served, not what it is.
 INFRA_FIELDS = frozenset({"root", "ood_root", "base_url", "api_key_env", "cache_dir"})
 # Fields left out of a key while at their default: they came after keys existed and, at their
-# defaults, change no output (answer bounds that no model within max_new_tokens reaches; a
-# filter switch at its old behaviour).
-DEFAULT_FREE_FIELDS: dict[type, tuple[str, ...]] = {MLLMSpec: ("max_answer_bytes", "max_answer_labels"),
-                                                    ElaborateConfig: ("mllm_filter",)}
+# defaults, change no output (answer bounds that no model within max_new_tokens reaches).
+# Settings added later whose default is the earlier behaviour keep the earlier keys the same way.
+DEFAULT_FREE_FIELDS: dict[type, tuple[str, ...]] = {
+    MLLMSpec: ("max_answer_bytes", "max_answer_labels"),
+    SketchConfig: ("neg_order", "far_label_sets"),
+    FinetuneConfig: ("id_names",),
+    ElaborateConfig: ("mllm_filter",),
+}
 
 _IDENTITY: dict[tuple, str] = {}
 

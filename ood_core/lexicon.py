@@ -9,7 +9,12 @@ Sources (registry ``LEXICONS``):
 * ``imagenet21k`` — first usable lemma of each of timm's 21,843 ImageNet-21k WordNet noun synsets
   (offline); no adjectives (the ``wordnet`` lexicon has both).
 * ``wordnet`` — WordNet 3.0 from Debian's ``wordnet-base`` (``data.noun``, ``data.adj``), or from the
-  directory in ``$SYNTH_OOD_WORDNET_DIR``.
+  directory in ``$SYNTH_OOD_WORDNET_DIR``: the first lemma of every noun and adjective synset.
+* ``neglabel`` — the same WordNet data built into NegLabel's word lists (``txtfiles/`` at
+  XueJiang16/NegLabel@3253db6) by NegLabel's procedure, :func:`neglabel_word_lists` and
+  :func:`neglabel_pool`: one list per WordNet lexicographer file, ``noun.animal`` and ``noun.food``
+  left out, verbs and adverbs too; the first head synset of each adjective cluster skipped; the
+  lists concatenated in NegLabel's file order with one dedupe over nouns and adjectives together.
 """
 
 from __future__ import annotations
@@ -87,23 +92,118 @@ def subsample(words: list[str], limit: int | None) -> list[str]:
 
 
 # ---------------------------------------------------------------- WordNet data files
-def parse_wordnet_data(lines: Iterable[str]) -> list[list[str]]:
-    """Parse a WordNet ``data.<pos>`` file: one list of raw lemma words per synset, in file order.
+# WordNet's lexicographer files, indexed by a data line's lex_filenum (WordNet's lexnames(5WN))
+LEXNAMES = (
+    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
+    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling",
+    "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person",
+    "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity", "noun.relation",
+    "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body", "verb.change",
+    "verb.cognition", "verb.communication", "verb.competition", "verb.consumption", "verb.contact",
+    "verb.creation", "verb.emotion", "verb.motion", "verb.perception", "verb.possession", "verb.social",
+    "verb.stative", "verb.weather", "adj.ppl",
+)
 
-    Line format: ``offset lex_filenum ss_type w_cnt word lex_id [word lex_id ...] p_cnt ...`` with
-    ``w_cnt`` in hexadecimal; lines starting with spaces are the licence header.
+
+@dataclass(frozen=True)
+class Synset:
+    """One line of a WordNet ``data.<pos>`` file: what the NegLabel procedure needs of it."""
+
+    offset: int
+    lexname: str
+    ss_type: str  # n, a (head adjective), s (satellite adjective), ...
+    words: tuple[str, ...]
+    antonyms: tuple[int, ...]  # offsets of the adjective synsets its "!" pointers name
+
+
+def parse_wordnet_synsets(lines: Iterable[str]) -> list[Synset]:
+    """Parse a WordNet ``data.<pos>`` file into :class:`Synset` records, in file order.
+
+    Line format: ``offset lex_filenum ss_type w_cnt word lex_id [word lex_id ...] p_cnt
+    [pointer_symbol offset pos source/target]... | gloss`` with ``w_cnt`` in hexadecimal; lines
+    starting with spaces are the licence header.
     """
-    synsets: list[list[str]] = []
+    synsets: list[Synset] = []
     for line in lines:
         if not line.strip() or line.startswith(" "):
             continue
-        fields = line.split()
+        fields = line.split("|", 1)[0].split()
         if len(fields) < 6 or not fields[0].isdigit():
             continue
         w_cnt = int(fields[3], 16)
-        words = [fields[4 + 2 * i] for i in range(w_cnt) if 4 + 2 * i < len(fields)]
-        synsets.append(words)
+        words = tuple(fields[4 + 2 * i] for i in range(w_cnt) if 4 + 2 * i < len(fields))
+        p = 4 + 2 * w_cnt
+        pointers = [fields[p + 1 + 4 * i: p + 5 + 4 * i] for i in range(int(fields[p]))] if p < len(fields) else []
+        antonyms = tuple(int(q[1]) for q in pointers if len(q) == 4 and q[0] == "!" and q[2] in "as")
+        lex = int(fields[1]) if fields[1].isdigit() else -1
+        name = LEXNAMES[lex] if 0 <= lex < len(LEXNAMES) else f"lex{fields[1]}"
+        synsets.append(Synset(int(fields[0]), name, fields[2], words, antonyms))
     return synsets
+
+
+def parse_wordnet_data(lines: Iterable[str]) -> list[list[str]]:
+    """Parse a WordNet ``data.<pos>`` file: one list of raw lemma words per synset, in file order."""
+    return [list(s.words) for s in parse_wordnet_synsets(lines)]
+
+
+# NegLabel's txtfiles/: one word list per lexicographer file, all of WordNet's noun and adjective
+# files but noun.animal and noun.food (not shipped). Its code reads them in os.listdir order with
+# one dedupe shared by nouns and adjectives, so a word in both goes to the file read first. This
+# is the order os.listdir gave for the released txtfiles/ (measured): it gives the 57,628 nouns +
+# 12,372 adjectives NegLabel's lists make (58,546 + 13,091 unique before the shared dedupe).
+NEGLABEL_FILES = (
+    "noun.body", "noun.state", "noun.phenomenon", "noun.group", "noun.shape", "noun.feeling", "noun.act",
+    "adj.pert", "noun.communication", "noun.relation", "noun.time", "noun.Tops", "noun.artifact",
+    "noun.motive", "noun.event", "noun.plant", "noun.cognition", "noun.possession", "noun.process",
+    "noun.location", "adj.all", "noun.quantity", "noun.attribute", "noun.person", "noun.substance",
+    "noun.object", "adj.ppl",
+)
+
+
+def _first_cluster_heads(synsets: list[Synset]) -> set[int]:
+    """Offsets of the head synset that opens each adjective cluster: a head (``a``) of ``adj.all``
+    whose antonym heads all come later in the file (the file keeps the lexicographer files' order).
+
+    NegLabel's adj.all list has no word of these synsets (except where another synset has the same
+    first lemma): 1,078 of WordNet 3.0's 1,845 such heads are absent, and 15 of its 1,893 other heads.
+    """
+    return {s.offset for s in synsets
+            if s.lexname == "adj.all" and s.ss_type == "a" and s.antonyms and all(s.offset < a for a in s.antonyms)}
+
+
+def neglabel_word_lists(synsets: Iterable[Synset]) -> dict[str, list[str]]:
+    """NegLabel's per-file word lists: the first lemma of each synset, cleaned (lower case, ``_`` ->
+    space), deduplicated within its file, in data-file order; the synsets opening an adjective
+    cluster are left out (see :func:`_first_cluster_heads`). Keyed by lexicographer file name.
+
+    NegLabel wrote each list from a ``set()`` (its line order is arbitrary); ours keeps the file order.
+    """
+    synsets = list(synsets)
+    skip = _first_cluster_heads(synsets)
+    raw: dict[str, list[str]] = {}
+    for s in synsets:
+        if s.words and s.offset not in skip:
+            raw.setdefault(s.lexname, []).append(s.words[0])
+    return {name: _dedupe_clean(words) for name, words in raw.items()}
+
+
+def neglabel_pool(lists: dict[str, list[str]], order: Iterable[str] = NEGLABEL_FILES,
+                  name: str = "neglabel") -> Lexicon:
+    """NegLabel's candidate pool (``CLIPScalableClassifier.__init__``): the files of ``order`` read in
+    turn, one dedupe over all of them (a word goes to the first file that has it), ``noun.*`` files
+    to the nouns and ``adj.*`` to the adjectives, in reading order."""
+    seen: set[str] = set()
+    nouns: list[str] = []
+    adjectives: list[str] = []
+    for file in order:
+        target = nouns if file.startswith("noun.") else adjectives if file.startswith("adj.") else None
+        if target is None:
+            raise ValueError(f"NegLabel reads noun.* and adj.* files only, not {file!r}")
+        for w in lists.get(file, []):
+            if w not in seen:
+                seen.add(w)
+                target.append(w)
+    return Lexicon(name, nouns, adjectives)
 
 
 def wordnet_dir() -> Path | None:
@@ -149,6 +249,25 @@ def wordnet_lexicon() -> Lexicon:
     """Full WordNet 3.0: first lemma of each noun and adjective synset."""
     d = str(_require_wordnet())
     return Lexicon("wordnet", list(_wordnet_words(d, "noun")), list(_wordnet_words(d, "adj")))
+
+
+@lru_cache(maxsize=4)
+def _neglabel_lexicon(directory: str) -> Lexicon:
+    synsets: list[Synset] = []
+    for pos in ("noun", "adj"):
+        path = Path(directory) / f"data.{pos}"
+        if not path.is_file():
+            raise LexiconError(f"WordNet file {path} is missing (expected data.noun and data.adj there)")
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            synsets += parse_wordnet_synsets(fh)
+    return neglabel_pool(neglabel_word_lists(synsets))
+
+
+@LEXICONS.register("neglabel")
+def neglabel_lexicon() -> Lexicon:
+    """WordNet 3.0 built into NegLabel's word lists by NegLabel's procedure (module docstring)."""
+    lex = _neglabel_lexicon(str(_require_wordnet()))
+    return Lexicon(lex.name, list(lex.nouns), list(lex.adjectives))
 
 
 def timm_info_file(name: str) -> Path:

@@ -139,18 +139,24 @@ def fpr_at_95_tpr(id_scores: Any, ood_scores: Any, convention: str = "openood") 
 
 
 def ood_metrics(id_scores: Any, ood_scores: Any, convention: str = "openood") -> dict[str, float]:
-    """``{fpr95, auroc, aupr_in, aupr_out, ap_in, ap_out}`` as fractions; higher score = more ID.
+    """``{fpr95, fpr95_openood, fpr95_mcm, auroc, aupr_in, aupr_out, ap_in, ap_out}`` as fractions;
+    higher score = more ID.
 
-    ``convention`` only changes FPR95 ("openood": OOD positive, first threshold with TPR >= 0.95;
-    "mcm": ID positive, recall nearest 0.95) — the two differ on the same scores, so report it.
+    ``convention`` only chooses which FPR95 is ``fpr95`` ("openood": OOD positive, first threshold
+    with TPR >= 0.95; "mcm": ID positive, recall nearest 0.95); both are always given as
+    ``fpr95_<convention>``, since papers report either (MCM and EOE the "mcm" one) and they differ.
     ``aupr_in`` takes ID as positive (ranked by score), ``aupr_out`` OOD (ranked by -score), both
     OpenOOD's trapezoid :func:`aupr_trapezoid`; ``ap_in`` / ``ap_out`` are the step-wise average
     precision of the same rankings.
     """
     id_s = _as_scores(id_scores, "id_scores")
     ood_s = _as_scores(ood_scores, "ood_scores")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown FPR convention {convention!r}: use one of {', '.join(CONVENTIONS)}")
+    both = {f"fpr95_{c}": fpr_at_95_tpr(id_s, ood_s, c) for c in CONVENTIONS}
     return {
-        "fpr95": fpr_at_95_tpr(id_s, ood_s, convention),
+        "fpr95": both[f"fpr95_{convention}"],
+        **both,
         "auroc": auroc(id_s, ood_s),
         "aupr_in": aupr_trapezoid(id_s, ood_s),
         "aupr_out": aupr_trapezoid(-ood_s, -id_s),

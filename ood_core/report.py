@@ -38,6 +38,16 @@ def _pct(v: float | None) -> str:
     return "–" if v is None or not np.isfinite(v) else f"{100.0 * float(v):.2f}"
 
 
+def _fpr_columns(results: Mapping[str, Mapping[str, Mapping[str, float]]], convention: str) -> list[tuple[str, str]]:
+    """(metric key, label) of the FPR95 columns: both conventions, the configured one first, when
+    every entry carries both (``ood_metrics`` does); else the configured one alone."""
+    entries = [m for per_set in results.values() for s, m in per_set.items() if s != AVERAGE]
+    others = [c for c in CONVENTION_TEXT if c != convention]
+    if entries and all(f"fpr95_{c}" in m for m in entries for c in CONVENTION_TEXT):
+        return [(f"fpr95_{c}", f"FPR95↓ [{c}]") for c in (convention, *others)]
+    return [("fpr95", "FPR95↓")]
+
+
 def metrics_table_markdown(
     results: Mapping[str, Mapping[str, Mapping[str, float]]],
     convention: str,
@@ -47,7 +57,10 @@ def metrics_table_markdown(
     """Markdown table: one row per method, FPR95 / AUROC / AUPR-In (in %) per OOD set plus their average.
 
     ``results[method][ood_set]`` is an :func:`ood_core.metrics.ood_metrics` dict. The first line is
-    a caption naming the FPR95 convention. ``id_accuracy[method]`` (fraction) adds an "ID acc." column.
+    a caption naming the FPR95 convention(s). When the entries carry both FPR95s (``fpr95_openood``,
+    ``fpr95_mcm``) each group has both columns, labelled ``[openood]`` / ``[mcm]``, the configured
+    ``convention`` first, so a number can be set beside a paper of either kind; otherwise one
+    ``FPR95↓`` column in ``convention``. ``id_accuracy[method]`` (fraction) adds an "ID acc." column.
     ``temperatures[method]`` adds a "T" column (the temperature the score was computed at).
     A method missing an OOD set shows "–" there and averages over the sets it has. An entry named
     "average" in ``results[method]`` is ignored: the average columns are recomputed from the sets.
@@ -56,13 +69,17 @@ def metrics_table_markdown(
         raise ValueError(f"unknown FPR convention {convention!r}: use one of {', '.join(CONVENTION_TEXT)}")
     sets = _ordered_sets(results)
     groups = [*sets, AVERAGE]
+    fpr_cols = _fpr_columns(results, convention)
+    named = [c for c in CONVENTION_TEXT if any(label.endswith(f"[{c}]") for _, label in fpr_cols)] or [convention]
+    conventions = "; ".join(f"{c} ({CONVENTION_TEXT[c]})" for c in named)
     caption = (
         f"FPR95 (lower is better), AUROC and AUPR (AUPR-In: ID as the positive class; higher is better) in %; "
-        f"FPR95 convention: {convention} ({CONVENTION_TEXT[convention]})."
+        f"FPR95 convention{'s' if len(named) > 1 else ''}: {conventions}."
     )
+    metric_cols = [*fpr_cols, ("auroc", "AUROC↑"), ("aupr_in", "AUPR↑")]
     head = ["method"] + (["T"] if temperatures is not None else [])
     for g in groups:
-        head += [f"{g} FPR95↓", f"{g} AUROC↑", f"{g} AUPR↑"]
+        head += [f"{g} {label}" for _, label in metric_cols]
     if id_accuracy is not None:
         head.append("ID acc.")
     lines = [
@@ -76,17 +93,16 @@ def metrics_table_markdown(
         if temperatures is not None:
             t = temperatures.get(method)
             row.append("–" if t is None else f"{t:g}")
-        fprs, aurocs, auprs = [], [], []
+        values: dict[str, list[float]] = {k: [] for k, _ in metric_cols}
         for s in sets:
             m = per_set.get(s)
             if m is None:
-                row += ["–", "–", "–"]
+                row += ["–"] * len(metric_cols)
                 continue
-            fprs.append(float(m["fpr95"]))
-            aurocs.append(float(m["auroc"]))
-            auprs.append(float(m["aupr_in"]))
-            row += [_pct(m["fpr95"]), _pct(m["auroc"]), _pct(m["aupr_in"])]
-        row += [_pct(np.mean(v) if v else None) for v in (fprs, aurocs, auprs)]
+            for k, _ in metric_cols:
+                values[k].append(float(m[k]))
+                row.append(_pct(m[k]))
+        row += [_pct(np.mean(values[k]) if values[k] else None) for k, _ in metric_cols]
         if id_accuracy is not None:
             row.append(_pct(id_accuracy.get(method)))
         lines.append("| " + " | ".join(row) + " |")

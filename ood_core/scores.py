@@ -196,6 +196,20 @@ def eoe(
     return _chunked(img, chunk)
 
 
+def eoe_averaged(
+    image_feats: Any,
+    id_text_feats: Any,
+    outlier_sets: list[Any],
+    beta: float = EOE_BETA,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """EOE over N independently generated outlier label sets (EOE's eval.sh: 4 label files):
+    the mean of the N single-set :func:`eoe` scores."""
+    if not outlier_sets:
+        raise ValueError("eoe_averaged needs at least one outlier label set")
+    return np.mean([eoe(image_feats, id_text_feats, o, beta, temperature) for o in outlier_sets], axis=0)
+
+
 def mm_ood(
     image_feats: Any,
     id_text_feats: Any,
@@ -220,6 +234,8 @@ class ScoreContext:
     id_text_feats: Any
     neg_text_feats: Any | None = None
     outlier_text_feats: Any | None = None
+    # EOE's further label sets (sketch.far_label_sets); EOE averages over [outlier_text_feats, *these]
+    outlier_sets: list[Any] = field(default_factory=list)
     cfg: FinetuneConfig = field(default_factory=FinetuneConfig)
     seed: int = 0
 
@@ -267,7 +283,10 @@ def _neglabel(ctx: ScoreContext) -> np.ndarray:
 @SCORES.register("eoe")
 def _eoe(ctx: ScoreContext) -> np.ndarray:
     ctx.need("image_feats", "id_text_feats", "outlier_text_feats", score="eoe")
-    return eoe(ctx.image_feats, ctx.id_text_feats, ctx.outlier_text_feats, ctx.cfg.eoe_beta, ctx.cfg.eoe_temperature)
+    if not ctx.outlier_sets:
+        return eoe(ctx.image_feats, ctx.id_text_feats, ctx.outlier_text_feats, ctx.cfg.eoe_beta, ctx.cfg.eoe_temperature)
+    return eoe_averaged(ctx.image_feats, ctx.id_text_feats, [ctx.outlier_text_feats, *ctx.outlier_sets],
+                        ctx.cfg.eoe_beta, ctx.cfg.eoe_temperature)
 
 
 @SCORES.register("mm_ood")

@@ -110,6 +110,25 @@ def test_scores_at_reference_temperatures(feats):
         "mcm": 1.0, "energy": 0.01, "max_logit": 1.0, "eoe": 1.0, "neglabel": 0.01}
 
 
+def test_eoe_averages_its_score_over_independent_label_sets(feats):
+    """EOE's eval.sh runs each of 4 label files (--json_number 0..3, L = 500); over N sets the score
+    is the mean of the N single-set EOE scores, each written out as utils/detection_util.py does."""
+    rng = np.random.default_rng(11)
+    sets = [feats["out"]] + [_unit(rng.normal(size=(n, 16))).astype(np.float32) for n in (4, 9, 6)]
+    img, idt = torch.from_numpy(feats["img"]).double(), torch.from_numpy(feats["idt"]).double()
+
+    def single(out):  # softmax over [ID + outliers] of raw cosines, max ID - 0.25 max outlier
+        sm = F.softmax(img @ torch.cat([idt, torch.from_numpy(out).double()]).T / 1.0, dim=1)
+        return (sm[:, :5].max(1).values - 0.25 * sm[:, 5:].max(1).values).numpy()
+
+    expected = (single(sets[0]) + single(sets[1]) + single(sets[2]) + single(sets[3])) / 4
+    ctx = ScoreContext(feats["img"], feats["idt"], outlier_text_feats=sets[0], outlier_sets=sets[1:], cfg=REF)
+    np.testing.assert_allclose(SCORES.get("eoe")(ctx), expected, atol=1e-6, rtol=0)
+    assert not np.allclose(expected, single(sets[0]), atol=1e-4)  # the further sets change the score
+    one = ScoreContext(feats["img"], feats["idt"], outlier_text_feats=sets[0], cfg=REF)
+    np.testing.assert_allclose(SCORES.get("eoe")(one), single(sets[0]), atol=1e-6, rtol=0)
+
+
 def _neglabel_reference(img, idt, neg, ngroup, seed=0):
     """ScalableClassifier.grouping: drop the M % ngroup remainder, torch.manual_seed(0) randperm,
     contiguous groups, softmax(cat([pos, group]) / t).sum over ID, mean over groups."""

@@ -13,7 +13,8 @@ TIE_OOD = [0.5, 0.1, 0.5]
 @pytest.mark.parametrize("convention", ["openood", "mcm"])
 def test_perfect_separation(convention):
     m = ood_metrics([0.9, 0.8, 0.7], [0.1, 0.2], convention)
-    assert m == {"fpr95": 0.0, "auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "ap_in": 1.0, "ap_out": 1.0}
+    assert m == {"fpr95": 0.0, "fpr95_openood": 0.0, "fpr95_mcm": 0.0, "auroc": 1.0, "aupr_in": 1.0,
+                 "aupr_out": 1.0, "ap_in": 1.0, "ap_out": 1.0}
 
 
 @pytest.mark.parametrize("convention", ["openood", "mcm"])
@@ -59,6 +60,12 @@ def test_fpr_conventions_differ_on_the_same_scores():
     assert ood_metrics(id_s, ood_s, "openood")["fpr95"] == pytest.approx(0.5)
     # MCM: ID recall is exactly .95 at thresholds 2 and 1.5; the MCM code takes 1.5 -> 2 of 3 OOD.
     assert ood_metrics(id_s, ood_s, "mcm")["fpr95"] == pytest.approx(2 / 3)
+    # both are carried whichever is configured
+    for convention in ("openood", "mcm"):
+        m = ood_metrics(id_s, ood_s, convention)
+        assert (m["fpr95_openood"], m["fpr95_mcm"]) == (pytest.approx(0.5), pytest.approx(2 / 3))
+    with pytest.raises(ValueError, match="convention"):
+        ood_metrics(id_s, ood_s, "sklearn")
     # MCM's nearest-recall rule may stop below 95%: with 10 ID, recall .9 is nearer to .95 than 1.0
     # in floating point, so the OOD sample tied with the lowest ID score is never counted.
     assert ood_metrics(np.arange(1, 11.0), [1.0], "mcm")["fpr95"] == 0.0

@@ -30,23 +30,46 @@ def test_table_rows_columns_values_and_caption():
     res = _results()
     table = metrics_table_markdown(res, "openood", id_accuracy={"mcm": 0.5, "neglabel": 0.75})
     first = table.splitlines()[0]
-    assert "openood" in first and "OOD positive" in first
+    assert "openood" in first and "OOD positive" in first and "ID positive" in first
     header, *rows = _rows(table)
     cells = [c.strip() for c in header.strip("|").split("|")]
-    assert cells[:7] == ["method", "textures FPR95↓", "textures AUROC↑", "textures AUPR↑", "objects FPR95↓",
-                         "objects AUROC↑", "objects AUPR↑"]
-    assert cells[7:] == ["average FPR95↓", "average AUROC↑", "average AUPR↑", "ID acc."]
+    assert cells[:9] == ["method", "textures FPR95↓ [openood]", "textures FPR95↓ [mcm]", "textures AUROC↑",
+                         "textures AUPR↑", "objects FPR95↓ [openood]", "objects FPR95↓ [mcm]", "objects AUROC↑",
+                         "objects AUPR↑"]
+    assert cells[9:] == ["average FPR95↓ [openood]", "average FPR95↓ [mcm]", "average AUROC↑", "average AUPR↑",
+                         "ID acc."]
     assert [r.split("|")[1].strip() for r in rows] == ["mcm", "neglabel"]
     mcm_cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert mcm_cells[1] == f"{100 * res['mcm']['textures']['fpr95']:.2f}"
-    assert mcm_cells[2] == f"{100 * res['mcm']['textures']['auroc']:.2f}"
-    assert mcm_cells[3] == f"{100 * res['mcm']['textures']['aupr_in']:.2f}"
+    assert mcm_cells[1] == f"{100 * res['mcm']['textures']['fpr95_openood']:.2f}"
+    assert mcm_cells[2] == f"{100 * res['mcm']['textures']['fpr95_mcm']:.2f}"
+    assert mcm_cells[3] == f"{100 * res['mcm']['textures']['auroc']:.2f}"
+    assert mcm_cells[4] == f"{100 * res['mcm']['textures']['aupr_in']:.2f}"
+    avg_mcm = (res["mcm"]["textures"]["fpr95_mcm"] + res["mcm"]["objects"]["fpr95_mcm"]) / 2
+    assert mcm_cells[10] == f"{100 * avg_mcm:.2f}"
     avg = (res["mcm"]["textures"]["auroc"] + res["mcm"]["objects"]["auroc"]) / 2
-    assert mcm_cells[8] == f"{100 * avg:.2f}"
+    assert mcm_cells[11] == f"{100 * avg:.2f}"
     avg_pr = (res["mcm"]["textures"]["aupr_in"] + res["mcm"]["objects"]["aupr_in"]) / 2
-    assert mcm_cells[9] == f"{100 * avg_pr:.2f}"
-    assert mcm_cells[10] == "50.00"
-    assert "mcm" in metrics_table_markdown(_results("mcm"), "mcm").splitlines()[0]
+    assert mcm_cells[12] == f"{100 * avg_pr:.2f}"
+    assert mcm_cells[13] == "50.00"
+    # the configured convention comes first
+    mcm_first = metrics_table_markdown(_results("mcm"), "mcm")
+    assert "textures FPR95↓ [mcm] | textures FPR95↓ [openood]" in _rows(mcm_first)[0]
+
+
+def test_table_carries_both_fpr95_conventions_where_they_differ():
+    # hand-computed (ood_core/metrics.py docstring): ID = 1..20, OOD = {0.5, 1.5, 10.5}.
+    # OpenOOD (OOD positive): flagging all 3 OOD needs the threshold at 10.5 -> 10 of 20 ID flagged = 50.00.
+    # MCM/EOE (ID positive, recall nearest 0.95): the threshold 1.5 keeps 19 of 20 ID and accepts
+    # OOD 10.5 and 1.5 -> 2/3 = 66.67.
+    res = {"mcm": {"toy": ood_metrics(np.arange(1.0, 21.0), [0.5, 1.5, 10.5])}}
+    for convention, first, second in (("openood", "50.00", "66.67"), ("mcm", "66.67", "50.00")):
+        row = [c.strip() for c in _rows(metrics_table_markdown(res, convention))[1].strip("|").split("|")]
+        assert row[1:3] == [first, second]
+        assert row[5:7] == [first, second]  # the average group too
+    # a results dict from before both were stored keeps one column, named by the caption
+    old = {"mcm": {"toy": {k: v for k, v in res["mcm"]["toy"].items() if not k.startswith("fpr95_")}}}
+    table = metrics_table_markdown(old, "openood")
+    assert "toy FPR95↓ |" in _rows(table)[0] and "[mcm]" not in table
 
 
 def test_table_ignores_a_precomputed_average_entry():
@@ -64,8 +87,8 @@ def test_table_handles_missing_set_and_bad_convention():
     del res["neglabel"]["objects"]
     table = metrics_table_markdown(res, "openood")
     row = [c.strip() for c in _rows(table)[2].strip("|").split("|")]
-    assert row[4:7] == ["–", "–", "–"]
-    assert row[8] == f"{100 * res['neglabel']['textures']['auroc']:.2f}"
+    assert row[5:9] == ["–", "–", "–", "–"]
+    assert row[11] == f"{100 * res['neglabel']['textures']['auroc']:.2f}"
     with pytest.raises(ValueError, match="convention"):
         metrics_table_markdown(res, "sklearn")
 

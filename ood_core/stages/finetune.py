@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 
 from ood_core.config import RunConfig
-from ood_core.identity import data_content
+from ood_core.identity import data_content, key_dump
 from ood_core.stages.base import (
     ID_PROMPT,
     STAGES,
@@ -56,7 +56,7 @@ class FinetuneStage(Stage):
             "clip": cfg.models.clip.model_dump(mode="json"),
             # the window's effect is the set of rounds it reads, which the key hashes as upstream
             # folders (so the same set gives the same key, and a window of 1 keeps the old keys)
-            "finetune": cfg.finetune.model_dump(mode="json", exclude={"rounds_window"}),
+            "finetune": {k: v for k, v in key_dump(cfg.finetune).items() if k != "rounds_window"},
         }
 
     def shard_slice(self, cfg: RunConfig) -> dict:
@@ -152,6 +152,7 @@ class FinetuneStage(Stage):
         import torch.nn.functional as F
 
         from ood_core.adapter import train_image_adapter, train_negative_text, train_negative_text_released
+        from ood_core.classnames import prompt_set_names
         from ood_core.metrics import id_accuracy, ood_metrics, roc_curve
         from ood_core.models import resolve_device
         from ood_core.scores import SCORES, ScoreContext, score_temperature
@@ -176,24 +177,30 @@ class FinetuneStage(Stage):
         def stack(role: str) -> torch.Tensor:
             return raw([r["key"] for r in by_role.get(role, [])])
 
-        # 2. text features, each method with its reference template
+        # 2. text features, each method with its reference template and class-name list
         classnames = ctx.dataset.classnames
         n_id = len(classnames)
 
-        def id_texts(template: str) -> torch.Tensor:
-            return ctx.text_features([template.format(c) for c in classnames])
+        names = prompt_set_names(fc.id_names, ctx.dataset)
 
-        id_mm = ctx.id_text_features  # MM-OOD / Multi-OS: the project's ID prompt
-        id_eoe, id_neg, id_syn = id_texts(fc.eoe_template), id_texts(fc.neglabel_template), id_texts(fc.synood_id_template)
+        def id_texts(template: str, prompts: str) -> torch.Tensor:
+            return ctx.text_features([template.format(c) for c in names[prompts]])
+
+        id_mm = id_texts(ID_PROMPT, "mm_ood")  # MM-OOD / Multi-OS: the project's ID prompt
+        id_eoe, id_neg = id_texts(fc.eoe_template, "eoe"), id_texts(fc.neglabel_template, "neglabel")
+        id_syn = id_texts(fc.synood_id_template, "synood")
         neg_text = ctx.negative_text_features
         sketch_rows = ctx.upstream_rows("sketch")
-        outliers = [r["text"] for r in sketch_rows if r["status"] == "kept" and r["kind"] in ("far", "near", "fine")]
+        outliers, *further_sets = eoe_label_sets(sketch_rows)
         leaked = [r for r in sketch_rows if r.get("leakage")]
         out_mm = ctx.text_features([ID_PROMPT.format(t) for t in outliers]) if outliers else None
         out_eoe = ctx.text_features([fc.eoe_template.format(t) for t in outliers]) if outliers else None
+        out_eoe_sets = [ctx.text_features([fc.eoe_template.format(t) for t in labels]) for labels in further_sets
+                        if labels and outliers]
         mm_labels = mm_ood_labels(ctx)  # MM-OOD: sketched + elaborated labels, near/far mixed
         mm_text = ctx.text_features([ID_PROMPT.format(t) for t in mm_labels]) if mm_labels else None
-        log(f"[finetune] outlier labels: EOE {len(outliers)} sketched, MM-OOD {len(mm_labels)} sketched + elaborated")
+        log(f"[finetune] outlier labels: EOE {len(outliers)} sketched ({1 + len(further_sets)} label set(s)), "
+            f"MM-OOD {len(mm_labels)} sketched + elaborated")
         by_role["synthetic"] = select_synthetic(ctx, by_role.get("synthetic", []))
 
         # 3. SynOOD image side: source ID images paired 1:1 with their kept synthetic images
@@ -263,7 +270,7 @@ class FinetuneStage(Stage):
                 if method in ("eoe", "mm_ood") and outt is None:
                     continue
                 sc = ScoreContext(image_feats=x, id_text_feats=idt, neg_text_feats=negt, outlier_text_feats=outt,
-                                  cfg=fc, seed=ctx.cfg.seed)
+                                  outlier_sets=out_eoe_sets if method == "eoe" else [], cfg=fc, seed=ctx.cfg.seed)
                 scores.setdefault(method, {})[role] = np.asarray(SCORES.get(method)(sc))
             with torch.no_grad():
                 xa = adapter(x_raw)
@@ -313,6 +320,7 @@ class FinetuneStage(Stage):
                       "synthetic": len(by_role["synthetic"])},
             # EOE scores with the sketched labels, MM-OOD with sketched + elaborated (mixed near/far)
             "outlier_labels": {"eoe": outliers, "mm_ood": mm_labels},
+            "eoe_label_sets": [len(outliers), *(len(x) for x in further_sets)],
             **_window_summary(ctx),
             "artifacts": ctx.store.url() + "/artifacts",
         }
@@ -421,6 +429,22 @@ def mix_labels(near: list[str], far: list[str], near_ratio: float) -> list[str]:
     n_near = min(len(near), max(1, round(total * near_ratio)))
     n_far = min(len(far), max(1, round(total * (1.0 - near_ratio))))
     return list(near[:n_near]) + list(far[:n_far])
+
+
+def eoe_label_sets(sketch_rows: list[dict]) -> list[list[str]]:
+    """EOE's outlier label sets from sketch's rows: set 0 = the kept far, near and fine labels; set
+    k > 0 = the kept labels of far conversation k (``sketch.far_label_sets``) with the same near
+    and fine labels (EOE's near and fine-grained tasks are other runs than its far label files)."""
+    kept = [r for r in sketch_rows if r["status"] == "kept"]
+    first = [r["text"] for r in kept if r["kind"] in ("far", "near", "fine")]
+    others = [r["text"] for r in kept if r["kind"] in ("near", "fine")]
+    sets: dict[str, list[str]] = {}
+    for r in kept:
+        if r["kind"] == "far_set":
+            sets.setdefault(r["source_key"], []).append(r["text"])
+    # conversation order far1, far2, ... (numeric: far10 after far9)
+    order = sorted(sets, key=lambda k: int(k.removeprefix("far").split("_", 1)[0]))
+    return [first, *([*sets[k], *others] for k in order)]
 
 
 def mm_ood_labels(ctx: StageContext) -> list[str]:

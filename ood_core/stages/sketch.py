@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from ood_core.config import RunConfig
-from ood_core.identity import content_spec, data_content
+from ood_core.identity import content_spec, data_content, key_dump
 from ood_core.prompts import context_request, far_opening, far_request, fine_request, near_request  # noqa: E402
 from ood_core.stages.base import (
     ID_PROMPT,
@@ -79,7 +79,7 @@ class SketchStage(Stage):
             "data": data_content(cfg.data, cfg.seed),
             "clip": cfg.models.clip.model_dump(mode="json"),
             "mllm": content_spec(cfg.models.mllm),
-            "sketch": cfg.sketch.model_dump(mode="json"),
+            "sketch": key_dump(cfg.sketch),
         }
 
     def listed_bad_inputs(self, ctx: StageContext) -> list:
@@ -93,6 +93,9 @@ class SketchStage(Stage):
         plans: list[ShardPlan] = []
         if sc.far_labels > 0:
             plans.append(ShardPlan(len(plans), [{"kind": "far"}]))
+            # EOE's further label sets: each its own conversation, shard and marker
+            plans += [ShardPlan(len(plans) + k - 1, [{"kind": "far", "label_set": k}])
+                      for k in range(1, sc.far_label_sets)]
         plans.append(ShardPlan(len(plans), [{"kind": "negative"}]))
         if sc.fine_labels > 0:
             plans.append(ShardPlan(len(plans), [{"kind": "fine"}]))
@@ -109,7 +112,7 @@ class SketchStage(Stage):
         out = ShardOutput()
         kind = shard.items[0]["kind"]
         if kind == "far":
-            self._far(ctx, out)
+            self._far(ctx, out, shard.items[0].get("label_set", 0))
         elif kind == "negative":
             self._negatives(ctx, out)
         elif kind == "fine":
@@ -158,12 +161,17 @@ class SketchStage(Stage):
             r = row(f"{prefix}_{i:05d}", status, reason, None, kind=kind, text=v.label, leakage=v.leakage, **cols)
             out.add(r, _files(r) if status == "kept" else None)
 
-    def _far(self, ctx: StageContext, out: ShardOutput) -> None:
+    def _far(self, ctx: StageContext, out: ShardOutput, label_set: int = 0) -> None:
         """One conversation: summarise the ID categories, then ask for labels turn by turn.
 
         Every turn resends the earlier answers as they were bounded (``models.mllm.max_answer_bytes``).
+        ``label_set`` k > 0 is one of EOE's further label sets (``sketch.far_label_sets``): its own
+        seed, row keys ``far<k>_...``, kind ``far_set`` and ``source_key`` its conversation's key.
         """
         sc = ctx.cfg.sketch
+        name = "far" if label_set == 0 else f"far{label_set}"
+        cols = {"kind": "far"} if label_set == 0 else {"kind": "far_set", "source_key": f"{name}_conversation"}
+        seed = derive_seed(ctx.cfg.seed, "far") if label_set == 0 else derive_seed(ctx.cfg.seed, "far", label_set)
         classnames = ctx.dataset.classnames
         messages = [
             {
@@ -176,15 +184,14 @@ class SketchStage(Stage):
         labels: list[str] = []
         transcript: list[dict] = []
         max_turns = math.ceil(sc.far_labels / sc.far_per_turn) + 2
-        seed = derive_seed(ctx.cfg.seed, "far")
         try:
             for turn in range(max_turns + 1):
-                key = f"far_turn{turn:02d}"
-                reply = _chat(ctx, out, messages, seed + turn, key, kind="far")
+                key = f"{name}_turn{turn:02d}"
+                reply = _chat(ctx, out, messages, seed + turn, key, **cols)
                 transcript.append({"prompt": messages[-1]["content"][0]["text"], "reply": reply})
                 messages.append({"role": "assistant", "content": [_text(reply)]})
                 if turn > 0:
-                    labels += [x for x in _labels(ctx, out, reply, key, kind="far") if x not in labels]
+                    labels += [x for x in _labels(ctx, out, reply, key, **cols) if x not in labels]
                     if len(labels) >= sc.far_labels:
                         break
                 messages.append(
@@ -193,11 +200,12 @@ class SketchStage(Stage):
         except Exception as err:  # noqa: BLE001 - the failure is recorded as a row
             if is_shard_error(err):
                 raise
-            out.add(row("far_conversation", "failed", type(err).__name__, f"{type(err).__name__}: {err}", kind="far"))
-        out.samples.append(_transcript_sample("far_conversation", transcript))
+            out.add(row(f"{name}_conversation", "failed", type(err).__name__, f"{type(err).__name__}: {err}", **cols))
+        out.samples.append(_transcript_sample(f"{name}_conversation", transcript))
         if not labels and not any(r["status"] == "failed" for r in out.rows):
-            out.add(row("far_conversation", "rejected", "no_labels_parsed", None, kind="far"))
-        self._hygiene(ctx, out, labels[: sc.far_labels] + list(sc.far_extra_labels), "far", "far")
+            out.add(row(f"{name}_conversation", "rejected", "no_labels_parsed", None, **cols))
+        self._hygiene(ctx, out, labels[: sc.far_labels] + list(sc.far_extra_labels), cols["kind"], name,
+                      **{k: v for k, v in cols.items() if k != "kind"})
 
     def _fine(self, ctx: StageContext, out: ShardOutput) -> None:
         """EOE's fine-grained task: other kinds of the ID super-category that are not ID classes."""
@@ -299,7 +307,9 @@ class SketchStage(Stage):
             # leakage is checked on the kept candidates only (a word-set test per evaluation name)
             kept_words = [words[i] for i in sorted(keep)]
             leaked = {v.raw for v in label_hygiene(kept_words, [], eval_ood_names=_eval_names(ctx)) if v.leakage}
-            for i, w in enumerate(words):
+            # rows in the order the negatives are used: the scores group them in that order
+            for i in map(int, neg_row_order(score, sc.neg_order)):
+                w = words[i]
                 if w in id_words:
                     status, reason = "rejected", "equals_id_class"
                 elif i not in keep:
@@ -340,6 +350,19 @@ def neg_mining_keep(sim: np.ndarray, keep_fraction: float, percentile: float) ->
     score = np.percentile(sim, percentile, axis=1)
     # stable sort: equal scores keep lexicon order, so the selection is reproducible
     return np.argsort(score, kind="stable")[: int(len(score) * keep_fraction)]
+
+
+def neg_row_order(score: np.ndarray, order: str) -> np.ndarray:
+    """Order of one part of speech's candidate rows, hence of its kept negatives downstream.
+
+    ``"score"``: NegLabel's (``text_features_neg_noun[ind_noun[...]]``, ``ind = argsort(neg_sim)``):
+    from the least to the most ID-like (stable on ties). ``"lexicon"``: lexicon order.
+    """
+    if order == "score":
+        return np.argsort(score, kind="stable")
+    if order == "lexicon":
+        return np.arange(len(score))
+    raise ValueError(f"unknown sketch.neg_order {order!r}: use 'score' or 'lexicon'")
 
 
 def _transcript_sample(key: str, turns: list[dict]):
