@@ -213,6 +213,9 @@ class SketchConfig(_Strict):
     # labels matching an evaluation OOD class are rejected (reason "leaks_eval_ood") unless kept
     # on purpose, e.g. to reproduce EOE's released label lists
     keep_leaked_labels: bool = False
+    # what counts as naming an evaluation class (ood_core.leakage): the whole label, its WordNet
+    # synonyms and hypernyms ("whole"), or any shared word (the earlier rule, "word_overlap")
+    leakage_match: Literal["whole", "word_overlap"] = "whole"
     # EOE's fine-grained task: N kinds of the ID super-category that are not ID classes
     fine_labels: int = Field(0, ge=0)
     # NegMining scores candidates against ID prompts in NegLabel's template (prompt 85)

@@ -68,21 +68,30 @@ TINY_OOD_SOURCES: dict[str, list[str]] = {
     "tiny-objects": ["coins", "camera", "moon", "page", "hubble_deep_field", "retina", "ihc"],
 }
 
-# The 47 Describable Textures (DTD) classes: the "Textures" OOD benchmark.
-DTD_CLASSNAMES: list[str] = [
-    "banded", "blotchy", "braided", "bubbly", "bumpy", "chequered", "cobwebbed", "cracked",
-    "crosshatched", "crystalline", "dotted", "fibrous", "flecked", "freckled", "frilly", "gauzy",
-    "grid", "grooved", "honeycombed", "interlaced", "knitted", "lacelike", "lined", "marbled",
-    "matted", "meshed", "paisley", "perforated", "pitted", "pleated", "polka-dotted", "porous",
-    "potholed", "scaly", "smeared", "spiralled", "sprinkled", "stained", "stratified", "striped",
-    "studded", "swirly", "veined", "waffled", "woven", "wrinkled", "zigzagged",
-]  # fmt: skip
+
+def _shipped_classnames(name: str) -> list[str]:
+    """A class-name list shipped in ``ood_core/ood_classnames/<name>.txt`` (``#`` lines are its source)."""
+    text = (Path(__file__).parent / "ood_classnames" / f"{name}.txt").read_text(encoding="utf-8")
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+# The standard ImageNet OOD benchmarks' class names, MOS's subsets as MCM, NegLabel and EOE evaluate
+# them: the 47 Describable Textures (DTD) classes ("Textures"), 110 iNaturalist plant species, 50 SUN
+# and 50 Places categories.
+DTD_CLASSNAMES = _shipped_classnames("textures")
+INATURALIST_CLASSNAMES = _shipped_classnames("inaturalist")
+SUN_CLASSNAMES = _shipped_classnames("sun")
+PLACES_CLASSNAMES = _shipped_classnames("places")
 
 # Class names of evaluation OOD sets, for label-leakage checks. Folder sets may instead ship a
 # ``classnames.txt`` (one per line) or class sub-folders; see :func:`ood_classnames`.
 OOD_CLASSNAMES: dict[str, list[str]] = {
     "textures": DTD_CLASSNAMES,
     "dtd": DTD_CLASSNAMES,
+    "inaturalist": INATURALIST_CLASSNAMES,
+    "sun": SUN_CLASSNAMES,
+    "places": PLACES_CLASSNAMES,
+    "places365": PLACES_CLASSNAMES,
     "tiny-textures": ["brick", "brick wall", "grass", "gravel", "stones", "texture"],
     "tiny-objects": [
         "coin", "camera", "cameraman", "photographer", "moon", "page", "text", "book page",

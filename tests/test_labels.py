@@ -70,7 +70,7 @@ def _by_label(vs: list[LabelVerdict]) -> dict[str, LabelVerdict]:
 
 def test_hygiene_reasons_and_order():
     cands = ["Toaster", "toaster", "coffee table", "cats", "Cat", "", "!!", "grid pattern",
-             "a very long label here", "the rocket", "moon rock", "Cup of tea"]  # fmt: skip
+             "a very long label here", "the rocket", "moon rock", "Cup of tea", "Moons"]  # fmt: skip
     vs = label_hygiene(cands, ["cat", "coffee cup", "rocket"], eval_ood_names=["grid", "Moon"], max_words=3)
     assert [v.raw for v in vs] == cands  # one verdict each, input order
     got = {v.raw: (v.status, v.reason, v.matched) for v in vs}
@@ -84,11 +84,10 @@ def test_hygiene_reasons_and_order():
     assert got["the rocket"] == ("rejected", "equals_id_class", "rocket")
     assert got["Cup of tea"] == ("rejected", "overlaps_id_class", "coffee cup")  # "of" ignored
     v = _by_label(vs)
-    assert v["grid pattern"].status == "kept" and v["grid pattern"].leakage
-    assert v["grid pattern"].leak_match == "grid"
-    assert v["moon rock"].leakage and v["moon rock"].status == "kept"
-    assert not v["Toaster"].leakage
-    assert kept_labels(vs) == ["toaster", "grid pattern", "moon rock"]
+    # leakage names a class whole (a plural folded), not by a shared word; flagged, not rejected here
+    assert v["Moons"].status == "kept" and v["Moons"].leakage and v["Moons"].leak_match == "Moon"
+    assert not v["grid pattern"].leakage and not v["moon rock"].leakage and not v["Toaster"].leakage
+    assert kept_labels(vs) == ["toaster", "grid pattern", "moon rock", "moons"]
 
 
 def test_stop_words_do_not_overlap():
