@@ -330,6 +330,7 @@ class FinetuneStage(Stage):
         import pyarrow as pa
 
         from ood_core import report
+        from ood_core.leakage import context_index
         from ood_core.storage import format_counts, parquet_bytes
 
         store = ctx.store
@@ -385,7 +386,8 @@ class FinetuneStage(Stage):
             report.metrics_table_markdown(results, ctx.cfg.finetune.fpr_convention,
                                           temperatures=extra["temperatures"]),
             "",
-            report.leaked_labels_markdown(extra["leaked"], ctx.cfg.sketch.keep_leaked_labels),
+            report.leaked_labels_markdown(extra["leaked"], ctx.cfg.sketch.keep_leaked_labels,
+                                          why=context_index(ctx).match, rule=ctx.cfg.sketch.leakage_match),
             f"ID accuracy: zero-shot {100 * acc['zero_shot']:.2f}%, with adapter {100 * acc['adapted']:.2f}%",
             "",
             "![ROC curves](roc.png)",
