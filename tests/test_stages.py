@@ -55,7 +55,8 @@ def test_text_side_set_composition_by_hand():
     released = text_side_set("released", cached[:1], cached, elaborate, negatives, n_id)
     assert released == [
         {"key": "syn_a", "kind": "boundary", "neg_index": 0},
-        {"key": "syn_nograd_a", "kind": "boundary_no_grad", "neg_index": 2},
+        # the reference labels a source's energy image and reuses that label for its other variants
+        {"key": "syn_nograd_a", "kind": "boundary_no_grad", "neg_index": 0},
         {"key": "t2i_neg_00", "kind": "negative", "neg_index": 2},
     ]
     kept = text_side_set("kept_boundary", cached[:1], cached, elaborate, negatives, n_id)
@@ -87,8 +88,14 @@ def test_released_text_side_trains_on_every_variant_and_the_negative_images(tmp_
     negs = [r["text"] for r in sketch if r["kind"] == "negative" and r["status"] == "kept"]
     kept = [r for r in StageStore(root, "elaborate", keys["elaborate"]).read_manifest().to_pylist()
             if r["status"] == "kept"]
-    want = sorted((r["key"], r["kind"], r["neg_index"] if r["kind"] != "negative" else negs.index(r["label"]))
-                  for r in kept if r["kind"] in ("boundary", "boundary_no_grad", "negative"))
+    by_key = {r["key"]: r for r in kept}
+
+    def label(r):  # a no-gradient image takes its kept energy sibling's negative
+        if r["kind"] == "negative":
+            return negs.index(r["label"])
+        return by_key.get("syn_" + r["source_key"], r)["neg_index"]
+
+    want = sorted((r["key"], r["kind"], label(r)) for r in kept if r["kind"] in ("boundary", "boundary_no_grad", "negative"))
     fstore = StageStore(root, "finetune", keys["finetune"])
     got = pq.read_table(io.BytesIO(fstore.read_bytes(fstore.path("artifacts", "text_side_set.parquet")))).to_pylist()
     assert sorted((r["key"], r["kind"], r["neg_index"]) for r in got) == want

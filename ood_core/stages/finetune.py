@@ -461,7 +461,10 @@ def text_side_set(data: str, adapter_rows: list[dict], cached: list[dict], elabo
 
     ``kept_boundary``: the adapter's synthetic set, each image with its assigned (argmax) negative.
     ``released`` (datasets.py 304-334): every cached kept image of a near kind with its assigned
-    negative, plus every ``negative`` text-to-image image with the negative it was drawn from.
+    negative, plus every ``negative`` text-to-image image with the negative it was drawn from. As in
+    the reference (ood_label_mining.py labels the energy images; every variant of a source file
+    reuses that label), a no-gradient image takes its energy sibling's negative when that image was
+    kept, else its own.
     """
     meta = {r["key"]: r for r in elaborate_rows}
 
@@ -473,11 +476,16 @@ def text_side_set(data: str, adapter_rows: list[dict], cached: list[dict], elabo
     index = {}
     for i, w in enumerate(negatives):
         index.setdefault(w, i)
+    from ood_core.stages.generate import BOUNDARY_VARIANTS
+
+    no_grad = f"syn_{BOUNDARY_VARIANTS['no_grad'].prefix}"
+    assigned = {r["key"]: int(r["label_idx"]) - n_id for r in cached}
     out = []
     for r in cached:
         k = kind(r)
         if k in NEAR_KINDS:
-            out.append({"key": r["key"], "kind": k, "neg_index": int(r["label_idx"]) - n_id})
+            energy_key = r["key"].replace(no_grad, "syn_", 1)
+            out.append({"key": r["key"], "kind": k, "neg_index": assigned.get(energy_key, assigned[r["key"]])})
         elif k == FAR_NEGATIVE_KIND and meta[r["key"]].get("label") in index:
             out.append({"key": r["key"], "kind": k, "neg_index": index[meta[r["key"]]["label"]]})
     if not out:
