@@ -224,6 +224,9 @@ class SketchConfig(_Strict):
     # labels matching an evaluation OOD class are rejected (reason "leaks_eval_ood") unless kept
     # on purpose, e.g. to reproduce EOE's released label lists
     keep_leaked_labels: bool = False
+    # what counts as naming an evaluation class (ood_core.leakage): the whole label, its WordNet
+    # synonyms and hypernyms ("whole"), or any shared word (the earlier rule, "word_overlap")
+    leakage_match: Literal["whole", "word_overlap"] = "whole"
     # EOE's fine-grained task: N kinds of the ID super-category that are not ID classes
     fine_labels: int = Field(0, ge=0)
     # NegMining scores candidates against ID prompts in NegLabel's template (prompt 85)
@@ -257,8 +260,19 @@ class GenerateConfig(_Strict):
     # the generation round (e.g. a nightly run's date; not the `rounds` of noise optimisation):
     # folded into generate's seed and key, so each round makes new data while sketch is reused
     round: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$")
-    # MM-OOD far branch: text-to-image samples of sketched outlier labels (kinds from sketch)
-    t2i_kinds: list[Literal["far", "near"]] = ["far"]
+    # SynOOD's near-OOD variants (the reference's generation folders, ``near_{energy,no_grad}``):
+    # ``energy`` = the energy-guided rounds above (kind ``boundary``); ``no_grad`` = one round
+    # without a noise step from the same seed (kind ``boundary_no_grad``: the energy sample's
+    # first-round image). The reference's third, ``msp``-guided variant has no equivalent here
+    # (its loss feeds kl_div probabilities, one of the faults listed in DESIGN.md)
+    boundary_variants: list[Literal["energy", "no_grad"]] = ["energy"]
+    # text-to-image samples of sketched outlier labels (MM-OOD's far branch: far / near) and of
+    # mined negative labels (``negative``: SynOOD's ``far_neg_label`` folder, labelled with the
+    # negative they show)
+    t2i_kinds: list[Literal["far", "near", "negative"]] = ["far"]
+    # kind ``negative``: how many kept negative labels are drawn (a seeded sample, sketch order
+    # kept); None: every one
+    t2i_negative_labels: int | None = Field(None, ge=1)
     images_per_label: int = Field(4, ge=0)
     t2i_steps: int = Field(25, ge=1)
     t2i_guidance: float = Field(7.5, ge=0.0)
@@ -372,6 +386,11 @@ class FinetuneConfig(_Strict):
     synood_data: Literal["sources", "all"] = "sources"
     adapter_init_gain: float = Field(1.0, gt=0.0)
     synood_text: Literal["released", "joint"] = "released"
+    # which images the released text side trains on: ``kept_boundary`` (the adapter's synthetic
+    # set, ``synthetic_kinds``: kept boundary images by default) or ``released`` (datasets.py
+    # 304-334: kept near-OOD images of every boundary variant with their assigned negatives, plus
+    # kept ``negative`` text-to-image images labelled with the negative they were drawn from)
+    synood_text_data: Literal["kept_boundary", "released"] = "kept_boundary"
     multi_os: bool = True
     fpr_convention: Literal["openood", "mcm"] = "openood"
     loss: Literal["ce", "ce+contrastive"] = "ce"  # ce+contrastive: adds Multi-OS's loss to SynOOD's adapter

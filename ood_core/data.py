@@ -68,21 +68,30 @@ TINY_OOD_SOURCES: dict[str, list[str]] = {
     "tiny-objects": ["coins", "camera", "moon", "page", "hubble_deep_field", "retina", "ihc"],
 }
 
-# The 47 Describable Textures (DTD) classes: the "Textures" OOD benchmark.
-DTD_CLASSNAMES: list[str] = [
-    "banded", "blotchy", "braided", "bubbly", "bumpy", "chequered", "cobwebbed", "cracked",
-    "crosshatched", "crystalline", "dotted", "fibrous", "flecked", "freckled", "frilly", "gauzy",
-    "grid", "grooved", "honeycombed", "interlaced", "knitted", "lacelike", "lined", "marbled",
-    "matted", "meshed", "paisley", "perforated", "pitted", "pleated", "polka-dotted", "porous",
-    "potholed", "scaly", "smeared", "spiralled", "sprinkled", "stained", "stratified", "striped",
-    "studded", "swirly", "veined", "waffled", "woven", "wrinkled", "zigzagged",
-]  # fmt: skip
+
+def _shipped_classnames(name: str) -> list[str]:
+    """A class-name list shipped in ``ood_core/ood_classnames/<name>.txt`` (``#`` lines are its source)."""
+    text = (Path(__file__).parent / "ood_classnames" / f"{name}.txt").read_text(encoding="utf-8")
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+# The standard ImageNet OOD benchmarks' class names, MOS's subsets as MCM, NegLabel and EOE evaluate
+# them: the 47 Describable Textures (DTD) classes ("Textures"), 110 iNaturalist plant species, 50 SUN
+# and 50 Places categories.
+DTD_CLASSNAMES = _shipped_classnames("textures")
+INATURALIST_CLASSNAMES = _shipped_classnames("inaturalist")
+SUN_CLASSNAMES = _shipped_classnames("sun")
+PLACES_CLASSNAMES = _shipped_classnames("places")
 
 # Class names of evaluation OOD sets, for label-leakage checks. Folder sets may instead ship a
 # ``classnames.txt`` (one per line) or class sub-folders; see :func:`ood_classnames`.
 OOD_CLASSNAMES: dict[str, list[str]] = {
     "textures": DTD_CLASSNAMES,
     "dtd": DTD_CLASSNAMES,
+    "inaturalist": INATURALIST_CLASSNAMES,
+    "sun": SUN_CLASSNAMES,
+    "places": PLACES_CLASSNAMES,
+    "places365": PLACES_CLASSNAMES,
     "tiny-textures": ["brick", "brick wall", "grass", "gravel", "stones", "texture"],
     "tiny-objects": [
         "coin", "camera", "cameraman", "photographer", "moon", "page", "text", "book page",
@@ -455,7 +464,8 @@ def _layout_help(root: Path) -> str:
     return (
         f"expected an image folder tree: {root}/train/<class>/*.JPEG (one folder per class, "
         f"e.g. ImageNet WordNet ids like n01440764) and optionally {root}/val/<class>/* for the "
-        f"test split; set data.root to that folder"
+        f"test split (or Food-101's release: {root}/images/<class>/*.jpg with {root}/meta/train.txt and "
+        f"meta/test.txt); set data.root to that folder"
     )
 
 
@@ -495,14 +505,23 @@ def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
 
     ``images_per_class`` is the total per class; ``test_fraction`` of it is test. Test images come
     from ``val/`` when it has the class, else from a seeded split of the (first, sorted) train files.
+    A root with official split files (Food-101: ``images/<class>/<id>.jpg``, ``meta/train.txt``,
+    ``meta/test.txt``) is read through them instead (:func:`split_file_listing`): the test split is
+    the official one, whole.
     """
     if not cfg.root:
         raise DataError("data.root is not set for id_source 'imagefolder'; " + _layout_help(Path("<root>")))
     root = Path(cfg.root).expanduser()
-    train_dir = root / "train"
-    if not train_dir.is_dir():
-        raise DataError(f"ID folder {train_dir} does not exist; " + _layout_help(root))
-    folders = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    listed_splits = split_file_listing(root)
+    if listed_splits is not None:  # Food-101's release: images/<class>/* and meta/{train,test}.txt
+        train_listing, val_by_class = listed_splits
+        train_dir = root / "images"
+        folders = sorted(train_listing)
+    else:
+        train_dir = root / "train"
+        if not train_dir.is_dir():
+            raise DataError(f"ID folder {train_dir} does not exist; " + _layout_help(root))
+        folders = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not folders:
         raise DataError(f"no class folders in {train_dir}; " + _layout_help(root))
     if cfg.max_classes:
@@ -522,14 +541,15 @@ def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
     slugs = [slug(f) for f in folders]
     if len(set(slugs)) != len(slugs):
         slugs = [f"{s}_{i:04d}" for i, s in enumerate(slugs)]
-    val_by_class = val_files_by_class(root, folders)
+    if listed_splits is None:
+        val_by_class = val_files_by_class(root, folders)
     n = cfg.images_per_class
     records: list[ImageRecord] = []
     bad: list[BadInput] = []
     kept_names: list[str] = []
     kept_ids: list[str] = []
     for folder, name, s in zip(folders, classnames, slugs, strict=True):
-        listed = _list_images(train_dir / folder)
+        listed = train_listing[folder] if listed_splits is not None else _list_images(train_dir / folder)
         if not listed:
             raise DataError(f"class folder {train_dir / folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
         before = len(bad)
@@ -615,6 +635,39 @@ def flat_val_labels(root: Path) -> tuple[dict[str, str], Path] | None:
     if devkit is not None and (devkit / "data" / "meta.mat").exists():
         return read_devkit_labels(devkit), devkit
     return None
+
+
+SPLIT_FILES = ("meta/train.txt", "meta/test.txt")
+
+
+def split_file_listing(root: Path) -> tuple[dict[str, list[Path]], dict[str, list[Path]]] | None:
+    """``({class: train paths}, {class: test paths})`` from official split files, or None without them.
+
+    Food-101's layout: ``meta/train.txt`` / ``meta/test.txt`` list ``<class>/<id>`` (no extension:
+    ``.jpg`` is added) under ``images/``. Paths are sorted per class; a listed file that is missing
+    fails later as a bad input with its reason, never silently.
+    """
+    train_txt, test_txt = (root / f for f in SPLIT_FILES)
+    if not (train_txt.is_file() and test_txt.is_file() and (root / "images").is_dir()):
+        return None
+
+    def read(path: Path) -> dict[str, list[Path]]:
+        out: dict[str, list[Path]] = {}
+        for ln in path.read_text().splitlines():
+            entry = ln.strip()
+            if not entry:
+                continue
+            if "/" not in entry:
+                raise DataError(f"{path}: line {entry!r} is not '<class>/<image id>'")
+            cls = entry.split("/", 1)[0]
+            name = entry if Path(entry).suffix.lower() in IMAGE_EXTENSIONS else entry + ".jpg"
+            out.setdefault(cls, []).append(root / "images" / name)
+        return {c: sorted(ps, key=lambda p: p.as_posix()) for c, ps in out.items()}
+
+    train, test = read(train_txt), read(test_txt)
+    if not train:
+        raise DataError(f"{train_txt} lists no images")
+    return train, test
 
 
 def val_files_by_class(root: Path, folders: list[str]) -> dict[str, list[Path]]:

@@ -7,8 +7,8 @@
 * :func:`label_hygiene` gives every candidate exactly one :class:`LabelVerdict`: rejected when it is
   empty, holds path characters, mixes scripts, is too long, a duplicate, equal to /
   word-overlapping / too text-similar to an ID class; and
-  flagged (not rejected) when it matches an evaluation OOD class name — label leakage, which would
-  make the benchmark numbers meaningless.
+  flagged (not rejected) when it names an evaluation OOD class (:mod:`ood_core.leakage`) — label
+  leakage, which would make the benchmark numbers meaningless.
 * :func:`context_prompt` builds SynOOD's ``A photo only remain {context}.`` prompt.
 """
 
@@ -18,9 +18,12 @@ import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ood_core.leakage import LeakIndex
 
 STOP_WORDS = frozenset(
     "a an the of and or in on at by for from to with without into onto over under its it this that "
@@ -300,7 +303,7 @@ def label_hygiene(
     candidates: list[str],
     id_classnames: list[str],
     *,
-    eval_ood_names: Sequence[str] | None = None,
+    eval_ood_names: Sequence[str | tuple[str, str]] | LeakIndex | None = None,
     text_cosine: Callable[[list[str], list[str]], np.ndarray] | None = None,
     overlap_cosine: float = 0.85,
     max_words: int | None = None,
@@ -314,14 +317,15 @@ def label_hygiene(
     (an instruction, role marker or URL, see :func:`injection`), too_long (> ``max_words`` words
     or > ``max_chars`` characters), duplicate, equals_id_class, overlaps_id_class (shared content word),
     too_similar_to_id (max of ``text_cosine(labels, id_classnames)`` above ``overlap_cosine``).
-    Independently, ``leakage`` is set when the label equals or overlaps a name in
-    ``eval_ood_names``.
+    Independently, ``leakage`` is set when the label names a class of ``eval_ood_names`` (names,
+    ``(set, name)`` pairs or a :class:`ood_core.leakage.LeakIndex`; plain names are matched whole,
+    with their WordNet synonyms and hypernyms: :mod:`ood_core.leakage`); ``leak_match`` is that class.
     """
-    ood_names = list(eval_ood_names or [])
+    from ood_core.leakage import LeakIndex, leak_index
+
+    leaks = eval_ood_names if isinstance(eval_ood_names, LeakIndex) else leak_index(list(eval_ood_names or []))
     id_norm = [normalize_label(c) for c in id_classnames]
     id_words = [content_words(c) for c in id_classnames]
-    ood_norm = [normalize_label(c) for c in ood_names]
-    ood_words = [content_words(c) for c in ood_names]
 
     verdicts: list[dict] = []
     seen: dict[str, str] = {}
@@ -334,9 +338,8 @@ def label_hygiene(
             v["reason"] = "empty"
             continue
         words = content_words(label)
-        eq, ov = _first_match(label, words, ood_names, ood_norm, ood_words)
-        if eq or ov:
-            v["leakage"], v["leak_match"] = True, eq or ov
+        if leak := leaks.match(label):
+            v["leakage"], v["leak_match"] = True, leak.name
         if unsafe_characters(label):
             v["reason"] = "unsafe_characters"
             continue

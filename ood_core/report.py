@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,15 +109,26 @@ def metrics_table_markdown(
     return "\n".join(lines) + "\n"
 
 
-def leaked_labels_markdown(rows: Sequence[Mapping[str, Any]], kept: bool) -> str:
-    """A section listing the labels flagged as naming an evaluation OOD class (label leakage)."""
-    head = "## Leaked labels (match an evaluation OOD class)"
+def leaked_labels_markdown(rows: Sequence[Mapping[str, Any]], kept: bool, why: Callable[[str], Any] | None = None,
+                           rule: str = "") -> str:
+    """A section with a table of the labels flagged as naming an evaluation OOD class (label leakage):
+    per label its kind and, from ``why(label)`` (an :class:`ood_core.leakage.LeakMatch` or None), the
+    OOD set and class it names, how (equal / synonym / hypernym / word) and through what."""
+    head = "## Leaked labels (name an evaluation OOD class)"
     if not rows:
         return f"{head}\n\nNone found.\n"
     fate = "KEPT in the label sets (sketch.keep_leaked_labels: true)" if kept else "excluded from every label set"
-    lines = [head, "", f"{len(rows)} label(s), {fate}:", ""]
-    lines += [f"- `{r['text']}` ({r['kind']})" for r in rows]
+    lines = [head, "", f"{len(rows)} label(s), {fate}" + (f"; rule `{rule}`" if rule else "") + ":", "",
+             "| label | kind | OOD set | class | how | via |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        m = why(r["text"]) if why is not None else None
+        cells = [m.ood_set, m.name, m.how, m.via or "-"] if m is not None else ["?"] * 4
+        lines.append("| " + " | ".join([f"`{r['text']}`", str(r["kind"]), *(_cell(c) for c in cells)]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
 
 
 def _new_figure(width: float, height: float) -> Any:

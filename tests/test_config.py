@@ -10,6 +10,18 @@ def test_presets_validate():
         assert cfg.preset == name
 
 
+def test_food101_preset_is_mm_ood_paper_setting_and_the_old_one_has_a_name():
+    cfg = load_config("food101")
+    # the OOD sets EOE (args_pool.py) and MCM use for Food-101, LLaVA-1.5 (the paper's headline), L = 500
+    assert cfg.data.ood_sets == ["iNaturalist", "SUN", "Places", "Textures"]
+    assert cfg.models.mllm.name == "llava-hf/llava-1.5-7b-hf"
+    assert cfg.sketch.far_labels == 500
+    old = load_config("food101-cub-dogs-pets")
+    assert old.data.ood_sets == ["CUB-200", "Stanford-Dogs", "Oxford-Pets"]
+    assert old.models.mllm.name == "Qwen/Qwen2-VL-7B-Instruct" and old.sketch.far_labels == 100
+    assert old.data.root == cfg.data.root and old.data.images_per_class == cfg.data.images_per_class
+
+
 def test_set_overrides_any_field_with_typed_values():
     cfg = load_config("tiny", ["generate.rounds=1", "elaborate.energy_band=[-3, 5]", "models.device=cpu"])
     assert cfg.generate.rounds == 1

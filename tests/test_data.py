@@ -149,6 +149,33 @@ def test_imagefolder_with_val_and_imagenet_names(tmp_path):
     assert len(ds.train()) == 8 and all("/train/" in r.source for r in ds.train())
 
 
+def test_food101_split_files_are_the_splits(tmp_path):
+    """Food-101's release: images/<class>/<id>.jpg listed by meta/train.txt and meta/test.txt."""
+    rng = np.random.default_rng(0)
+    listing = {"train": ["apple_pie/1005", "apple_pie/0042", "baklava/7", "baklava/9", "baklava/11"],
+               "test": ["apple_pie/0133", "baklava/3"]}
+    for entry in [*listing["train"], *listing["test"], "baklava/unlisted"]:  # an image no split lists
+        (tmp_path / "images" / entry).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{entry}.jpg")
+    (tmp_path / "meta").mkdir()
+    for split, lines in listing.items():
+        (tmp_path / "meta" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(id_source="imagefolder", root=str(tmp_path), images_per_class=2)
+    ds = load_id_dataset(cfg, seed=0)
+    assert ds.classnames == ["apple pie", "baklava"]
+
+    def files(split):
+        return sorted(r.source.split("/images/", 1)[1] for r in ds.records if r.split == split)
+
+    # the official test split whole; training takes the first images_per_class listed per class (sorted)
+    assert files("test") == ["apple_pie/0133.jpg", "baklava/3.jpg"]
+    assert files("train") == ["apple_pie/0042.jpg", "apple_pie/1005.jpg", "baklava/11.jpg", "baklava/7.jpg"]
+    # without the split files the same root is not a Food-101 tree: the train/ layout is required
+    (tmp_path / "meta" / "test.txt").unlink()
+    with pytest.raises(DataError, match="meta/train.txt"):
+        load_id_dataset(cfg, 0)
+
+
 def test_imagefolder_errors(tmp_path):
     with pytest.raises(DataError, match="train/<class>"):
         load_id_dataset(DataConfig(id_source="imagefolder", root=str(tmp_path / "nope")), 0)

@@ -47,8 +47,8 @@ def test_invisible_characters_do_not_split_words(sep):
     assert (_verdict(cat).reason, _verdict(cat).matched) == ("equals_id_class", "cat")
     v = _verdict(f"co{sep}ffee table")
     assert (v.reason, v.matched) == ("overlaps_id_class", "coffee cup")
-    leak = _verdict(f"br{sep}ick wall")
-    assert leak.leakage and leak.leak_match == "brick" and leak.label == "brick wall"
+    leak = _verdict(f"br{sep}icks")
+    assert leak.leakage and leak.leak_match == "brick" and leak.label == "bricks"
 
 
 def test_invisible_characters_in_an_answer_are_removed_before_parsing():
@@ -57,7 +57,8 @@ def test_invisible_characters_in_an_answer_are_removed_before_parsing():
     assert labels == ["cat", "rocket", "moon rock", "lampshade"]
     vs = {v.label: v for v in label_hygiene(labels, ID, eval_ood_names=EVAL)}
     assert vs["cat"].reason == "equals_id_class" and vs["rocket"].reason == "equals_id_class"
-    assert vs["moon rock"].leakage and kept_labels(vs.values()) == ["moon rock", "lampshade"]
+    # a label sharing a word with an evaluation class ("Moon") does not name it
+    assert not vs["moon rock"].leakage and kept_labels(vs.values()) == ["moon rock", "lampshade"]
 
 
 @pytest.mark.parametrize("label", ["r\u043ecket", "\u0441offee table", "t\u043easter", "b\u03b1nana",

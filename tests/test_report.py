@@ -144,3 +144,17 @@ def test_report_images_are_linked_not_inlined_in_the_prefect_artifact():
     assert "[ROC (roc.png)](s3://b/run/finetune/k/artifacts/roc.png)" in out
     assert "[grid (samples/grid.png)](s3://b/run/finetune/k/artifacts/samples/grid.png)" in out
     assert "![" not in out and "base64" not in out
+
+
+def test_leaked_labels_section_says_what_each_label_names_and_why():
+    from ood_core.data import DTD_CLASSNAMES
+    from ood_core.leakage import leak_index
+    from ood_core.report import leaked_labels_markdown
+
+    rows = [{"text": "banded", "kind": "negative"}, {"text": "woven basket", "kind": "far"}]
+    index = leak_index([("Textures", n) for n in DTD_CLASSNAMES], "word_overlap")
+    md = leaked_labels_markdown(rows, kept=False, why=index.match, rule="word_overlap")
+    assert "2 label(s), excluded from every label set; rule `word_overlap`" in md
+    assert "| `banded` | negative | Textures | banded | equal | - |" in md
+    assert "| `woven basket` | far | Textures | woven | word | shares 'woven' |" in md
+    assert "None found" in leaked_labels_markdown([], kept=False)

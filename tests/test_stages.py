@@ -70,3 +70,70 @@ def test_eoe_label_sets_are_shards_of_their_own(tmp_path):
     assert sets[1] == kept(("far_set",), "far1_conversation") + kept(("near", "fine"))
     assert sets[2] == kept(("far_set",), "far2_conversation") + kept(("near", "fine"))
     assert kept(("far_set",), "far1_conversation")  # tiny's far_extra_labels go through each set's hygiene
+def test_text_side_set_composition_by_hand():
+    from ood_core.stages.finetune import text_side_set
+
+    n_id = 3
+    negatives = ["moss", "kettle", "dune"]
+    cached = [  # finetune's cached synthetic rows: label_idx = n_id + the assigned (argmax) negative
+        {"key": "syn_a", "label_idx": 3}, {"key": "syn_nograd_a", "label_idx": 5},
+        {"key": "t2i_far_00", "label_idx": 4}, {"key": "t2i_neg_00", "label_idx": 3},
+        {"key": "t2i_gone_00", "label_idx": 3},
+    ]
+    elaborate = [
+        {"key": "syn_a", "kind": "boundary", "label": None},
+        {"key": "syn_nograd_a", "kind": "boundary_no_grad", "label": None},
+        {"key": "t2i_far_00", "kind": "far", "label": "volcano"},
+        {"key": "t2i_neg_00", "kind": "negative", "label": "dune"},  # drawn from "dune", argmax said "moss"
+        {"key": "t2i_gone_00", "kind": "negative", "label": "not a kept negative"},
+    ]
+    released = text_side_set("released", cached[:1], cached, elaborate, negatives, n_id)
+    assert released == [
+        {"key": "syn_a", "kind": "boundary", "neg_index": 0},
+        # the reference labels a source's energy image and reuses that label for its other variants
+        {"key": "syn_nograd_a", "kind": "boundary_no_grad", "neg_index": 0},
+        {"key": "t2i_neg_00", "kind": "negative", "neg_index": 2},
+    ]
+    kept = text_side_set("kept_boundary", cached[:1], cached, elaborate, negatives, n_id)
+    assert kept == [{"key": "syn_a", "kind": "boundary", "neg_index": 0}]
+
+
+def test_released_text_side_trains_on_every_variant_and_the_negative_images(tmp_path):
+    import io
+
+    import pyarrow.parquet as pq
+
+    from tests.test_batching import _overrides
+
+    extra = {"generate.boundary_variants": "[energy, no_grad]", "generate.t2i_kinds": "[far, negative]",
+             "generate.t2i_negative_labels": "2", "finetune.synood_text_data": "released"}
+    cfg = load_config("tiny", _overrides(str(tmp_path / "m"), **extra))
+    root = str(tmp_path / "run")
+    results = run_local(cfg, root, log=lambda m: None)
+    keys = resolve_keys(cfg)
+    gen = {r["key"]: r for r in StageStore(root, "generate", keys["generate"]).read_manifest().to_pylist()}
+    nograd = [r for r in gen.values() if r["kind"] == "boundary_no_grad"]
+    assert nograd and all(r["rounds"] == 1 for r in nograd)
+    # the no-gradient variant starts from its energy sample's noise
+    assert all(r["seed"] == gen["syn_" + r["source_key"]]["seed"] for r in nograd)
+    assert len({r["label"] for r in gen.values() if r["kind"] == "negative"}) == 2
+    # expected by hand: every kept near image with its assigned negative, every kept negative
+    # image with the negative it shows (index in sketch's kept negatives)
+    sketch = StageStore(root, "sketch", keys["sketch"]).read_manifest().to_pylist()
+    negs = [r["text"] for r in sketch if r["kind"] == "negative" and r["status"] == "kept"]
+    kept = [r for r in StageStore(root, "elaborate", keys["elaborate"]).read_manifest().to_pylist()
+            if r["status"] == "kept"]
+    by_key = {r["key"]: r for r in kept}
+
+    def label(r):  # a no-gradient image takes its kept energy sibling's negative
+        if r["kind"] == "negative":
+            return negs.index(r["label"])
+        return by_key.get("syn_" + r["source_key"], r)["neg_index"]
+
+    want = sorted((r["key"], r["kind"], label(r)) for r in kept if r["kind"] in ("boundary", "boundary_no_grad", "negative"))
+    fstore = StageStore(root, "finetune", keys["finetune"])
+    got = pq.read_table(io.BytesIO(fstore.read_bytes(fstore.path("artifacts", "text_side_set.parquet")))).to_pylist()
+    assert sorted((r["key"], r["kind"], r["neg_index"]) for r in got) == want
+    assert {"boundary", "boundary_no_grad"} <= {k for _, k, _ in want}
+    text_side = results["finetune"]["summary"]["train"]["text_side"]
+    assert text_side["data"] == "released" and sum(text_side["kinds"].values()) == len(want)

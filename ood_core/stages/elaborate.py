@@ -65,22 +65,10 @@ def _text(s: str) -> dict:
     return {"type": "text", "text": s}
 
 
-def eval_ood_names(ctx: StageContext) -> list[str]:
-    """Names that count as label leakage: configured names + every evaluation set's class names."""
-    from ood_core.data import ood_classnames
-
-    cache = ctx.__dict__.setdefault("_eval_names", {})
-    if "names" not in cache:
-        names = list(ctx.cfg.sketch.eval_ood_names)
-        for name in ctx.cfg.data.ood_sets:
-            names += ood_classnames(name, ctx.cfg.data)
-        cache["names"] = names
-    return cache["names"]
-
-
 def hygiene(ctx: StageContext, labels: list[str]):
     """Sketch's label hygiene (ID overlap by words and text cosine, dedupe, leakage flag)."""
     from ood_core.labels import label_hygiene
+    from ood_core.leakage import context_index
 
     clip = ctx.models.clip()
 
@@ -90,7 +78,7 @@ def hygiene(ctx: StageContext, labels: list[str]):
     return label_hygiene(
         labels,
         ctx.dataset.classnames,
-        eval_ood_names=eval_ood_names(ctx),
+        eval_ood_names=context_index(ctx),
         text_cosine=text_cosine,
         overlap_cosine=ctx.cfg.sketch.overlap_cosine,
         max_words=ctx.cfg.elaborate.max_label_words,

@@ -201,7 +201,8 @@ class FinetuneStage(Stage):
         mm_text = ctx.text_features([ID_PROMPT.format(t) for t in mm_labels]) if mm_labels else None
         log(f"[finetune] outlier labels: EOE {len(outliers)} sketched ({1 + len(further_sets)} label set(s)), "
             f"MM-OOD {len(mm_labels)} sketched + elaborated")
-        by_role["synthetic"] = select_synthetic(ctx, by_role.get("synthetic", []))
+        all_synthetic = by_role.get("synthetic", [])
+        by_role["synthetic"] = select_synthetic(ctx, all_synthetic)
 
         # 3. SynOOD image side: source ID images paired 1:1 with their kept synthetic images
         syn_rows = by_role["synthetic"]
@@ -232,10 +233,15 @@ class FinetuneStage(Stage):
         )
         # 3b. SynOOD text side
         txt_progress = lambda e, loss: log(f"[finetune] negatives epoch {e + 1}/{fc.text_epochs} loss {loss:.4f}")  # noqa: E731
+        text_set = text_side_set(fc.synood_text_data, by_role["synthetic"], all_synthetic,
+                                 window_rows(ctx, status="kept"), ctx.negatives[0], n_id)
+        log(f"[finetune] text side ({fc.synood_text_data}): {len(text_set)} images, by kind "
+            f"{format_kinds(text_set)}")
         if fc.synood_text == "released":
             neg_raw = ctx.models.clip().encode_texts(ctx.negatives[1], normalize=False)
             tuned_np, _, txt_hist = train_negative_text_released(
-                x_syn, neg_index, neg_raw, fc, seed=ctx.cfg.seed, progress=txt_progress, device=device)
+                raw([t["key"] for t in text_set]), torch.tensor([t["neg_index"] for t in text_set]), neg_raw, fc,
+                seed=ctx.cfg.seed, progress=txt_progress, device=device)
             tuned_neg = torch.from_numpy(tuned_np)
         else:
             with torch.no_grad():
@@ -307,7 +313,7 @@ class FinetuneStage(Stage):
                 f"AUROC {100 * results[method]['average']['auroc']:6.2f}")
 
         # 6. artifacts: weights, scores, metrics, report
-        extra = {"temperatures": temperatures, "leaked": leaked}
+        extra = {"temperatures": temperatures, "leaked": leaked, "text_set": text_set}
         self._write_artifacts(ctx, adapter, tuned_neg, scores, by_role, results, curves, acc, img_hist, txt_hist,
                               extra)
         return {
@@ -317,7 +323,8 @@ class FinetuneStage(Stage):
             "id_accuracy": acc,
             "convention": fc.fpr_convention,
             "train": {"adapter_loss": img_hist, "negatives_loss": txt_hist, "samples": len(x_train),
-                      "synthetic": len(by_role["synthetic"])},
+                      "synthetic": len(by_role["synthetic"]),
+                      "text_side": {"data": fc.synood_text_data, "kinds": _kind_counts(text_set)}},
             # EOE scores with the sketched labels, MM-OOD with sketched + elaborated (mixed near/far)
             "outlier_labels": {"eoe": outliers, "mm_ood": mm_labels},
             "eoe_label_sets": [len(outliers), *(len(x) for x in further_sets)],
@@ -330,6 +337,7 @@ class FinetuneStage(Stage):
         import pyarrow as pa
 
         from ood_core import report
+        from ood_core.leakage import context_index
         from ood_core.storage import format_counts, parquet_bytes
 
         store = ctx.store
@@ -348,6 +356,11 @@ class FinetuneStage(Stage):
         for method, per_role in scores.items():
             table[method] = np.concatenate([per_role[r] for r in ["id_test"] + sorted(x for x in per_role if x != "id_test")]).tolist()
         store.write_bytes(art("scores.parquet"), parquet_bytes(pa.table(table)))
+        # the text side's training set, image by image (which kind, which negative label)
+        ts = extra["text_set"]
+        store.write_bytes(art("text_side_set.parquet"), parquet_bytes(pa.table(
+            {c: [t[c] for t in ts] for c in ("key", "kind", "neg_index")},
+            schema=pa.schema([("key", pa.string()), ("kind", pa.string()), ("neg_index", pa.int32())]))))
         metrics = {"convention": ctx.cfg.finetune.fpr_convention, "results": results, "id_accuracy": acc,
                    "temperatures": extra["temperatures"], "leaked_labels": [r["text"] for r in extra["leaked"]],
                    "adapter_loss": img_hist, "negatives_loss": txt_hist}
@@ -380,7 +393,8 @@ class FinetuneStage(Stage):
             report.metrics_table_markdown(results, ctx.cfg.finetune.fpr_convention,
                                           temperatures=extra["temperatures"]),
             "",
-            report.leaked_labels_markdown(extra["leaked"], ctx.cfg.sketch.keep_leaked_labels),
+            report.leaked_labels_markdown(extra["leaked"], ctx.cfg.sketch.keep_leaked_labels,
+                                          why=context_index(ctx).match, rule=ctx.cfg.sketch.leakage_match),
             f"ID accuracy: zero-shot {100 * acc['zero_shot']:.2f}%, with adapter {100 * acc['adapted']:.2f}%",
             "",
             "![ROC curves](roc.png)",
@@ -456,6 +470,61 @@ def mm_ood_labels(ctx: StageContext) -> list[str]:
     near = list(dict.fromkeys(r["label"] for r in kept if r["kind"] == "near"))
     far = list(dict.fromkeys(r["label"] for r in kept if r["kind"] == "far" and r["label"] not in near))
     return mix_labels(near, far, ctx.cfg.finetune.mm_ood_near_ratio)
+
+
+# finetune.synood_text_data: released -> the kinds of SynOOD's near-OOD folders (near_energy,
+# near_no_grad; near_msp has no equivalent) and of its far_neg_label folder
+NEAR_KINDS = ("boundary", "boundary_no_grad")
+FAR_NEGATIVE_KIND = "negative"
+
+
+def text_side_set(data: str, adapter_rows: list[dict], cached: list[dict], elaborate_rows: list[dict],
+                  negatives: list[str], n_id: int) -> list[dict]:
+    """SynOOD's text-side training images as ``[{key, kind, neg_index}]``, in cache order.
+
+    ``kept_boundary``: the adapter's synthetic set, each image with its assigned (argmax) negative.
+    ``released`` (datasets.py 304-334): every cached kept image of a near kind with its assigned
+    negative, plus every ``negative`` text-to-image image with the negative it was drawn from. As in
+    the reference (ood_label_mining.py labels the energy images; every variant of a source file
+    reuses that label), a no-gradient image takes its energy sibling's negative when that image was
+    kept, else its own.
+    """
+    meta = {r["key"]: r for r in elaborate_rows}
+
+    def kind(r: dict) -> str:
+        return meta.get(r["key"], {}).get("kind") or "boundary"
+
+    if data == "kept_boundary":
+        return [{"key": r["key"], "kind": kind(r), "neg_index": int(r["label_idx"]) - n_id} for r in adapter_rows]
+    index = {}
+    for i, w in enumerate(negatives):
+        index.setdefault(w, i)
+    from ood_core.stages.generate import BOUNDARY_VARIANTS
+
+    no_grad = f"syn_{BOUNDARY_VARIANTS['no_grad'].prefix}"
+    assigned = {r["key"]: int(r["label_idx"]) - n_id for r in cached}
+    out = []
+    for r in cached:
+        k = kind(r)
+        if k in NEAR_KINDS:
+            energy_key = r["key"].replace(no_grad, "syn_", 1)
+            out.append({"key": r["key"], "kind": k, "neg_index": assigned.get(energy_key, assigned[r["key"]])})
+        elif k == FAR_NEGATIVE_KIND and meta[r["key"]].get("label") in index:
+            out.append({"key": r["key"], "kind": k, "neg_index": index[meta[r["key"]]["label"]]})
+    if not out:
+        raise RuntimeError("finetune: synood_text_data 'released' found no kept near-OOD or negative-label image")
+    return out
+
+
+def _kind_counts(text_set: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in text_set:
+        counts[t["kind"]] = counts.get(t["kind"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def format_kinds(text_set: list[dict]) -> str:
+    return ", ".join(f"{k} {n}" for k, n in _kind_counts(text_set).items()) or "none"
 
 
 def select_synthetic(ctx: StageContext, rows: list[dict]) -> list[dict]:

@@ -2,9 +2,11 @@
 
 * ``boundary`` (SynOOD): each selected ID image is inpainted with its MLLM context prompt; the
   initial noise is pushed towards the ID/OOD boundary by the energy-score gradient
-  (see ``ood_core.models.diffusion.boundary_inpaint``).
+  (see ``ood_core.models.diffusion.boundary_inpaint``); ``generate.boundary_variants`` adds
+  SynOOD's no-gradient variant (kind ``boundary_no_grad``, :data:`BOUNDARY_VARIANTS`).
 * ``far`` / ``near`` (MM-OOD's far branch): N text-to-image samples of every kept sketched
-  outlier label, from a prompt template with an id (``ood_core.prompts.T2I_TEMPLATES``).
+  outlier label, from a prompt template with an id (``ood_core.prompts.T2I_TEMPLATES``);
+  ``negative``: of mined negative labels (SynOOD's ``far_neg_label`` images).
 * ``noise`` (a control, off by default): seeded noise images, ``generate.noise_per_source`` per
   boundary source, so a benchmark can train on noise in place of generated images.
 
@@ -20,6 +22,8 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from ood_core.config import RunConfig
 from ood_core.registry import Registry
@@ -207,6 +211,18 @@ def _round(g) -> dict:
     return {"round": g.round} if g.round else {}
 
 
+def _unset_new_fields(g) -> set[str]:
+    """Fields at the value that means 'as before they existed': left out of the key (keys unchanged)."""
+    return ({"boundary_variants"} if g.boundary_variants == ["energy"] else set()) | (
+        {"t2i_negative_labels"} if g.t2i_negative_labels is None else set()) | (
+        {"noise_per_source"} if not g.noise_per_source else set())
+
+
+def _variants(g) -> dict:
+    # the energy variant alone leaves the keys as they were before variants existed
+    return {"boundary_variants": g.boundary_variants} if g.boundary_variants != ["energy"] else {}
+
+
 def _scorer(g) -> dict:
     # frozen CLIP (the default) leaves keys as they were before the closed loop existed; the
     # detector a closed loop follows is in the key as the upstream folder ``finetune@<round>``
@@ -223,6 +239,23 @@ def detector_adapter(ctx: StageContext) -> tuple[str | None, object | None]:
         return None, None
     store = ctx.upstream[earlier[-1]]
     return earlier[-1], load_adapter(store.read_bytes(store.path("artifacts", "adapter.safetensors")))
+
+
+@dataclass(frozen=True)
+class BoundaryVariant:
+    """One of SynOOD's near-OOD generation variants: its sample-key prefix, kind and rounds."""
+
+    prefix: str
+    kind: str
+    rounds: Callable[[object], int]
+
+
+# generate.boundary_variants -> how its samples are made (the reference's near_energy / near_no_grad;
+# its msp-guided variant has no equivalent here)
+BOUNDARY_VARIANTS = {
+    "energy": BoundaryVariant("", "boundary", lambda g: g.rounds),
+    "no_grad": BoundaryVariant("nograd_", "boundary_no_grad", lambda g: 1),
+}
 
 
 def sample_seed(cfg: RunConfig, key: str) -> int:
@@ -244,7 +277,8 @@ class BoundaryGenerator(Generator):
             "clip": cfg.models.clip.model_dump(mode="json"),
             # the batch size too: batched kernels round differently (README, "Reproducibility")
             "generate": {k: getattr(g, k) for k in ("steps", "strength", "guidance", "rounds", "lr", "m_out",
-                                                   "grad_batch", "mask", "batch")} | _round(g) | _scorer(g),
+                                                   "grad_batch", "mask", "batch")} | _round(g) | _scorer(g)
+            | _variants(g),
             # the energy scorer guiding the noise uses this scale
             "logit_scale": cfg.finetune.logit_scale,
         }
@@ -254,7 +288,9 @@ class BoundaryGenerator(Generator):
 
     def items(self, ctx: StageContext) -> list[dict]:
         items = [
-            {"generator": self.name, "source_key": r["source_key"], "class_idx": r["class_idx"], "prompt": r["text"]}
+            {"generator": self.name, "source_key": r["source_key"], "class_idx": r["class_idx"], "prompt": r["text"],
+             **({"variant": v} if v != "energy" else {})}
+            for v in ctx.cfg.generate.boundary_variants  # config order, then sketch order: a stable plan
             for r in ctx.upstream_rows("sketch", kind="context", status="kept")
         ]
         if not items:
@@ -265,11 +301,11 @@ class BoundaryGenerator(Generator):
         return items
 
     def key(self, item: dict) -> str:
-        return f"syn_{item['source_key']}"
+        return f"syn_{BOUNDARY_VARIANTS[item.get('variant', 'energy')].prefix}{item['source_key']}"
 
     def columns(self, item: dict) -> dict:
-        return {"kind": "boundary", "source_key": item["source_key"], "class_idx": item["class_idx"],
-                "prompt": item["prompt"]}
+        return {"kind": BOUNDARY_VARIANTS[item.get("variant", "energy")].kind, "source_key": item["source_key"],
+                "class_idx": item["class_idx"], "prompt": item["prompt"]}
 
     def batch_size(self, cfg: RunConfig) -> int:
         return cfg.generate.batch
@@ -302,30 +338,38 @@ class BoundaryGenerator(Generator):
                                    adapter=self._detector(ctx))  # fmt: skip
         m_out = _m_out(g.m_out, len(ctx.dataset.classnames))
         recs = [ctx.records[it["source_key"]] for it in items]
-        seeds = [sample_seed(ctx.cfg, self.key(it)) for it in items]
+        # every variant of a source starts from the energy sample's noise (the reference seeds each
+        # variant's run alike): the no_grad image is the energy sample's first-round image
+        seeds = [sample_seed(ctx.cfg, self.key({**it, "variant": "energy"})) for it in items]
         jobs = [
             InpaintJob(load_image(rec, pipe.resolution), it["prompt"], seed,
                        center_box_mask(pipe.resolution) if g.mask == "box" else None, m_out)
             for it, rec, seed in zip(items, recs, seeds, strict=True)
         ]
-        results = boundary_inpaint_batch(
-            pipe, jobs, score_fn=score_fn, rounds=g.rounds, steps=g.steps, strength=g.strength,
-            guidance=g.guidance, lr=g.lr, grad_batch=g.grad_batch,
-        )
+        rounds = [BOUNDARY_VARIANTS[it.get("variant", "energy")].rounds(g) for it in items]
+        results: list = [None] * len(items)
+        for n_rounds in dict.fromkeys(rounds):  # one sampler batch per variant (a shard may hold two)
+            idx = [i for i, r in enumerate(rounds) if r == n_rounds]
+            done = boundary_inpaint_batch(
+                pipe, [jobs[i] for i in idx], score_fn=score_fn, rounds=n_rounds, steps=g.steps,
+                strength=g.strength, guidance=g.guidance, lr=g.lr, grad_batch=g.grad_batch,
+            )
+            for i, res in zip(idx, done, strict=True):
+                results[i] = res
         out = []
-        for it, rec, seed, result in zip(items, recs, seeds, results, strict=True):
+        for it, rec, seed, result, n_rounds in zip(items, recs, seeds, results, rounds, strict=True):
             key = self.key(it)
             r = row(
                 key,
                 "ok",
                 "ok",
                 None,
-                kind="boundary",
+                kind=self.columns(it)["kind"],
                 source_key=rec.key,
                 class_idx=rec.class_idx,
                 prompt=it["prompt"],
                 seed=seed,
-                rounds=g.rounds,
+                rounds=n_rounds,
                 score_before=result.score_before,
                 score_after=result.score_after,
                 prompt_id="synood_context",
@@ -334,7 +378,7 @@ class BoundaryGenerator(Generator):
             )
             ctx.log(
                 f"[generate] {key}: energy score {result.score_before:.2f} -> {result.score_after:.2f} "
-                f"(target {result.m_out:.2f}, {g.rounds} rounds, moved toward OOD: {result.moved_toward_ood})"
+                f"(target {result.m_out:.2f}, {n_rounds} rounds, moved toward OOD: {result.moved_toward_ood})"
             )
             out.append((r, sample_files(r, result.image, round_scores=result.round_scores)))
         return out
@@ -352,7 +396,7 @@ class TextToImageGenerator(Generator):
             "seed": cfg.seed,
             "t2i": cfg.models.t2i.key_dump(),
             "generate": {k: getattr(g, k) for k in ("t2i_steps", "t2i_guidance", "t2i_template", "t2i_batch")}
-            | _round(g),
+            | _round(g) | ({"t2i_negative_labels": g.t2i_negative_labels} if "negative" in g.t2i_kinds else {}),
         }
 
     def shard_size(self, cfg: RunConfig) -> int:
@@ -368,7 +412,7 @@ class TextToImageGenerator(Generator):
         g = ctx.cfg.generate
         items = []
         for kind in g.t2i_kinds:  # config order, then sketch order: a stable plan
-            for r in ctx.upstream_rows("sketch", kind=kind, status="kept"):
+            for r in t2i_label_rows(ctx, kind):
                 for i in range(g.images_per_label):
                     items.append({"generator": self.name, "kind": kind, "label": r["text"], "label_key": r["key"],
                                   "class_idx": r["class_idx"] if r["class_idx"] is not None else -1, "index": i})
@@ -456,6 +500,17 @@ class NoiseGenerator(Generator):
                     prompt_id="noise", model_id="noise")
             results.append((r, sample_files(r, image)))
         return results
+def t2i_label_rows(ctx: StageContext, kind: str) -> list[dict]:
+    """The kept sketch rows of ``kind`` drawn as text-to-image samples; for ``negative`` a seeded
+    sample of ``generate.t2i_negative_labels`` of them (sketch order kept)."""
+    rows = ctx.upstream_rows("sketch", kind=kind, status="kept")
+    limit = ctx.cfg.generate.t2i_negative_labels
+    if kind != "negative" or limit is None or limit >= len(rows):
+        return rows
+    import numpy as np
+
+    rng = np.random.default_rng(derive_seed(ctx.cfg.seed, "t2i_negative"))
+    return [rows[i] for i in sorted(rng.choice(len(rows), size=limit, replace=False).tolist())]
 
 
 def throughput(shard_stats: list[dict]) -> dict:
@@ -505,8 +560,7 @@ class GenerateStage(Stage):
             # (batch, t2i_batch) are in: a sample's bytes depend on the batch it ran in
             "generate": cfg.generate.model_dump(mode="json", exclude=({"round"} if not cfg.generate.round else set())
                                                 | ({"scorer"} if cfg.generate.scorer == "frozen" else set())
-                                                | ({"noise_per_source"} if not cfg.generate.noise_per_source
-                                                   else set())),
+                                                | _unset_new_fields(cfg.generate)),
             # the energy scorer guiding the noise uses this scale
             "logit_scale": cfg.finetune.logit_scale,
         }

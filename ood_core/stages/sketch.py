@@ -15,6 +15,8 @@ import numpy as np
 
 from ood_core.config import RunConfig
 from ood_core.identity import content_spec, data_content, key_dump
+from ood_core.leakage import context_index
+from ood_core.leakage import key_slice as leakage_key
 from ood_core.prompts import context_request, far_opening, far_request, fine_request, near_request  # noqa: E402
 from ood_core.stages.base import (
     ID_PROMPT,
@@ -80,6 +82,8 @@ class SketchStage(Stage):
             "clip": cfg.models.clip.model_dump(mode="json"),
             "mllm": content_spec(cfg.models.mllm),
             "sketch": key_dump(cfg.sketch),
+            # the names' matching rule (and the WordNet it reads) decides which labels are rejected
+            "leakage": leakage_key(cfg.sketch.leakage_match),
         }
 
     def listed_bad_inputs(self, ctx: StageContext) -> list:
@@ -138,7 +142,7 @@ class SketchStage(Stage):
         from ood_core.labels import label_hygiene
 
         clip = ctx.models.clip()
-        eval_names = _eval_names(ctx)
+        eval_names = context_index(ctx)
         classnames = ctx.dataset.classnames
 
         def text_cosine(cands: list[str], ids: list[str]) -> np.ndarray:
@@ -306,7 +310,7 @@ class SketchStage(Stage):
             score = np.percentile((feats @ id_feats.T).numpy(), sc.neg_percentile, axis=1)
             # leakage is checked on the kept candidates only (a word-set test per evaluation name)
             kept_words = [words[i] for i in sorted(keep)]
-            leaked = {v.raw for v in label_hygiene(kept_words, [], eval_ood_names=_eval_names(ctx)) if v.leakage}
+            leaked = {v.raw for v in label_hygiene(kept_words, [], eval_ood_names=context_index(ctx)) if v.leakage}
             # rows in the order the negatives are used: the scores group them in that order
             for i in map(int, neg_row_order(score, sc.neg_order)):
                 w = words[i]
@@ -321,23 +325,6 @@ class SketchStage(Stage):
                 r = row(f"neg_{pos}{i:06d}", status, reason, None, kind="negative", text=w, score=float(score[i]),
                         leakage=w in leaked)
                 out.add(r, _files(r) if status == "kept" else None)
-
-
-def _eval_names(ctx: StageContext) -> list[str]:
-    """Leakage is checked against the configured names and every evaluation set's class names."""
-    from ood_core.data import ood_classnames
-
-    cache = ctx.__dict__.setdefault("_eval_names", {})
-    if "names" not in cache:
-        names = list(ctx.cfg.sketch.eval_ood_names)
-        for name in ctx.cfg.data.ood_sets:
-            found = ood_classnames(name, ctx.cfg.data)
-            if not found:
-                ctx.log(f"[sketch] warning: no class names known for OOD set '{name}': label leakage "
-                        f"against it is not checked (add a classnames.txt to its folder)")
-            names += found
-        cache["names"] = names
-    return cache["names"]
 
 
 def neg_mining_keep(sim: np.ndarray, keep_fraction: float, percentile: float) -> np.ndarray:
