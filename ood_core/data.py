@@ -557,9 +557,10 @@ def imagefolder_source(cfg: DataConfig, seed: int, probe: Literal["all", "used"]
 
     ``images_per_class`` is the total per class; ``test_fraction`` of it is test. Test images come
     from ``val/`` when it has the class, else from a seeded split of the (first, sorted) train files.
-    Names come from the data index. ``probe="all"`` reads the header of every train file it keeps;
-    ``"used"`` (a run) only the test images and, per class, its first usable train file: the other
-    train files are probed where a stage uses one (a source, a near image), a bad one failing there.
+    Names come from the data index. ``probe="all"`` reads the header of every file it keeps, leaving
+    bad ones out; ``"used"`` (a run's stages) reads none: the dataset is a function of the index alone,
+    equal in every process of the run, and a file is probed where a stage uses it (a source, a near
+    image, an evaluation sample), a bad one becoming that stage's failed row with its reason.
     """
     if not cfg.root:
         raise DataError("data.root is not set for id_source 'imagefolder'; " + _layout_help(Path("<root>")))
@@ -598,11 +599,7 @@ def imagefolder_source(cfg: DataConfig, seed: int, probe: Literal["all", "used"]
         if not listed:
             raise DataError(f"class folder {train_dir / folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
         before = len(bad)
-        train_files = _usable(listed, cfg, n if probe == "all" else 1, bad, name, "train")
-        if probe == "used" and train_files:
-            # the files probed bad before the first usable one stay out; the others are probed at use
-            known_bad = {b.source for b in bad[before:]}
-            train_files = [x for x in listed if str(x[0]) not in known_bad][:n]
+        train_files = _usable(listed, cfg, n, bad, name, "train") if probe == "all" else listed[:n]
         if not train_files:
             found = ", ".join(f"{b.source.rsplit('/', 1)[-1]}: {b.reason}" for b in bad[before:][:5])
             msg = (f"class folder {train_dir / folder} has no usable image ({len(listed)} listed; {found}); "
@@ -615,7 +612,7 @@ def imagefolder_source(cfg: DataConfig, seed: int, probe: Literal["all", "used"]
         idx = len(kept_names)
         kept_names.append(name)
         val_listed = val_by_class.get(folder, [])
-        val_files = _usable(val_listed, cfg, None, bad, name, "test")
+        val_files = _usable(val_listed, cfg, None, bad, name, "test") if probe == "all" else val_listed
         if val_files:
             # a real val split is the evaluation set: keep all of it, and train on up to n images
             tr = train_files[:n]
@@ -626,8 +623,6 @@ def imagefolder_source(cfg: DataConfig, seed: int, probe: Literal["all", "used"]
             test_pos = set(_rng(seed, "split", folder).permutation(len(pool))[:k].tolist())
             tr = [p for i, p in enumerate(pool) if i not in test_pos]
             te = [p for i, p in enumerate(pool) if i in test_pos]
-            if probe == "used":  # evaluation samples are used: their headers are read now
-                te = _usable(te, cfg, None, bad, name, "test")
         for split, files in (("train", tr), ("test", te)):
             for i, p in enumerate(files):
                 records.append(_record(f"{s}_{split}_{i:04d}", idx, name, split, p))
@@ -859,8 +854,11 @@ def select_sources(dataset: IDDataset, per_class: int) -> list[ImageRecord]:
     Classes in dataset order; within a class by bytes/pixel descending, ties by key.
     """
     out: list[ImageRecord] = []
-    for _, recs in dataset.by_class().items():
+    for idx, recs in dataset.by_class().items():
         train = [r for r in recs if r.split == "train"]
         ranked = sorted(train, key=lambda r: (-image_bytes_per_pixel(r), r.key))
+        if ranked and image_bytes_per_pixel(ranked[0]) < 0:  # cached: no second probe
+            log.warning("class %r (%d): none of its %d train images can be read; its sources fail as bad inputs",
+                        dataset.classnames[idx], idx, len(ranked))
         out.extend(ranked[:per_class])
     return out
