@@ -411,8 +411,9 @@ def _n_test(n: int, fraction: float) -> int:
     return min(max(1, int(round(n * fraction))), n - 1) if n >= 2 else 0
 
 
-# a listed image name: its path and its data index entry (size, mtime)
-Listed = tuple[Path, Entry]
+# a listed image name: its path (a string: a Path per name costs seconds at a million) and its
+# data index entry (size, mtime)
+Listed = tuple[str, Entry]
 
 
 @dataclass
@@ -429,7 +430,8 @@ class _Tree:
 
     def all_images(self) -> list[Listed]:
         """Every image name at any depth (files or not: the probe says what is wrong with one)."""
-        return [(self.root / e.path, e) for e in self.entries if _is_image_name(e.path)]
+        base = str(self.root)
+        return [(f"{base}/{e.path}", e) for e in self.entries if _is_image_name(e.path)]
 
 
 def _is_image_name(path: str) -> bool:
@@ -439,12 +441,13 @@ def _is_image_name(path: str) -> bool:
 def _tree(root: Path, entries: list[Entry]) -> _Tree:
     folders: list[str] = []
     files: dict[str, list[Listed]] = {}
+    base = str(root)
     for e in entries:  # sorted by path, so every folder's names are sorted too
         folder, _, name = e.path.rpartition("/")
         if e.kind == DIR and not folder:
             folders.append(e.path)
         if "/" not in folder and _is_image_name(name):
-            files.setdefault(folder, []).append((root / e.path, e))
+            files.setdefault(folder, []).append((f"{base}/{e.path}", e))
     return _Tree(root, folders, files, entries)
 
 
@@ -456,7 +459,7 @@ def _listed_tree(root: Path) -> _Tree:
 def _record(key: str, class_idx: int, class_name: str, split: str, listed: Listed) -> ImageRecord:
     p, e = listed
     known = e.kind == FILE
-    return ImageRecord(key, class_idx, class_name, split, str(p), size=e.size if known else None,
+    return ImageRecord(key, class_idx, class_name, split, p, size=e.size if known else None,
                        mtime=e.mtime if known else None)  # fmt: skip
 
 
@@ -710,15 +713,16 @@ def val_files_by_class(root: Path, folders: list[str], val: _Tree) -> dict[str, 
     labels, source = found
     wanted = set(folders)
     out: dict[str, list[Path]] = {}
-    unlabelled = [p for p, _ in flat if p.stem not in labels]
+    stems = [os.path.splitext(os.path.basename(p))[0] for p, _ in flat]
+    unlabelled = [p for p, stem in zip(flat, stems, strict=True) if stem not in labels]
     if unlabelled:
         raise DataError(
             f"{len(unlabelled)} of {len(flat)} images in {val_dir} have no label in {source} "
-            f"(e.g. {unlabelled[0].name}); is it the label file of this val/ folder?"
+            f"(e.g. {os.path.basename(unlabelled[0][0])}); is it the label file of this val/ folder?"
         )
-    for p, e in flat:
-        if labels[p.stem] in wanted:
-            out.setdefault(labels[p.stem], []).append((p, e))
+    for listed, stem in zip(flat, stems, strict=True):
+        if labels[stem] in wanted:
+            out.setdefault(labels[stem], []).append(listed)
     return out
 
 

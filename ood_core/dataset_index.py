@@ -188,7 +188,8 @@ def _table(index: DataIndex):
             cols["mtime"].append(e.mtime)
     schema = pa.schema([("tree", pa.string()), ("path", pa.string()), ("kind", pa.string()),
                         ("size", pa.int64()), ("mtime", pa.float64())])
-    return pa.table(cols, schema=schema)
+    # from arrays, not pa.table(dict): that path imports pandas (seconds in every writer)
+    return pa.Table.from_arrays([pa.array(cols[f.name], f.type) for f in schema], schema=schema)
 
 
 def write_index(run_root: str, index: DataIndex) -> None:
