@@ -111,15 +111,16 @@ def test_a_fan_out_run_lists_the_data_once_and_its_chunk_processes_read_the_inde
     cfg = _cfg(base, tmp_path / "models")
     out = str(tmp_path / "run")
     # the parent: the run's first step (keys, index), sketch in place, then each GPU stage planned
-    # here and its shards run by two chunk processes, the second also finalizing
+    # here and its shards run by chunk processes (generate's by two), the last also finalizing
     results = run_local(cfg, out, only=["sketch"], log=lambda m: None)
     keys = resolve_keys(cfg, out)
     for stage in STAGE_ORDER[1:]:
         n = plan_stage(make_context(cfg, out, stage, keys, log=lambda m: None), stage, keys)
-        half = max(1, n // 2)
+        cut = max(1, n // 2) if stage == "generate" else 0
         common = {"stage": stage, "cfg": cfg.to_dict(), "root": out, "keys": keys, "n_shards": n}
-        _chunk(tmp_path, listings, **common, indices=list(range(half)), finalize=False)
-        _chunk(tmp_path, listings, **common, indices=list(range(half, n)), finalize=True)
+        if cut:
+            _chunk(tmp_path, listings, **common, indices=list(range(cut)), finalize=False)
+        _chunk(tmp_path, listings, **common, indices=list(range(cut, n)), finalize=True)
         results[stage] = finalize_stage(make_context(cfg, out, stage, keys), stage, keys, n, time.time())
     assert all(StageStore(out, s, keys[s]).is_complete() for s in STAGE_ORDER)
     lines = _lines(listings)
