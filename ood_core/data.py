@@ -852,17 +852,22 @@ def ood_classnames(name: str, cfg: DataConfig | None = None) -> list[str]:
 
 
 # ---------------------------------------------------------------- source selection
-def select_sources(dataset: IDDataset, per_class: int) -> list[ImageRecord]:
+def select_sources(dataset: IDDataset, per_class: int, empty_class: str = "drop") -> list[ImageRecord]:
     """SynOOD source selection: per class, the ``per_class`` train images with the most bytes/pixel.
 
-    Classes in dataset order; within a class by bytes/pixel descending, ties by key.
+    Classes in dataset order; within a class by bytes/pixel descending, ties by key. Ranking reads
+    each train image's header: a class none of whose train images can be read is an error with
+    ``empty_class="error"``, else logged (its sources then fail where they are used, as bad inputs).
     """
     out: list[ImageRecord] = []
     for idx, recs in dataset.by_class().items():
         train = [r for r in recs if r.split == "train"]
         ranked = sorted(train, key=lambda r: (-image_bytes_per_pixel(r), r.key))
         if ranked and image_bytes_per_pixel(ranked[0]) < 0:  # cached: no second probe
-            log.warning("class %r (%d): none of its %d train images can be read; its sources fail as bad inputs",
-                        dataset.classnames[idx], idx, len(ranked))
+            msg = (f"class {dataset.classnames[idx]!r} has no usable train image ({len(ranked)} listed, e.g. "
+                   f"{ranked[0].source}); fix or remove the files, or set data.empty_class=drop to go on")
+            if empty_class == "error":
+                raise DataError(msg)
+            log.warning("%s: its sources fail as bad inputs", msg)
         out.extend(ranked[:per_class])
     return out

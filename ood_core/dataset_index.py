@@ -85,6 +85,7 @@ def _scan_local(root: str) -> list[Entry]:
                 out.append(Entry(path, FILE if stat.S_ISREG(s.st_mode) else OTHER, s.st_size, s.st_mtime))
 
     walk(root, "")
+    out.sort(key=lambda e: e.path)  # by whole path, as the names were always ordered
     return out
 
 

@@ -222,3 +222,21 @@ def test_a_truncated_index_is_rebuilt_with_a_log_line(tmp_path, listings, caplog
         assert resolve_keys(cfg, out) == keys
     assert any("truncated or unreadable" in r.getMessage() for r in caplog.records)
     assert fs.cat_file(path) == intact
+
+
+def test_an_fsspec_url_is_listed_by_one_find_with_sizes_and_folders(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/bucket/data/train/cat/0.png": b"1234", "/bucket/data/train/cat/1.png": b"12",
+             "/bucket/data/train/dog/0.png": b"123"})  # fmt: skip
+    entries = {e.path: (e.kind, e.size) for e in dataset_index.scan("memory://bucket/data/train")}
+    assert entries == {"cat": ("d", -1), "cat/0.png": ("f", 4), "cat/1.png": ("f", 2), "dog": ("d", -1),
+                       "dog/0.png": ("f", 3)}  # fmt: skip
+    local = tmp_path / "train"
+    for rel, data in (("cat/0.png", b"1234"), ("cat/1.png", b"12"), ("dog/0.png", b"123")):
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (local / rel).write_bytes(data)
+    # the same tree listed locally hashes the same: its identity does not depend on where it is stored
+    assert dataset_index.tree_digest(dataset_index.scan(str(local))) == dataset_index.tree_digest(
+        dataset_index.scan("memory://bucket/data/train"))
