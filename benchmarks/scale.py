@@ -32,19 +32,20 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 
 def build_tree(root: Path, classes: int, per_class: int) -> Path:
-    """``root/train/n{i:08d}/{j}.JPEG``: hard links to one 32x32 JPEG (no disk space per file)."""
+    """``root/train/n{i:08d}/{j}.JPEG``: hard links to a 32x32 JPEG (no disk space per file; one
+    original per class, as a file system bounds the links to one file, e.g. ext4 at 65,000)."""
     from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (120, 60, 30)).save(buf, format="JPEG")
-    master = root / "master.JPEG"
-    root.mkdir(parents=True, exist_ok=True)
-    master.write_bytes(buf.getvalue())
+    (root / "originals").mkdir(parents=True, exist_ok=True)
     for i in range(classes):
         d = root / "train" / f"n{i:08d}"
         d.mkdir(parents=True, exist_ok=True)
+        original = root / "originals" / f"{i}.JPEG"
+        original.write_bytes(buf.getvalue())
         for j in range(per_class):
-            os.link(master, d / f"{j:06d}.JPEG")
+            os.link(original, d / f"{j:06d}.JPEG")
     return root
 
 
