@@ -103,6 +103,7 @@ class ImageRecord:
     ``crop`` is a PIL box ``(left, top, right, bottom)`` in source pixels; ``flip`` mirrors the
     crop horizontally. ``class_idx`` is -1 for evaluation OOD images. ``size`` and ``mtime`` are the
     file's as the data index listed it: a file that differs when read is a bad input, not other pixels.
+    ``limits`` are ``(data.max_pixels, data.min_side)``, checked from the header wherever it is read.
     """
 
     key: str
@@ -114,6 +115,7 @@ class ImageRecord:
     flip: bool = False
     size: int | None = None
     mtime: float | None = None
+    limits: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -335,7 +337,8 @@ def load_image(rec: ImageRecord, size: int | None = None) -> Image.Image:
         im = _decoded(rec.source).copy()
     else:
         # a crop box is in source pixels: only whole images may be decoded at a reduced scale
-        im = decode_image(rec.source, size_hint=size if rec.crop is None else None, listed=_listed(rec))
+        im = decode_image(rec.source, size_hint=size if rec.crop is None else None, listed=_listed(rec),
+                          **_limits(rec))
     if rec.crop is not None:
         im = im.crop(rec.crop)
     if rec.flip:
@@ -349,6 +352,10 @@ def load_image(rec: ImageRecord, size: int | None = None) -> Image.Image:
         if im.size != (size, size):
             im = im.resize((size, size), Image.Resampling.BICUBIC)
     return im
+
+
+def _limits(rec: ImageRecord) -> dict[str, int]:
+    return dict(zip(("max_pixels", "min_side"), rec.limits, strict=True)) if rec.limits else {}
 
 
 def _listed(rec: ImageRecord) -> tuple[int, float] | None:
@@ -376,7 +383,7 @@ def image_bytes_per_pixel(rec: ImageRecord) -> float:
     try:
         if rec.crop is None and pixel_source(rec.source) is None:
             path = _source_path(rec.source)
-            w, h = probe_image(path, listed=_listed(rec))
+            w, h = probe_image(path, listed=_listed(rec), **_limits(rec))
             return (rec.size if rec.size is not None else os.path.getsize(path)) / float(w * h)
         im = load_image(rec)
     except (ImageDecodeError, OSError):
@@ -456,11 +463,11 @@ def _listed_tree(root: Path) -> _Tree:
     return _tree(root, listing(str(root)))
 
 
-def _record(key: str, class_idx: int, class_name: str, split: str, listed: Listed) -> ImageRecord:
+def _record(key: str, class_idx: int, class_name: str, split: str, listed: Listed, cfg: DataConfig) -> ImageRecord:
     p, e = listed
     known = e.kind == FILE
     return ImageRecord(key, class_idx, class_name, split, p, size=e.size if known else None,
-                       mtime=e.mtime if known else None)  # fmt: skip
+                       mtime=e.mtime if known else None, limits=(cfg.max_pixels, cfg.min_side))  # fmt: skip
 
 
 def _usable(
@@ -628,7 +635,7 @@ def imagefolder_source(cfg: DataConfig, seed: int, probe: Literal["all", "used"]
             te = [p for i, p in enumerate(pool) if i in test_pos]
         for split, files in (("train", tr), ("test", te)):
             for i, p in enumerate(files):
-                records.append(_record(f"{s}_{split}_{i:04d}", idx, name, split, p))
+                records.append(_record(f"{s}_{split}_{i:04d}", idx, name, split, p, cfg))
     if not kept_names:
         raise DataError(f"no class folder in {train_dir} has a usable image; " + _layout_help(root))
     return IDDataset(classnames=kept_names, records=records, bad_inputs=bad)
@@ -784,7 +791,7 @@ def _folder_ood(name: str, folder: Path, cfg: DataConfig) -> tuple[list[ImageRec
         raise DataError(f"OOD set '{name}': no usable images ({', '.join(IMAGE_EXTENSIONS)}) below {folder}")
     # Keys from the folder's own name: "folder:/long/path/to/iNaturalist" -> "inaturalist_000000".
     s = slug(folder.name if name.startswith("folder:") else name)
-    return [_record(f"{s}_{i:06d}", -1, name, "test", p) for i, p in enumerate(files)], bad
+    return [_record(f"{s}_{i:06d}", -1, name, "test", p, cfg) for i, p in enumerate(files)], bad
 
 
 def _resolve_folder(name: str, cfg: DataConfig) -> Path | None:

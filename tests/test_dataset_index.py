@@ -240,3 +240,15 @@ def test_an_fsspec_url_is_listed_by_one_find_with_sizes_and_folders(tmp_path):
     # the same tree listed locally hashes the same: its identity does not depend on where it is stored
     assert dataset_index.tree_digest(dataset_index.scan(str(local))) == dataset_index.tree_digest(
         dataset_index.scan("memory://bucket/data/train"))
+
+
+def test_a_run_checks_the_size_limits_where_a_file_is_read(tmp_path, listings):
+    base = _data(tmp_path / "data")
+    Image.new("RGB", (4, 4)).save(base / "id" / "train" / "cat" / "0.png")  # under data.min_side=8
+    cfg = _cfg(base, tmp_path / "models")
+    out = str(tmp_path / "run")
+    ctx = make_context(cfg, out, "sketch", resolve_keys(cfg, out), log=lambda m: None)
+    rec = next(r for r in ctx.dataset.records if r.source.endswith("cat/0.png"))  # listed, not probed
+    with pytest.raises(ImageDecodeError) as err:
+        load_image(rec, 16)
+    assert err.value.reason == "too_small"
