@@ -441,8 +441,14 @@ class _Tree:
         return [(f"{base}/{e.path}", e) for e in self.entries if _is_image_name(e.path)]
 
 
+_IMAGE_SUFFIXES = frozenset(IMAGE_EXTENSIONS)
+
+
 def _is_image_name(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+    # Path(path).suffix's rule (a leading dot is no suffix) without a Path per name
+    name = path[path.rfind("/") + 1:]
+    dot = name.rfind(".")
+    return dot > 0 and name[dot:].lower() in _IMAGE_SUFFIXES
 
 
 def _tree(root: Path, entries: list[Entry]) -> _Tree:
