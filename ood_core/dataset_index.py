@@ -254,7 +254,7 @@ def adopt(data: DataConfig, seed: int, run_root: str, identity: str) -> None:
         for root in trees.values():
             _LISTED.pop(root, None)
         ident.forget()
-        found = ensure_index(data, seed, run_root)
+        found = ident.data_identity(data, seed)
         if found != identity:
             from ood_core.data import DataError
 
@@ -262,6 +262,7 @@ def adopt(data: DataConfig, seed: int, run_root: str, identity: str) -> None:
                 f"the data changed since this run's first step: its index {identity} is gone from "
                 f"{index_path(run_root, identity)[1]} and the data now lists as {found}; run again"
             )
+        write_index(run_root, DataIndex(trees=current(data).trees, identity=identity))
         return
     for name, root in trees.items():
         _LISTED[root] = stored.entries(name)

@@ -252,3 +252,18 @@ def test_a_run_checks_the_size_limits_where_a_file_is_read(tmp_path, listings):
     with pytest.raises(ImageDecodeError) as err:
         load_image(rec, 16)
     assert err.value.reason == "too_small"
+
+
+def test_a_later_step_whose_index_is_gone_and_data_changed_stops_naming_both(tmp_path, listings):
+    from ood_core.data import DataError
+
+    base = _data(tmp_path / "data")
+    cfg = _cfg(base, tmp_path / "models")
+    out = str(tmp_path / "run")
+    keys = resolve_keys(cfg, out)
+    fs, path = index_path(out, keys[DATA_KEY])
+    fs.rm(path)
+    _img(base / "ood" / "Noise" / "9.png", 9)
+    dataset_index.forget()
+    with pytest.raises(DataError, match=f"index {keys[DATA_KEY]} is gone.*now lists as"):
+        make_context(cfg, out, "sketch", keys, log=lambda m: None)
