@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs/world
 
-.PHONY: install run world test test-e2e lint clean deploy bench world-bench
+.PHONY: install run world test test-e2e lint clean deploy bench world-bench bench-scale
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ bench: $(STAMP)
 
 world-bench: $(STAMP)
 	$(PY) benchmarks/world_bench.py
+
+## ImageNet-scale bookkeeping on a hard-linked tree (CLASSES x PER_CLASS files), one line per part.
+CLASSES ?= 1000
+PER_CLASS ?= 1300
+bench-scale: $(STAMP)
+	$(PY) benchmarks/scale.py --classes $(CLASSES) --per-class $(PER_CLASS)
 
 ## Create the work pools from deploy/work-pools/*.json and register deploy/prefect.yaml (needs PREFECT_API_URL).
 deploy: $(STAMP)

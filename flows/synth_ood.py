@@ -13,6 +13,7 @@ from prefect import flow, tags  # noqa: E402
 
 from flows.fanout import FAN_OUT_STAGES, chunked, run_chunks  # noqa: E402
 from ood_core.config import load_config  # noqa: E402
+from ood_core.dataset_index import forget as forget_listings  # noqa: E402
 from ood_core.pipeline import check_upstream_ready  # noqa: E402
 from ood_core.rounds import check_keep_last  # noqa: E402
 from tasks import (  # noqa: E402
@@ -61,6 +62,7 @@ def synth_ood(
         raise ValueError(f"out is {out!r}: the deployment was registered without its output root set; deploy "
                          f"with deploy/deploy.sh (SYNTH_OOD_OUT / SYNTH_OOD_LOCAL_OUT) or pass -p out=<root>")  # fmt: skip
     config = load_config(preset, overrides)
+    forget_listings()  # this run lists its data once (its first step), even in a long-lived process
     check_keep_last(config.finetune.rounds_window, keep_last)  # before any work, not at the end
     # `only` on missing upstream outputs fails now, naming the stage (not after preflight and retries)
     check_upstream_ready(config, out, only, force)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import inspect
 import io
 import logging
 import math
@@ -37,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import DataConfig
+from .dataset_index import DIR, FILE, Entry, listing
 from .registry import Registry
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -46,6 +48,7 @@ DEFAULT_MAX_PIXELS = 64_000_000
 BAD_INPUT_REASONS = (
     "missing_file", "not_a_file", "dangling_symlink", "symlink_loop", "unreadable", "empty_file",
     "not_an_image", "too_many_pixels", "too_small", "truncated", "decode_error", "class_without_usable_images",
+    "changed_since_index",
 )  # fmt: skip
 
 log = logging.getLogger("synth_ood.data")
@@ -107,7 +110,9 @@ class ImageRecord:
     """One image: where its pixels come from and what it is.
 
     ``crop`` is a PIL box ``(left, top, right, bottom)`` in source pixels; ``flip`` mirrors the
-    crop horizontally. ``class_idx`` is -1 for evaluation OOD images.
+    crop horizontally. ``class_idx`` is -1 for evaluation OOD images. ``size`` and ``mtime`` are the
+    file's as the data index listed it: a file that differs when read is a bad input, not other pixels.
+    ``limits`` are ``(data.max_pixels, data.min_side)``, checked from the header wherever it is read.
     """
 
     key: str
@@ -117,6 +122,9 @@ class ImageRecord:
     source: str
     crop: tuple[int, int, int, int] | None = None
     flip: bool = False
+    size: int | None = None
+    mtime: float | None = None
+    limits: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -241,8 +249,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _check_file(path: Path) -> int:
-    """Size in bytes of the regular file at ``path``; raises ImageDecodeError naming what it is instead."""
+def _check_file(path: Path, listed: tuple[int, float] | None = None) -> int:
+    """Size in bytes of the regular file at ``path``; raises ImageDecodeError naming what it is instead.
+
+    With ``listed`` (the size and mtime the data index recorded), a file changed since is refused.
+    """
     try:
         st = os.stat(path)
     except OSError as err:
@@ -257,12 +268,18 @@ def _check_file(path: Path) -> int:
         raise ImageDecodeError(path, "not_a_file", "is a directory or special file, not an image file")
     if st.st_size == 0:
         raise ImageDecodeError(path, "empty_file", "is empty (0 bytes)")
+    if listed is not None and (st.st_size, st.st_mtime) != listed:
+        raise ImageDecodeError(
+            path, "changed_since_index",
+            f"was replaced after the data index was built ({listed[0]} bytes listed, {st.st_size} now; "
+            f"mtime {listed[1]} listed, {st.st_mtime} now); a new run indexes the data anew",
+        )  # fmt: skip
     return st.st_size
 
 
-def _open_header(path: Path, max_pixels: int, min_side: int) -> Image.Image:
+def _open_header(path: Path, max_pixels: int, min_side: int, listed: tuple[int, float] | None = None) -> Image.Image:
     """Open ``path`` reading the header only; size limits are checked before any pixel is decoded."""
-    _check_file(path)
+    _check_file(path, listed)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -283,23 +300,26 @@ def _open_header(path: Path, max_pixels: int, min_side: int) -> Image.Image:
     return im
 
 
-def probe_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1) -> tuple[int, int]:
+def probe_image(
+    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1, listed: tuple[int, float] | None = None
+) -> tuple[int, int]:
     """``(width, height)`` from the header; raises :class:`ImageDecodeError` for an unusable file."""
-    with _open_header(Path(path), max_pixels, min_side) as im:
+    with _open_header(Path(path), max_pixels, min_side, listed) as im:
         return im.size
 
 
 def decode_image(
-    path: str | Path, size_hint: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1
+    path: str | Path, size_hint: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1,
+    listed: tuple[int, float] | None = None,
 ) -> Image.Image:
     """The one guarded decoding path: RGB pixels of ``path`` with EXIF rotation applied.
 
     Every way a file can be unusable raises :class:`ImageDecodeError` with a ``reason``. With
     ``size_hint`` a JPEG is decoded at the smallest DCT scale still >= that size (``Image.draft``),
-    so a huge photo costs little.
+    so a huge photo costs little. ``listed``: the size and mtime the data index recorded for the file.
     """
     path = Path(path)
-    with _open_header(path, max_pixels, min_side) as im:
+    with _open_header(path, max_pixels, min_side, listed) as im:
         if size_hint and im.format == "JPEG":
             im.draft("RGB", (size_hint, size_hint))
         try:
@@ -329,7 +349,8 @@ def load_image(rec: ImageRecord, size: int | None = None) -> Image.Image:
         im = _decoded(rec.source).copy()
     else:
         # a crop box is in source pixels: only whole images may be decoded at a reduced scale
-        im = decode_image(rec.source, size_hint=size if rec.crop is None else None)
+        im = decode_image(rec.source, size_hint=size if rec.crop is None else None, listed=_listed(rec),
+                          **_limits(rec))
     if rec.crop is not None:
         im = im.crop(rec.crop)
     if rec.flip:
@@ -343,6 +364,14 @@ def load_image(rec: ImageRecord, size: int | None = None) -> Image.Image:
         if im.size != (size, size):
             im = im.resize((size, size), Image.Resampling.BICUBIC)
     return im
+
+
+def _limits(rec: ImageRecord) -> dict[str, int]:
+    return dict(zip(("max_pixels", "min_side"), rec.limits, strict=True)) if rec.limits else {}
+
+
+def _listed(rec: ImageRecord) -> tuple[int, float] | None:
+    return (rec.size, rec.mtime) if rec.size is not None and rec.mtime is not None and rec.mtime >= 0 else None
 
 
 def usable_images(records: list[ImageRecord], size: int | None = None) -> list[Image.Image]:
@@ -366,8 +395,8 @@ def image_bytes_per_pixel(rec: ImageRecord) -> float:
     try:
         if rec.crop is None and pixel_source(rec.source) is None:
             path = _source_path(rec.source)
-            w, h = probe_image(path)
-            return os.path.getsize(path) / float(w * h)
+            w, h = probe_image(path, listed=_listed(rec), **_limits(rec))
+            return (rec.size if rec.size is not None else os.path.getsize(path)) / float(w * h)
         im = load_image(rec)
     except (ImageDecodeError, OSError):
         return -1.0
@@ -401,30 +430,82 @@ def _n_test(n: int, fraction: float) -> int:
     return min(max(1, int(round(n * fraction))), n - 1) if n >= 2 else 0
 
 
-def _list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """Every name with an image extension (files or not: the probe says what is wrong with it)."""
-    it = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted((p for p in it if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.as_posix())
+# a listed image name: its path (a string: a Path per name costs seconds at a million) and its
+# data index entry (size, mtime)
+Listed = tuple[str, Entry]
+
+
+@dataclass
+class _Tree:
+    """One listed tree: its sub-folders, and the image names directly in each (``""``: the root)."""
+
+    root: Path
+    folders: list[str]
+    files: dict[str, list[Listed]]
+    entries: list[Entry]
+
+    def images(self, folder: str = "") -> list[Listed]:
+        return self.files.get(folder, [])
+
+    def all_images(self) -> list[Listed]:
+        """Every image name at any depth (files or not: the probe says what is wrong with one)."""
+        base = str(self.root)
+        return [(f"{base}/{e.path}", e) for e in self.entries if _is_image_name(e.path)]
+
+
+_IMAGE_SUFFIXES = frozenset(IMAGE_EXTENSIONS)
+
+
+def _is_image_name(path: str) -> bool:
+    # Path(path).suffix's rule (a leading dot is no suffix) without a Path per name
+    name = path[path.rfind("/") + 1:]
+    dot = name.rfind(".")
+    return dot > 0 and name[dot:].lower() in _IMAGE_SUFFIXES
+
+
+def _tree(root: Path, entries: list[Entry]) -> _Tree:
+    folders: list[str] = []
+    files: dict[str, list[Listed]] = {}
+    base = str(root)
+    for e in entries:  # sorted by path, so every folder's names are sorted too
+        folder, _, name = e.path.rpartition("/")
+        if e.kind == DIR and not folder:
+            folders.append(e.path)
+        if "/" not in folder and _is_image_name(name):
+            files.setdefault(folder, []).append((f"{base}/{e.path}", e))
+    return _Tree(root, folders, files, entries)
+
+
+def _listed_tree(root: Path) -> _Tree:
+    """The tree below ``root`` as the data index lists it (once per run, see :mod:`ood_core.dataset_index`)."""
+    return _tree(root, listing(str(root)))
+
+
+def _record(key: str, class_idx: int, class_name: str, split: str, listed: Listed, cfg: DataConfig) -> ImageRecord:
+    p, e = listed
+    known = e.kind == FILE
+    return ImageRecord(key, class_idx, class_name, split, p, size=e.size if known else None,
+                       mtime=e.mtime if known else None, limits=(cfg.max_pixels, cfg.min_side))  # fmt: skip
 
 
 def _usable(
-    paths: list[Path], cfg: DataConfig, limit: int | None, bad: list[BadInput], class_name: str = "", split: str = ""
-) -> list[Path]:
-    """The first ``limit`` (all if None) paths whose header is usable; the others go to ``bad``.
+    paths: list[Listed], cfg: DataConfig, limit: int | None, bad: list[BadInput], class_name: str = "", split: str = ""
+) -> list[Listed]:
+    """The first ``limit`` (all if None) names whose header is usable; the others go to ``bad``.
 
     Only headers are read, and only until ``limit`` usable files are found, so a 1,300-image class
     costs ``limit`` header reads. A file that decodes badly past its header fails later, as its row.
     """
-    out: list[Path] = []
-    for p in paths:
+    out: list[Listed] = []
+    for p, e in paths:
         if limit is not None and len(out) >= limit:
             break
         try:
-            probe_image(p, cfg.max_pixels, cfg.min_side)
+            probe_image(p, cfg.max_pixels, cfg.min_side, listed=(e.size, e.mtime) if e.kind == FILE else None)
         except ImageDecodeError as err:
             bad.append(BadInput(str(p), err.reason, err.detail, class_name, split))
             continue
-        out.append(p)
+        out.append((p, e))
     return out
 
 
@@ -500,11 +581,15 @@ def imagenet_wnid_to_name() -> dict[str, str]:
 
 
 @ID_SOURCES.register("imagefolder")
-def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
+def imagefolder_source(cfg: DataConfig, seed: int, probe: Literal["all", "used"] = "all") -> IDDataset:
     """``<root>/train/<class>/*`` (+ optional ``<root>/val/<class>/*``), classes in sorted order.
 
     ``images_per_class`` is the total per class; ``test_fraction`` of it is test. Test images come
     from ``val/`` when it has the class, else from a seeded split of the (first, sorted) train files.
+    Names come from the data index. ``probe="all"`` reads the header of every file it keeps, leaving
+    bad ones out; ``"used"`` (a run's stages) reads none: the dataset is a function of the index alone,
+    equal in every process of the run, and a file is probed where a stage uses it (a source, a near
+    image, an evaluation sample), a bad one becoming that stage's failed row with its reason.
     A root with official split files (Food-101: ``images/<class>/<id>.jpg``, ``meta/train.txt``,
     ``meta/test.txt``) is read through them instead (:func:`split_file_listing`): the test split is
     the official one, whole.
@@ -514,14 +599,17 @@ def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
     root = Path(cfg.root).expanduser()
     listed_splits = split_file_listing(root)
     if listed_splits is not None:  # Food-101's release: images/<class>/* and meta/{train,test}.txt
-        train_listing, val_by_class = listed_splits
+        train_by_class, val_by_class = listed_splits
         train_dir = root / "images"
-        folders = sorted(train_listing)
+        folders = sorted(train_by_class)
+        images_of = lambda folder: train_by_class.get(folder, [])  # noqa: E731
     else:
         train_dir = root / "train"
         if not train_dir.is_dir():
             raise DataError(f"ID folder {train_dir} does not exist; " + _layout_help(root))
-        folders = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+        train = _listed_tree(train_dir)
+        folders = train.folders
+        images_of = train.images
     if not folders:
         raise DataError(f"no class folders in {train_dir}; " + _layout_help(root))
     if cfg.max_classes:
@@ -542,18 +630,18 @@ def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
     if len(set(slugs)) != len(slugs):
         slugs = [f"{s}_{i:04d}" for i, s in enumerate(slugs)]
     if listed_splits is None:
-        val_by_class = val_files_by_class(root, folders)
+        val_by_class = val_files_by_class(root, folders, _listed_tree(root / "val"))
     n = cfg.images_per_class
     records: list[ImageRecord] = []
     bad: list[BadInput] = []
     kept_names: list[str] = []
     kept_ids: list[str] = []
     for folder, name, s in zip(folders, classnames, slugs, strict=True):
-        listed = train_listing[folder] if listed_splits is not None else _list_images(train_dir / folder)
+        listed = images_of(folder)
         if not listed:
             raise DataError(f"class folder {train_dir / folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
         before = len(bad)
-        train_files = _usable(listed, cfg, n, bad, name, "train")
+        train_files = _usable(listed, cfg, n, bad, name, "train") if probe == "all" else listed[:n]
         if not train_files:
             found = ", ".join(f"{b.source.rsplit('/', 1)[-1]}: {b.reason}" for b in bad[before:][:5])
             msg = (f"class folder {train_dir / folder} has no usable image ({len(listed)} listed; {found}); "
@@ -567,7 +655,7 @@ def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
         kept_names.append(name)
         kept_ids.append(folder)
         val_listed = val_by_class.get(folder, [])
-        val_files = _usable(val_listed, cfg, None, bad, name, "test")
+        val_files = _usable(val_listed, cfg, None, bad, name, "test") if probe == "all" else val_listed
         if val_files:
             # a real val split is the evaluation set: keep all of it, and train on up to n images
             tr = train_files[:n]
@@ -580,7 +668,7 @@ def imagefolder_source(cfg: DataConfig, seed: int) -> IDDataset:
             te = [p for i, p in enumerate(pool) if i in test_pos]
         for split, files in (("train", tr), ("test", te)):
             for i, p in enumerate(files):
-                records.append(ImageRecord(f"{s}_{split}_{i:04d}", idx, name, split, str(p)))
+                records.append(_record(f"{s}_{split}_{i:04d}", idx, name, split, p, cfg))
     if not kept_names:
         raise DataError(f"no class folder in {train_dir} has a usable image; " + _layout_help(root))
     return IDDataset(classnames=kept_names, records=records, bad_inputs=bad, class_ids=kept_ids)
@@ -640,29 +728,35 @@ def flat_val_labels(root: Path) -> tuple[dict[str, str], Path] | None:
 SPLIT_FILES = ("meta/train.txt", "meta/test.txt")
 
 
-def split_file_listing(root: Path) -> tuple[dict[str, list[Path]], dict[str, list[Path]]] | None:
-    """``({class: train paths}, {class: test paths})`` from official split files, or None without them.
+def split_file_listing(root: Path) -> tuple[dict[str, list[Listed]], dict[str, list[Listed]]] | None:
+    """``({class: train files}, {class: test files})`` from official split files, or None without them.
 
     Food-101's layout: ``meta/train.txt`` / ``meta/test.txt`` list ``<class>/<id>`` (no extension:
-    ``.jpg`` is added) under ``images/``. Paths are sorted per class; a listed file that is missing
-    fails later as a bad input with its reason, never silently.
+    ``.jpg`` is added) under ``images/``, whose names come from the data index. Files are sorted per
+    class; a listed file that the index does not have fails where it is read, as a bad input with its
+    reason (``missing_file``), never silently.
     """
+    from ood_core.dataset_index import OTHER, Entry
+
     train_txt, test_txt = (root / f for f in SPLIT_FILES)
     if not (train_txt.is_file() and test_txt.is_file() and (root / "images").is_dir()):
         return None
+    images = _listed_tree(root / "images")
+    by_rel = {e.path: (p, e) for folder in images.folders for p, e in images.images(folder)}
 
-    def read(path: Path) -> dict[str, list[Path]]:
-        out: dict[str, list[Path]] = {}
+    def read(path: Path) -> dict[str, list[Listed]]:
+        out: dict[str, list[Listed]] = {}
         for ln in path.read_text().splitlines():
             entry = ln.strip()
             if not entry:
                 continue
             if "/" not in entry:
                 raise DataError(f"{path}: line {entry!r} is not '<class>/<image id>'")
-            cls = entry.split("/", 1)[0]
-            name = entry if Path(entry).suffix.lower() in IMAGE_EXTENSIONS else entry + ".jpg"
-            out.setdefault(cls, []).append(root / "images" / name)
-        return {c: sorted(ps, key=lambda p: p.as_posix()) for c, ps in out.items()}
+            cls, name = entry.split("/", 1)
+            name = name if Path(name).suffix.lower() in IMAGE_EXTENSIONS else name + ".jpg"
+            rel = f"{cls}/{name}"
+            out.setdefault(cls, []).append(by_rel.get(rel) or (str(root / "images" / rel), Entry(rel, OTHER, -1, -1.0)))
+        return {c: sorted(ps, key=lambda p: p[0]) for c, ps in out.items()}
 
     train, test = read(train_txt), read(test_txt)
     if not train:
@@ -670,19 +764,21 @@ def split_file_listing(root: Path) -> tuple[dict[str, list[Path]], dict[str, lis
     return train, test
 
 
-def val_files_by_class(root: Path, folders: list[str]) -> dict[str, list[Path]]:
-    """Test images per class folder from ``<root>/val``: ``val/<class>/*`` or ImageNet's flat ``val/*``.
+def val_files_by_class(root: Path, folders: list[str], val: _Tree) -> dict[str, list[Listed]]:
+    """Test images per class folder from ``<root>/val`` (listed as ``val``): ``val/<class>/*`` or
+    ImageNet's flat ``val/*``.
 
     A flat ``val/`` is labelled by ``LOC_val_solution.csv`` or the ILSVRC2012 devkit; without one
     this stops with a :class:`DataError` (never a silent fallback to a split of train).
     """
     val_dir = root / "val"
-    if not val_dir.is_dir():
+    if not val.entries:
         return {}
-    by_folder = {f: _list_images(val_dir / f) for f in folders if (val_dir / f).is_dir()}
+    present = set(val.folders)
+    by_folder = {f: val.images(f) for f in folders if f in present}
     if by_folder:
         return by_folder
-    flat = _list_images(val_dir)
+    flat = val.images()
     if not flat:
         return {}
     found = flat_val_labels(root)
@@ -696,21 +792,28 @@ def val_files_by_class(root: Path, folders: list[str]) -> dict[str, list[Path]]:
     labels, source = found
     wanted = set(folders)
     out: dict[str, list[Path]] = {}
-    unlabelled = [p for p in flat if p.stem not in labels]
+    stems = [os.path.splitext(os.path.basename(p))[0] for p, _ in flat]
+    unlabelled = [p for p, stem in zip(flat, stems, strict=True) if stem not in labels]
     if unlabelled:
         raise DataError(
             f"{len(unlabelled)} of {len(flat)} images in {val_dir} have no label in {source} "
-            f"(e.g. {unlabelled[0].name}); is it the label file of this val/ folder?"
+            f"(e.g. {os.path.basename(unlabelled[0][0])}); is it the label file of this val/ folder?"
         )
-    for p in flat:
-        if labels[p.stem] in wanted:
-            out.setdefault(labels[p.stem], []).append(p)
+    for listed, stem in zip(flat, stems, strict=True):
+        if labels[stem] in wanted:
+            out.setdefault(labels[stem], []).append(listed)
     return out
 
 
-def load_id_dataset(cfg: DataConfig, seed: int) -> IDDataset:
-    """Build the ID dataset named by ``cfg.id_source`` (deterministic for ``seed``)."""
-    ds = ID_SOURCES.get(cfg.id_source)(cfg, seed)
+def load_id_dataset(cfg: DataConfig, seed: int, probe: Literal["all", "used"] = "all") -> IDDataset:
+    """Build the ID dataset named by ``cfg.id_source`` (deterministic for ``seed``).
+
+    ``probe="used"`` (a run's stages): a source that lists files reads only the headers of the
+    files it must (see :func:`imagefolder_source`); others ignore it.
+    """
+    source = ID_SOURCES.get(cfg.id_source)
+    lazy = probe != "all" and "probe" in inspect.signature(source).parameters
+    ds = source(cfg, seed, probe=probe) if lazy else source(cfg, seed)
     keys = [r.key for r in ds.records]
     if len(set(keys)) != len(keys):
         raise DataError(f"ID source '{cfg.id_source}' produced duplicate record keys")
@@ -754,12 +857,13 @@ def _folder_ood(name: str, folder: Path, cfg: DataConfig) -> tuple[list[ImageRec
             f"e.g. {folder}/images/*.jpg)"
         )
     bad: list[BadInput] = []
-    files = _usable(_list_images(folder, recursive=True), cfg, None, bad, name, "test")
+    listed = _listed_tree(folder).all_images()
+    files = _usable(listed, cfg, None, bad, name, "test")  # evaluation samples: all used
     if not files:
         raise DataError(f"OOD set '{name}': no usable images ({', '.join(IMAGE_EXTENSIONS)}) below {folder}")
     # Keys from the folder's own name: "folder:/long/path/to/iNaturalist" -> "inaturalist_000000".
     s = slug(folder.name if name.startswith("folder:") else name)
-    return [ImageRecord(f"{s}_{i:06d}", -1, name, "test", str(p)) for i, p in enumerate(files)], bad
+    return [_record(f"{s}_{i:06d}", -1, name, "test", p, cfg) for i, p in enumerate(files)], bad
 
 
 def _resolve_folder(name: str, cfg: DataConfig) -> Path | None:
@@ -778,6 +882,11 @@ def load_ood_set(name: str, cfg: DataConfig, seed: int) -> list[ImageRecord]:
     return list_ood_set(name, cfg, seed)[0]
 
 
+# a folder set's records per (set, data settings, seed), with the listing they came from: its
+# headers are read once per process and listing (finetune asks for a set's records more than once)
+_FOLDER_SETS: dict[tuple, tuple[list[Entry], tuple[list[ImageRecord], list[BadInput]]]] = {}
+
+
 def list_ood_set(name: str, cfg: DataConfig, seed: int) -> tuple[list[ImageRecord], list[BadInput]]:
     """:func:`load_ood_set` plus the files of the set that were not usable."""
     if name in OOD_SETS:
@@ -788,7 +897,12 @@ def list_ood_set(name: str, cfg: DataConfig, seed: int) -> tuple[list[ImageRecor
             f"unknown OOD set '{name}': use one of {', '.join(OOD_SETS.names())}, "
             f"'folder:<path>', or set data.ood_root to a folder containing '{name}/'"
         )
-    return _folder_ood(name, folder, cfg)
+    key, listed = (name, cfg.model_dump_json(), seed), listing(str(folder))
+    memo = _FOLDER_SETS.get(key)
+    if memo is None or memo[0] is not listed:
+        memo = _FOLDER_SETS[key] = (listed, _folder_ood(name, folder, cfg))
+    records, bad = memo[1]
+    return list(records), list(bad)
 
 
 def ood_classnames(name: str, cfg: DataConfig | None = None) -> list[str]:
@@ -817,14 +931,22 @@ def ood_classnames(name: str, cfg: DataConfig | None = None) -> list[str]:
 
 
 # ---------------------------------------------------------------- source selection
-def select_sources(dataset: IDDataset, per_class: int) -> list[ImageRecord]:
+def select_sources(dataset: IDDataset, per_class: int, empty_class: str = "drop") -> list[ImageRecord]:
     """SynOOD source selection: per class, the ``per_class`` train images with the most bytes/pixel.
 
-    Classes in dataset order; within a class by bytes/pixel descending, ties by key.
+    Classes in dataset order; within a class by bytes/pixel descending, ties by key. Ranking reads
+    each train image's header: a class none of whose train images can be read is an error with
+    ``empty_class="error"``, else logged (its sources then fail where they are used, as bad inputs).
     """
     out: list[ImageRecord] = []
-    for _, recs in dataset.by_class().items():
+    for idx, recs in dataset.by_class().items():
         train = [r for r in recs if r.split == "train"]
         ranked = sorted(train, key=lambda r: (-image_bytes_per_pixel(r), r.key))
+        if ranked and image_bytes_per_pixel(ranked[0]) < 0:  # cached: no second probe
+            msg = (f"class {dataset.classnames[idx]!r} has no usable train image ({len(ranked)} listed, e.g. "
+                   f"{ranked[0].source}); fix or remove the files, or set data.empty_class=drop to go on")
+            if empty_class == "error":
+                raise DataError(msg)
+            log.warning("%s: its sources fail as bad inputs", msg)
         out.extend(ranked[:per_class])
     return out

@@ -3,15 +3,14 @@
 A stage key must change when the output would change (model ids, prompts, settings, the images
 themselves) and must not change when only *where* things are served or stored changes: the MLLM
 endpoint URL, the dataset's mount point, a cache directory. The data's identity is a hash of the
-file listing the run uses (paths relative to their root, sizes, crops), so a moved copy of the same
-data reuses every stage and an edited file gives new keys.
+listing of the files the run reads (paths relative to their root, sizes), so a moved copy of the
+same data reuses every stage and an added, removed or resized file gives new keys.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -65,41 +64,55 @@ def content_spec(spec: BaseModel) -> dict[str, Any]:
     return {k: v for k, v in key_dump(spec).items() if k not in INFRA_FIELDS}
 
 
-def _source_entry(source: str, roots: list[Path]) -> tuple[str, int | str]:
-    """A record's source as (path relative to its data root, size in bytes)."""
+def _source_entry(source: str) -> tuple[str, int | str]:
+    """A bundled or rendered record's source and what names its pixels (file size, renderer version)."""
     from ood_core.data import pixel_source, skimage_path
 
     made = pixel_source(source)
     if made is not None:
         return source, made.version
-    if source.startswith("skimage:"):
-        return source, os.path.getsize(skimage_path(source.split(":", 1)[1]))
-    path = Path(source)
-    for root in roots:
-        try:
-            return path.relative_to(root).as_posix(), os.path.getsize(path)
-        except ValueError:
-            continue
-    return path.name, os.path.getsize(path)
+    return source, os.path.getsize(skimage_path(source.split(":", 1)[1]))
+
+
+def forget() -> None:
+    """Drop the identities this process computed (a new run lists its data anew)."""
+    _IDENTITY.clear()
+
+
+def remembered(data: DataConfig, seed: int) -> str | None:
+    """The identity this process computed or adopted for ``data``, if any."""
+    return _IDENTITY.get((data.model_dump_json(), seed))
+
+
+def remember(data: DataConfig, seed: int, identity: str) -> None:
+    """Adopt ``identity`` (read from the run's keys: the run's first step listed the data)."""
+    _IDENTITY[(data.model_dump_json(), seed)] = identity
 
 
 def data_identity(data: DataConfig, seed: int) -> str:
-    """Hash of the ID and OOD file listings the run uses (relative paths, sizes, crops, labels)."""
+    """Hash of what the run reads: the listings of its file trees (relative paths, sizes: see
+    :mod:`ood_core.dataset_index`), or for bundled and rendered data its records (sources, crops, labels)."""
     memo_key = (data.model_dump_json(), seed)
     if memo_key in _IDENTITY:
         return _IDENTITY[memo_key]
-    from ood_core.data import _resolve_folder, load_id_dataset, load_ood_set
+    from ood_core.data import load_id_dataset, load_ood_set
+    from ood_core.dataset_index import current, tree_digest
 
+    listed = current(data).trees
     h = hashlib.sha256()
-    roots = [Path(data.root).expanduser()] if data.root else []
-    for r in load_id_dataset(data, seed).records:
-        h.update(repr((r.key, r.class_idx, r.class_name, r.split, _source_entry(r.source, roots), r.crop, r.flip)).encode())
+    if "train" in listed:
+        for tree in ("train", "val"):
+            h.update(f"{tree}:{tree_digest(listed[tree])}".encode())
+    else:
+        for r in load_id_dataset(data, seed).records:
+            h.update(repr((r.key, r.class_idx, r.class_name, r.split, _source_entry(r.source), r.crop, r.flip)).encode())
     for name in data.ood_sets:
-        folder = _resolve_folder(name, data)
-        set_roots = [folder] if folder is not None else []
         h.update(f"ood:{name}".encode())
+        if f"ood:{name}" in listed:
+            h.update(tree_digest(listed[f"ood:{name}"]).encode())
+            continue
         for r in load_ood_set(name, data, seed):
-            h.update(repr((r.key, _source_entry(r.source, set_roots), r.crop, r.flip)).encode())
+            h.update(repr((r.key, _source_entry(r.source), r.crop, r.flip)).encode())
     _IDENTITY[memo_key] = h.hexdigest()[:16]
     return _IDENTITY[memo_key]
 

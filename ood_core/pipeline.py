@@ -33,7 +33,11 @@ def resolve_keys(cfg: RunConfig, root: str | None = None) -> dict[str, str]:
     With ``root``, a stage with a round window (finetune's ``rounds_window`` > 1) also hashes the
     earlier rounds' folders it reads, recorded under ``root``; they are added to the keys as
     ``<stage>@<round>`` entries, so a new round changes its key and the same set gives the same key.
+    ``keys[DATA_KEY]`` is the data's identity; with ``root`` its index is stored there (the run's
+    first step lists the data; every later step, chunk process and rerun reads the index).
     """
+    from ood_core.dataset_index import DATA_KEY, ensure_index
+    from ood_core.identity import data_identity
     from ood_core.rounds import round_window
 
     keys: dict[str, str] = {}
@@ -42,6 +46,7 @@ def resolve_keys(cfg: RunConfig, root: str | None = None) -> dict[str, str]:
         if root is not None and stage.round_window:
             keys.update(round_window(root, cfg.generate.round, stage.window_size(cfg), keys, stage.round_window))
         keys[name] = stage_key(name, stage.schema.version, stage.config_slice(cfg), upstream_keys(name, keys))
+    keys[DATA_KEY] = ensure_index(cfg.data, cfg.seed, root) if root is not None else data_identity(cfg.data, cfg.seed)
     return keys
 
 
@@ -62,8 +67,11 @@ def stage_store(root: str, name: str, keys: dict[str, str]) -> StageStore:
 
 
 def make_context(cfg: RunConfig, root: str, name: str, keys: dict[str, str], log=print) -> StageContext:
+    from ood_core.dataset_index import DATA_KEY, adopt
     from ood_core.rounds import window_base
 
+    if DATA_KEY in keys:  # the data index the run's first step stored: read, never listed again
+        adopt(cfg.data, cfg.seed, root, keys[DATA_KEY])
     upstream = {}
     for u, key in upstream_keys(name, keys).items():
         store = StageStore(root, window_base(u), key)
@@ -511,10 +519,12 @@ def run_local(
     ``check`` runs the preflight first (data, OOD sets, model ids, endpoint, output root). With a
     generation round, ``keep_last`` prunes the folders of older rounds once this one is done.
     """
+    from ood_core.dataset_index import forget
     from ood_core.rounds import check_keep_last, prune_rounds, record_round
 
     run, forced = selected_stages(only, force)
     check_keep_last(cfg.finetune.rounds_window, keep_last)
+    forget()  # a new run lists its data anew: once, here (the data may have changed since the last)
     if check:
         from ood_core.preflight import preflight
 

@@ -79,7 +79,7 @@ def model_help(role: str, spec: Any, cache_dir: str | None) -> str:
 
 
 def _check_data(cfg: RunConfig) -> list[str]:
-    from ood_core.data import ID_SOURCES, DataError, _list_images, val_files_by_class
+    from ood_core.data import ID_SOURCES, DataError, _listed_tree, val_files_by_class
 
     d = cfg.data
     problems: list[str] = []
@@ -88,16 +88,17 @@ def _check_data(cfg: RunConfig) -> list[str]:
         train = root / "train"
         if not train.is_dir():
             return [f"data.root: {train} does not exist (expected {root}/train/<class>/*.JPEG); set data.root"]
-        folders = sorted(p.name for p in train.iterdir() if p.is_dir())
+        listed = _listed_tree(train)  # the run's one listing of the data (its index is built from it)
+        folders = listed.folders
         if not folders:
             return [f"data.root: no class folders in {train} (expected {train}/<class>/*.JPEG)"]
         if d.max_classes:
             folders = folders[: d.max_classes]
-        empty = next((f for f in folders[:5] if not _list_images(train / f)), None)
+        empty = next((f for f in folders[:5] if not listed.images(f)), None)
         if empty:
             problems.append(f"data.root: class folder {train / empty} has no images")
         try:
-            val_files_by_class(root, folders)
+            val_files_by_class(root, folders, _listed_tree(root / "val"))
         except DataError as err:
             problems.append(f"data.root: {err}")
     elif d.id_source not in ID_SOURCES:
@@ -106,7 +107,7 @@ def _check_data(cfg: RunConfig) -> list[str]:
 
 
 def _check_ood_sets(cfg: RunConfig) -> list[str]:
-    from ood_core.data import IMAGE_EXTENSIONS, OOD_SETS, _resolve_folder
+    from ood_core.data import IMAGE_EXTENSIONS, OOD_SETS, _listed_tree, _resolve_folder
 
     problems = []
     for name in cfg.data.ood_sets:
@@ -120,7 +121,7 @@ def _check_ood_sets(cfg: RunConfig) -> list[str]:
             )
         elif not folder.is_dir():
             problems.append(f"data.ood_sets: folder of OOD set '{name}' does not exist: {folder}")
-        elif not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*")):
+        elif not _listed_tree(folder).all_images():
             problems.append(f"data.ood_sets: no images ({', '.join(IMAGE_EXTENSIONS)}) below {folder} (set '{name}')")
     return problems
 

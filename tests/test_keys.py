@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ood_core import identity
+from ood_core import dataset_index
 from ood_core.config import load_config
 from ood_core.pipeline import resolve_keys, run_local
 from ood_core.stages import STAGE_ORDER
@@ -54,7 +54,7 @@ def test_moved_data_has_the_same_keys_and_an_edited_file_does_not(tmp_path):
     assert resolve_keys(load_config("tiny", _overrides(b, tmp_path / "other-cache"))) == keys
     _img(b / "id" / "train" / "dog" / "3.png", 999)  # same name, other content (other size)
     (b / "id" / "train" / "dog" / "3.png").write_bytes((b / "id" / "train" / "dog" / "3.png").read_bytes() + b"\0")
-    identity._IDENTITY.clear()  # the listing is hashed once per process; a new run is a new process
+    dataset_index.forget()  # the data is listed once per run; a new run lists it anew
     changed = resolve_keys(load_config("tiny", _overrides(b, tmp_path / "m")))
     assert changed["sketch"] != keys["sketch"]
 

@@ -194,9 +194,12 @@ class StageContext:
     @cached_property
     def dataset(self):
         from ood_core.data import load_id_dataset
+        from ood_core.identity import data_identity
 
-        key = ("dataset", self.cfg.data.model_dump_json(), self.cfg.seed)
-        return memo(key, lambda: load_id_dataset(self.cfg.data, self.cfg.seed))
+        # per data identity: a new listing (a new run on changed data) is a new dataset; only the
+        # files a stage uses have their headers read (a bad one fails where it is used)
+        key = ("dataset", self.cfg.data.model_dump_json(), self.cfg.seed, data_identity(self.cfg.data, self.cfg.seed))
+        return memo(key, lambda: load_id_dataset(self.cfg.data, self.cfg.seed, probe="used"))
 
     @cached_property
     def records(self) -> dict:

@@ -106,7 +106,7 @@ class SketchStage(Stage):
         if sc.near_per_class > 0:
             near = [{"kind": "near", "class_idx": i} for i in range(len(ctx.dataset.classnames))]
             plans += chunk(near, sc.shard_size, start=len(plans))
-        sources = select_sources(ctx.dataset, sc.sources_per_class)
+        sources = select_sources(ctx.dataset, sc.sources_per_class, ctx.cfg.data.empty_class)
         ctx_items = [{"kind": "context", "source_key": r.key, "class_idx": r.class_idx} for r in sources]
         plans += chunk(ctx_items, sc.shard_size, start=len(plans))
         return plans
