@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -284,16 +285,32 @@ def content_words(label: str) -> set[str]:
     return out
 
 
-def _first_match(label: str, words: set[str], names: Sequence[str], norms: list[str],
-                 name_words: list[set[str]]) -> tuple[str | None, str | None]:
-    """(equal name, overlapping name) of ``label`` among ``names``."""
-    for name, norm in zip(names, norms, strict=True):
-        if label == norm:
-            return name, None
-    for name, nw in zip(names, name_words, strict=True):
-        if words & nw:
-            return None, name
-    return None, None
+@dataclass(frozen=True)
+class NameIndex:
+    """Class names normalised once: each normalised name's first name, each content word's first name."""
+
+    equal: dict[str, str]
+    word_first: dict[str, tuple[int, str]]
+
+    def match(self, label: str, words: set[str]) -> tuple[str | None, str | None]:
+        """(equal name, overlapping name) of ``label``: the first name equal to it, else the first
+        name (in list order) sharing a content word with it."""
+        if label in self.equal:
+            return self.equal[label], None
+        hits = [self.word_first[w] for w in words if w in self.word_first]
+        return None, (min(hits)[1] if hits else None)
+
+
+@functools.lru_cache(maxsize=64)
+def name_index(names: tuple[str, ...]) -> NameIndex:
+    """The :class:`NameIndex` of ``names`` (cached: sketch calls hygiene once per class with the same names)."""
+    equal: dict[str, str] = {}
+    word_first: dict[str, tuple[int, str]] = {}
+    for i, name in enumerate(names):
+        equal.setdefault(normalize_label(name), name)
+        for w in content_words(name):
+            word_first.setdefault(w, (i, name))
+    return NameIndex(equal, word_first)
 
 
 def label_hygiene(
@@ -317,11 +334,8 @@ def label_hygiene(
     Independently, ``leakage`` is set when the label equals or overlaps a name in
     ``eval_ood_names``.
     """
-    ood_names = list(eval_ood_names or [])
-    id_norm = [normalize_label(c) for c in id_classnames]
-    id_words = [content_words(c) for c in id_classnames]
-    ood_norm = [normalize_label(c) for c in ood_names]
-    ood_words = [content_words(c) for c in ood_names]
+    id_index = name_index(tuple(id_classnames))
+    ood_index = name_index(tuple(eval_ood_names or ()))
 
     verdicts: list[dict] = []
     seen: dict[str, str] = {}
@@ -334,7 +348,7 @@ def label_hygiene(
             v["reason"] = "empty"
             continue
         words = content_words(label)
-        eq, ov = _first_match(label, words, ood_names, ood_norm, ood_words)
+        eq, ov = ood_index.match(label, words)
         if eq or ov:
             v["leakage"], v["leak_match"] = True, eq or ov
         if unsafe_characters(label):
@@ -353,7 +367,7 @@ def label_hygiene(
             v["reason"], v["matched"] = "duplicate", seen[label]
             continue
         seen[label] = label
-        eq, ov = _first_match(label, words, id_classnames, id_norm, id_words)
+        eq, ov = id_index.match(label, words)
         if eq:
             v["reason"], v["matched"] = "equals_id_class", eq
         elif ov:
