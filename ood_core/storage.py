@@ -159,11 +159,11 @@ class StageStore:
         return self.path("features", f"{index:06d}.npz")
 
     def read_features(self, index: int) -> tuple[list[str], np.ndarray] | None:
-        """``(keys, features)`` of one shard's feature file; None for a shard without one."""
-        path = self.features_path(index)
-        if not self.exists(path):
+        """``(keys, features)`` of one shard's feature file; None for a shard written without one
+        (its marker names none). A file its marker names but that is missing raises."""
+        if "features_sha256" not in self.shard_stats(index):
             return None
-        with np.load(io.BytesIO(self.read_bytes(path)), allow_pickle=False) as z:
+        with np.load(io.BytesIO(self.read_bytes(self.features_path(index))), allow_pickle=False) as z:
             return [str(k) for k in z["keys"]], z["feats"]
 
     def rejected_path(self, index: int) -> str:
@@ -421,8 +421,8 @@ class StageStore:
         problems = []
         marker_time = _info_time(marker) if marker else None
         for kind, info in files.items():
-            folder = "shards" if kind == "tar" else "manifests"
-            label = f"{self.url()}/{folder}/{index:06d}.{kind}"
+            folder, ext = {"tar": ("shards", "tar"), "features": ("features", "npz")}.get(kind, ("manifests", kind))
+            label = f"{self.url()}/{folder}/{index:06d}.{ext}"
             if info is None:
                 problems.append(f"{label}: missing")
             elif f"{kind}_size" in stats and info.get("size") != stats[f"{kind}_size"]:
@@ -443,7 +443,8 @@ class StageStore:
         except (OSError, ValueError) as err:
             return [f"{self.url()}/stats/{index:06d}.json: unreadable ({err})"]
         if not deep and "tar_size" in stats:  # markers written before sizes were recorded get the deep check
-            files = {kind: self._file_info(paths[kind]) for kind in ("tar", "parquet")}
+            kinds = ("tar", "parquet", "features") if "features_size" in stats else ("tar", "parquet")
+            files = {kind: self._file_info(paths[kind]) for kind in kinds}
             return self._cheap_problems(index, stats, self._file_info(paths["stats"]), files)
         problems: list[str] = []
         kinds = ("tar", "parquet", *(k for k in ("rejected", "features") if f"{k}_sha256" in stats))
