@@ -93,7 +93,8 @@ class Sample:
 def features_npz(keys: list[str], feats: np.ndarray) -> bytes:
     """A deterministic npz (fixed zip times) of ``keys`` and their ``(n, d)`` float32 features."""
     buf = io.BytesIO()
-    arrays = {"keys": np.asarray(keys, dtype=str), "feats": np.asarray(feats, dtype=np.float32).reshape(len(keys), -1)}
+    feats = np.asarray(feats, dtype=np.float32)
+    arrays = {"keys": np.asarray(keys, dtype=str), "feats": feats if feats.ndim == 2 else feats.reshape(len(keys), -1)}
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
         for name, arr in arrays.items():
             member = io.BytesIO()

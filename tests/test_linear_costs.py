@@ -152,6 +152,7 @@ def test_feature_file_is_deterministic_and_guarded_by_the_marker(tmp_path):
     feats = _unit(np.random.default_rng(0).normal(size=(3, 4)))
     blob = features_npz(["a", "b", "c"], feats)
     assert blob == features_npz(["a", "b", "c"], feats)  # no clock in the zip: equal content, equal bytes
+    assert features_npz([], feats[:0]) != blob  # a shard that kept nothing has an (empty) file too
     store = StageStore(str(tmp_path), "generate", "k")
     rows = [{"key": k, "status": "ok", "reason": "ok"} for k in "abc"]
     store.write_shard(0, [Sample(k, {"txt": b"x"}) for k in "abc"], rows, GENERATE, 0.1, features=blob)
