@@ -124,8 +124,9 @@ def trees_of(data: DataConfig) -> dict[str, str]:
     if data.id_source == "imagefolder" and data.root:
         root = str(Path(data.root).expanduser()) if not is_url(data.root) else data.root.rstrip("/")
         trees["train"], trees["val"] = f"{root}/train", f"{root}/val"
-        # Food-101's release: images/<class>/* split by meta/{train,test}.txt (their sizes in the identity)
-        trees["images"], trees["meta"] = f"{root}/images", f"{root}/meta"
+        if not is_url(root) and os.path.isfile(f"{root}/meta/train.txt"):
+            # Food-101's release: images/<class>/* split by meta/{train,test}.txt (their sizes in the identity)
+            trees["images"], trees["meta"] = f"{root}/images", f"{root}/meta"
     for name in data.ood_sets:
         if name in OOD_SETS:
             continue

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -287,16 +288,32 @@ def content_words(label: str) -> set[str]:
     return out
 
 
-def _first_match(label: str, words: set[str], names: Sequence[str], norms: list[str],
-                 name_words: list[set[str]]) -> tuple[str | None, str | None]:
-    """(equal name, overlapping name) of ``label`` among ``names``."""
-    for name, norm in zip(names, norms, strict=True):
-        if label == norm:
-            return name, None
-    for name, nw in zip(names, name_words, strict=True):
-        if words & nw:
-            return None, name
-    return None, None
+@dataclass(frozen=True)
+class NameIndex:
+    """Class names normalised once: each normalised name's first name, each content word's first name."""
+
+    equal: dict[str, str]
+    word_first: dict[str, tuple[int, str]]
+
+    def match(self, label: str, words: set[str]) -> tuple[str | None, str | None]:
+        """(equal name, overlapping name) of ``label``: the first name equal to it, else the first
+        name (in list order) sharing a content word with it."""
+        if label in self.equal:
+            return self.equal[label], None
+        hits = [self.word_first[w] for w in words if w in self.word_first]
+        return None, (min(hits)[1] if hits else None)
+
+
+@functools.lru_cache(maxsize=64)
+def name_index(names: tuple[str, ...]) -> NameIndex:
+    """The :class:`NameIndex` of ``names`` (cached: sketch calls hygiene once per class with the same names)."""
+    equal: dict[str, str] = {}
+    word_first: dict[str, tuple[int, str]] = {}
+    for i, name in enumerate(names):
+        equal.setdefault(normalize_label(name), name)
+        for w in content_words(name):
+            word_first.setdefault(w, (i, name))
+    return NameIndex(equal, word_first)
 
 
 def label_hygiene(
@@ -324,8 +341,7 @@ def label_hygiene(
     from ood_core.leakage import LeakIndex, leak_index
 
     leaks = eval_ood_names if isinstance(eval_ood_names, LeakIndex) else leak_index(list(eval_ood_names or []))
-    id_norm = [normalize_label(c) for c in id_classnames]
-    id_words = [content_words(c) for c in id_classnames]
+    id_index = name_index(tuple(id_classnames))
 
     verdicts: list[dict] = []
     seen: dict[str, str] = {}
@@ -356,7 +372,7 @@ def label_hygiene(
             v["reason"], v["matched"] = "duplicate", seen[label]
             continue
         seen[label] = label
-        eq, ov = _first_match(label, words, id_classnames, id_norm, id_words)
+        eq, ov = id_index.match(label, words)
         if eq:
             v["reason"], v["matched"] = "equals_id_class", eq
         elif ov:

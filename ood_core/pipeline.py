@@ -243,11 +243,11 @@ def content_donor(ctx: StageContext, index: int) -> StageStore | None:
 
 
 def _copy_shard(src: StageStore, dst: StageStore, index: int) -> None:
-    a = {**src.shard_paths(index), "rejected": src.rejected_path(index)}
-    b = {**dst.shard_paths(index), "rejected": dst.rejected_path(index)}
+    a = {**src.shard_paths(index), "rejected": src.rejected_path(index), "features": src.features_path(index)}
+    b = {**dst.shard_paths(index), "rejected": dst.rejected_path(index), "features": dst.features_path(index)}
     a["timing"], b["timing"] = src.timing_path(index), dst.timing_path(index)
-    for kind in ("tar", "rejected", "parquet", "timing", "stats"):  # stats last: it marks the shard done
-        if kind not in ("rejected", "timing") or src.exists(a[kind]):
+    for kind in ("tar", "rejected", "features", "parquet", "timing", "stats"):  # stats last: it marks the shard done
+        if kind not in ("rejected", "features", "timing") or src.exists(a[kind]):
             dst.write_bytes(b[kind], src.read_bytes(a[kind]))
 
 
@@ -287,7 +287,7 @@ def run_shard(ctx: StageContext, name: str, index: int) -> dict:
     if failures:
         ctx.log(f"[{name}] shard {index}: {failures}")
     stats = ctx.store.write_shard(index, out.samples, out.rows, stage.schema, time.perf_counter() - t0, out.stats,
-                                  out.timings)
+                                  out.timings, out.features)
     return {**stats, "reused": False}
 
 

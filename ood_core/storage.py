@@ -32,11 +32,13 @@ import json
 import tarfile
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -86,6 +88,19 @@ class Sample:
     def __post_init__(self) -> None:
         if not self.key or "." in self.key or "/" in self.key:
             raise ValueError(f"sample key {self.key!r} must be non-empty with no '.' or '/'")
+
+
+def features_npz(keys: list[str], feats: np.ndarray) -> bytes:
+    """A deterministic npz (fixed zip times) of ``keys`` and their ``(n, d)`` float32 features."""
+    buf = io.BytesIO()
+    feats = np.asarray(feats, dtype=np.float32)
+    arrays = {"keys": np.asarray(keys, dtype=str), "feats": feats if feats.ndim == 2 else feats.reshape(len(keys), -1)}
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, arr in arrays.items():
+            member = io.BytesIO()
+            np.save(member, arr, allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
+    return buf.getvalue()
 
 
 def tar_bytes(samples: list[Sample]) -> bytes:
@@ -138,6 +153,19 @@ class StageStore:
     def timing_path(self, index: int) -> str:
         """``timings/NNNNNN.json``: the shard's wall-clock figures (not part of its content)."""
         return self.path("timings", f"{index:06d}.json")
+
+    def features_path(self, index: int) -> str:
+        """``features/NNNNNN.npz``: the shard's feature array (keys + one (n, d) array), readable
+        without its images (written only by stages that give one, e.g. elaborate's embeddings)."""
+        return self.path("features", f"{index:06d}.npz")
+
+    def read_features(self, index: int) -> tuple[list[str], np.ndarray] | None:
+        """``(keys, features)`` of one shard's feature file; None for a shard written without one
+        (its marker names none). A file its marker names but that is missing raises."""
+        if "features_sha256" not in self.shard_stats(index):
+            return None
+        with np.load(io.BytesIO(self.read_bytes(self.features_path(index))), allow_pickle=False) as z:
+            return [str(k) for k in z["keys"]], z["feats"]
 
     def rejected_path(self, index: int) -> str:
         """``rejected/NNNNNN.tar``: the shard's set-aside samples (written only when there are any)."""
@@ -210,12 +238,13 @@ class StageStore:
     # ------------------------------------------------------------ shards
     def write_shard(
         self, index: int, samples: list[Sample], rows: list[dict], schema: ManifestSchema, seconds: float,
-        extra: dict | None = None, timings: dict | None = None,
+        extra: dict | None = None, timings: dict | None = None, features: bytes | None = None,
     ) -> dict:
         """Write tar, then manifest, then the timings, then the stats marker (last: it means 'done').
 
         ``extra`` goes into the marker and must not depend on the clock; ``seconds`` and ``timings``
-        go to :meth:`timing_path` only. Returns the marker merged with the timings.
+        go to :meth:`timing_path` only; ``features`` (an npz, :func:`features_npz`) to
+        :meth:`features_path`, hashed in the marker. Returns the marker merged with the timings.
         """
         paths = self.shard_paths(index)
         for row in rows:
@@ -241,6 +270,9 @@ class StageStore:
             rtar = tar_bytes(rejected)
             self.write_bytes(self.rejected_path(index), rtar)
             stats.update(rejected_samples=len(rejected), rejected_sha256=sha256_bytes(rtar))
+        if features is not None:
+            self.write_bytes(self.features_path(index), features)
+            stats.update(features_sha256=sha256_bytes(features), features_size=len(features))
         self.write_bytes(paths["parquet"], pqb)
         timing = {"seconds": round(seconds, 3), **(timings or {})}
         self.write_json(self.timing_path(index), timing)
@@ -390,8 +422,8 @@ class StageStore:
         problems = []
         marker_time = _info_time(marker) if marker else None
         for kind, info in files.items():
-            folder = "shards" if kind == "tar" else "manifests"
-            label = f"{self.url()}/{folder}/{index:06d}.{kind}"
+            folder, ext = {"tar": ("shards", "tar"), "features": ("features", "npz")}.get(kind, ("manifests", kind))
+            label = f"{self.url()}/{folder}/{index:06d}.{ext}"
             if info is None:
                 problems.append(f"{label}: missing")
             elif f"{kind}_size" in stats and info.get("size") != stats[f"{kind}_size"]:
@@ -405,16 +437,18 @@ class StageStore:
 
         ``deep=False`` is the cheap check a rerun uses (sizes and modification times, no reads).
         """
-        paths = {**self.shard_paths(index), "rejected": self.rejected_path(index)}
+        paths = {**self.shard_paths(index), "rejected": self.rejected_path(index),
+                 "features": self.features_path(index)}
         try:
             stats = self.shard_stats(index)
         except (OSError, ValueError) as err:
             return [f"{self.url()}/stats/{index:06d}.json: unreadable ({err})"]
         if not deep and "tar_size" in stats:  # markers written before sizes were recorded get the deep check
-            files = {kind: self._file_info(paths[kind]) for kind in ("tar", "parquet")}
+            kinds = ("tar", "parquet", "features") if "features_size" in stats else ("tar", "parquet")
+            files = {kind: self._file_info(paths[kind]) for kind in kinds}
             return self._cheap_problems(index, stats, self._file_info(paths["stats"]), files)
         problems: list[str] = []
-        kinds = ("tar", "parquet", "rejected") if "rejected_sha256" in stats else ("tar", "parquet")
+        kinds = ("tar", "parquet", *(k for k in ("rejected", "features") if f"{k}_sha256" in stats))
         for kind in kinds:
             folder, name = paths[kind].rsplit("/", 2)[-2:]
             label = f"{self.url()}/{folder}/{name}"

@@ -137,3 +137,32 @@ def test_released_text_side_trains_on_every_variant_and_the_negative_images(tmp_
     assert {"boundary", "boundary_no_grad"} <= {k for _, k, _ in want}
     text_side = results["finetune"]["summary"]["train"]["text_side"]
     assert text_side["data"] == "released" and sum(text_side["kinds"].values()) == len(want)
+def test_finetune_caches_features_only_for_the_records_it_reads(tmp_path):
+    """Train has 6 images per class, sketch picks 1 source each: only those sources (and the ID test
+    split, the OOD sets, the kept synthetic images) get a cached feature."""
+    from ood_core.data import load_id_dataset
+    from ood_core.stages.elaborate import read_cross_shard_duplicates
+    from tests.test_batching import _overrides
+
+    cfg = load_config("tiny", _overrides(str(tmp_path / "models")))
+    root = str(tmp_path / "run")
+    summary = run_local(cfg, root, log=lambda m: None)["finetune"]["summary"]
+    assert {"neglabel", "synood"} <= set(summary["metrics"])
+    keys = resolve_keys(cfg)
+    elaborate = StageStore(root, "elaborate", keys["elaborate"])
+    dups = read_cross_shard_duplicates(elaborate)
+    kept = [r for r in elaborate.read_manifest().to_pylist() if r["status"] == "kept" and r["key"] not in dups]
+    rows = StageStore(root, "finetune", keys["finetune"]).read_manifest().to_pylist()
+    by_role: dict[str, set[str]] = {}
+    for r in rows:
+        by_role.setdefault(r["role"], set()).add(r["key"])
+    data = load_id_dataset(cfg.data, cfg.seed)
+    train = {r.key for r in data.records if r.split == "train"}
+    sources = {r["source_key"] for r in kept if r["source_key"] in train}
+    assert sources and len(sources) < len(train)
+    assert by_role["id_train"] == sources
+    assert by_role["id_test"] == {r.key for r in data.records if r.split == "test"}
+    assert by_role["synthetic"] == {r["key"] for r in kept}
+    assert {r for r in by_role if r.startswith("ood:")} == {f"ood:{n}" for n in cfg.data.ood_sets}
+    # the adapter trained on the boundary images (finetune.synthetic_kinds) paired with their sources
+    assert summary["train"]["samples"] == 2 * sum(r["kind"] == "boundary" for r in kept)

@@ -43,6 +43,8 @@ class ShardOutput:
     stats: dict = field(default_factory=dict)
     # wall-clock figures (e.g. generate's throughput): stored beside the shard, not in its content
     timings: dict = field(default_factory=dict)
+    # the shard's feature file (storage.features_npz), readable without the images
+    features: bytes | None = None
 
     def add(self, row: dict, files: dict[str, bytes] | None = None) -> None:
         self.rows.append(row)

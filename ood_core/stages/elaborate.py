@@ -31,7 +31,6 @@ from ood_core.stages.base import (
     StageContext,
     chunk,
     derive_seed,
-    npy_bytes,
     npy_load,
     row,
 )
@@ -166,16 +165,19 @@ class ElaborateStage(Stage):
         verdicts = dict(zip(labelled, hygiene(ctx, [talks[j]["elaborated_label"] for j in labelled]), strict=True))
 
         # 4. one status and reason per image
-        kept_feats: list[np.ndarray] = []
+        from ood_core.dedup import ShardDedup
+        from ood_core.storage import features_npz
+
+        feats_np = feats.numpy().astype(np.float32)
+        dedup = ShardDedup(feats_np)
         for j, (it, cols) in enumerate(items):
             talk = talks[j]
             if talk.get("error"):
                 out.add(row(it["key"], "failed", "mllm_error", talk["error"], **cols, **talk["cols"]))
                 continue
             cuts = talk["cuts"]
-            f = feats[j].numpy()
             arr = np.asarray(images[j], dtype=np.float32)
-            dup = max((float(f @ kf) for kf in kept_feats), default=-1.0)
+            dup = dedup.max_cosine(j)
             measures = {
                 "id_confidence": float(id_conf[j]),
                 "energy": float(energy[j]),
@@ -208,12 +210,13 @@ class ElaborateStage(Stage):
                 status, reason = "rejected", "near_duplicate"
             else:
                 status, reason = "kept", "ok"
-                kept_feats.append(f)
+                dedup.keep(j)
             r = row(it["key"], status, reason, "; ".join(c.detail for c in cuts) or None, **cols, **measures)
             meta = {**r, "conversation": talk["conversation"]}
             # rejected images are kept too (for the report's grid), marked by their row
-            extra = {"npy": npy_bytes(f.astype(np.float32))} if status == "kept" else {}
-            out.add(r, {"png": files[it["key"]]["png"], "json": json.dumps(meta, sort_keys=True).encode(), **extra})
+            out.add(r, {"png": files[it["key"]]["png"], "json": json.dumps(meta, sort_keys=True).encode()})
+        # the kept images' embeddings in their own file: cross-shard dedup reads it, not the images
+        out.features = features_npz([items[j][0]["key"] for j in dedup.kept], feats_np[dedup.kept])
         return out
 
     def _elaborate(self, ctx: StageContext, images: list, items: list[dict], topk: np.ndarray) -> list[dict]:
@@ -297,7 +300,11 @@ class ElaborateStage(Stage):
         for r in table:
             k = f"{r['origin']}:{r['status']}"
             counts[k] = counts.get(k, 0) + 1
-        return {"outlier_labels": counts, **write_cross_shard_duplicates(ctx.store, ctx.cfg.elaborate.dedup_cosine)}
+        from ood_core.models import resolve_device
+
+        dups = write_cross_shard_duplicates(ctx.store, ctx.cfg.elaborate.dedup_cosine,
+                                            resolve_device(ctx.cfg.models.device))
+        return {"outlier_labels": counts, **dups}
 
 
 def outlier_label_rows(ctx: StageContext) -> list[dict]:
@@ -351,15 +358,20 @@ def read_outlier_table(store) -> list[dict]:
 DUPLICATES_ARTIFACT = "cross_shard_duplicates.json"
 
 
-def write_cross_shard_duplicates(store, threshold: float) -> dict:
+def kept_features(store, index: int) -> tuple[list[str], np.ndarray]:
+    """One elaborate shard's kept keys and embeddings: its feature file (older shards: the tar's ``npy`` members)."""
+    found = store.read_features(index)
+    if found is not None:
+        return found
+    kept = [(k, npy_load(f["npy"])) for k, f in store.iter_samples(index, rejected=False) if "npy" in f]
+    return [k for k, _ in kept], np.stack([f for _, f in kept]) if kept else np.zeros((0, 1), np.float32)
+
+
+def write_cross_shard_duplicates(store, threshold: float, device=None) -> dict:
     from ood_core.dedup import cross_shard_duplicates
 
-    def shards():
-        for i in store.shard_indices():
-            kept = [(k, npy_load(f["npy"])) for k, f in store.iter_samples(i) if "npy" in f]
-            yield [k for k, _ in kept], np.stack([f for _, f in kept]) if kept else np.zeros((0, 1))
-
-    dups = cross_shard_duplicates(shards(), threshold)
+    shards = (kept_features(store, i) for i in store.shard_indices())
+    dups = cross_shard_duplicates(shards, threshold, device)
     store.write_json(store.path("artifacts", DUPLICATES_ARTIFACT), {k: list(v) for k, v in dups.items()})
     return {"cross_shard_duplicates": len(dups)}
 

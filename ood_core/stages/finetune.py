@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -81,12 +82,6 @@ class FinetuneStage(Stage):
     # ------------------------------------------------------------ plan: feature cache
     def plan(self, ctx: StageContext) -> list[ShardPlan]:
         n_id = len(ctx.dataset.classnames)
-        items = [
-            {"key": r.key, "role": f"id_{r.split}", "class_idx": r.class_idx, "label_idx": r.class_idx}
-            for r in ctx.dataset.records
-        ]
-        for name, recs in _ood_sets(ctx).items():
-            items += [{"key": r.key, "role": f"ood:{name}", "class_idx": -1, "label_idx": -1} for r in recs.values()]
         dups = _cross_dups(ctx)
         kept = [r for r in window_rows(ctx, status="kept") if r["key"] not in dups]
         if not kept:
@@ -94,6 +89,15 @@ class FinetuneStage(Stage):
                 "finetune: elaborate kept no synthetic image; see the rejection reasons with "
                 "`synth-ood status` and loosen elaborate.max_id_confidence or elaborate.dedup_cosine"
             )
+        # only the ID train images training reads get a feature (ImageNet: ~1k sources, not 1.28M)
+        train = used_train_keys(ctx, kept)
+        items = [
+            {"key": r.key, "role": f"id_{r.split}", "class_idx": r.class_idx, "label_idx": r.class_idx}
+            for r in ctx.dataset.records
+            if r.split != "train" or train is None or r.key in train
+        ]
+        for name, recs in _ood_sets(ctx).items():
+            items += [{"key": r.key, "role": f"ood:{name}", "class_idx": -1, "label_idx": -1} for r in recs.values()]
         items += [
             {
                 "key": r["key"],
@@ -160,22 +164,15 @@ class FinetuneStage(Stage):
         fc = ctx.cfg.finetune
         log = ctx.log
         device = resolve_device(ctx.cfg.models.device)
-        # 1. cached raw features and their roles
-        feats = {k: npy_load(f["npy"]) for k, f in ctx.store.iter_samples()}
-        rows = [r for r in ctx.store.read_manifest().to_pylist() if r["status"] == "ok"]
-        by_role: dict[str, list[dict]] = {}
-        for r in rows:
-            by_role.setdefault(r["role"], []).append(r)
+        # 1. cached raw features: one array per role
+        by_role = load_role_features(ctx.store)
+        dim = next(b.feats.shape[1] for b in by_role.values() if len(b))
 
-        dim = next(iter(feats.values())).shape[-1]
-
-        def raw(keys: list[str]) -> torch.Tensor:
-            if not keys:
+        def raw(role: str, keys: list[str] | None = None) -> torch.Tensor:
+            block = by_role.get(role)
+            if block is None:
                 return torch.zeros((0, dim))
-            return torch.from_numpy(np.stack([feats[k] for k in keys]).astype(np.float32))
-
-        def stack(role: str) -> torch.Tensor:
-            return raw([r["key"] for r in by_role.get(role, [])])
+            return torch.from_numpy(block.feats if keys is None else block.feats[block.positions(keys)])
 
         # 2. text features, each method with its reference template and class-name list
         classnames = ctx.dataset.classnames
@@ -201,30 +198,31 @@ class FinetuneStage(Stage):
         mm_text = ctx.text_features([ID_PROMPT.format(t) for t in mm_labels]) if mm_labels else None
         log(f"[finetune] outlier labels: EOE {len(outliers)} sketched ({1 + len(further_sets)} label set(s)), "
             f"MM-OOD {len(mm_labels)} sketched + elaborated")
-        all_synthetic = by_role.get("synthetic", [])
-        by_role["synthetic"] = select_synthetic(ctx, all_synthetic)
+        all_synthetic = by_role.get("synthetic", RoleFeatures.empty(dim))
+        syn = by_role["synthetic"] = select_synthetic(ctx, all_synthetic)
 
         # 3. SynOOD image side: source ID images paired 1:1 with their kept synthetic images
-        syn_rows = by_role["synthetic"]
         source_of = {r["key"]: r["source_key"] for r in window_rows(ctx, status="kept")}
-        neg_index = torch.tensor([r["label_idx"] - n_id for r in syn_rows])
+        neg_index = torch.from_numpy(syn.label_idx - n_id)
+        id_keys: list[str] = []
         if fc.synood_data == "sources":
             # a source whose feature failed to load leaves its synthetic image unpaired (still trained on)
-            paired = [r for r in syn_rows if source_of.get(r["key"]) in feats]
-            id_keys = [source_of[r["key"]] for r in paired]
-            id_cls = [int(r["class_idx"]) for r in paired]
+            cached = by_role["id_train"].positions_of() if "id_train" in by_role else {}
+            paired = [j for j, k in enumerate(syn.keys) if source_of.get(k) in cached]
+            id_keys = [source_of[syn.keys[j]] for j in paired]
+            id_cls = syn.class_idx[paired].tolist()
         if fc.synood_data == "all" or not id_keys:
             if fc.synood_data == "sources":
                 # text-to-image samples have no source image (finetune.synthetic_kinds without boundary)
                 log("[finetune] no kept synthetic image has a source ID image: the adapter trains on the whole "
                     "ID train split instead (as synood_data: all)")
-            id_keys = [r["key"] for r in by_role["id_train"]]
-            id_cls = [int(r["class_idx"]) for r in by_role["id_train"]]
-        x_syn = stack("synthetic")
-        x_train = torch.cat([raw(id_keys), x_syn])
+            id_keys = None
+            id_cls = by_role["id_train"].class_idx.tolist() if "id_train" in by_role else []
+        x_syn = raw("synthetic")
+        x_train = torch.cat([raw("id_train", id_keys), x_syn])
         used = torch.unique(neg_index)  # only the negatives assigned to kept images are classes
         y_train = torch.cat([torch.tensor(id_cls), n_id + torch.searchsorted(used, neg_index)])
-        log(f"[finetune] training adapter on {len(x_train)} cached features ({len(syn_rows)} synthetic, "
+        log(f"[finetune] training adapter on {len(x_train)} cached features ({len(syn)} synthetic, "
             f"{len(used)} negative labels)")
         adapter, img_hist = train_image_adapter(
             x_train, y_train, torch.cat([id_syn, neg_text[used]]), fc, seed=ctx.cfg.seed,
@@ -233,14 +231,15 @@ class FinetuneStage(Stage):
         )
         # 3b. SynOOD text side
         txt_progress = lambda e, loss: log(f"[finetune] negatives epoch {e + 1}/{fc.text_epochs} loss {loss:.4f}")  # noqa: E731
-        text_set = text_side_set(fc.synood_text_data, by_role["synthetic"], all_synthetic,
+        text_set = text_side_set(fc.synood_text_data, syn.rows(), all_synthetic.rows(),
                                  window_rows(ctx, status="kept"), ctx.negatives[0], n_id)
         log(f"[finetune] text side ({fc.synood_text_data}): {len(text_set)} images, by kind "
             f"{format_kinds(text_set)}")
         if fc.synood_text == "released":
             neg_raw = ctx.models.clip().encode_texts(ctx.negatives[1], normalize=False)
             tuned_np, _, txt_hist = train_negative_text_released(
-                raw([t["key"] for t in text_set]), torch.tensor([t["neg_index"] for t in text_set]), neg_raw, fc,
+                torch.from_numpy(all_synthetic.feats[all_synthetic.positions([t["key"] for t in text_set])]),
+                torch.tensor([t["neg_index"] for t in text_set]), neg_raw, fc,
                 seed=ctx.cfg.seed, progress=txt_progress, device=device)
             tuned_neg = torch.from_numpy(tuned_np)
         else:
@@ -269,24 +268,27 @@ class FinetuneStage(Stage):
         }
         scores: dict[str, dict[str, np.ndarray]] = {}
         for role in eval_roles:
-            x_raw = stack(role)
+            x_raw = raw(role)
             x = F.normalize(x_raw, dim=-1)
             for method in BASELINES:
                 idt, negt, outt = texts[method]
                 if method in ("eoe", "mm_ood") and outt is None:
                     continue
                 sc = ScoreContext(image_feats=x, id_text_feats=idt, neg_text_feats=negt, outlier_text_feats=outt,
-                                  outlier_sets=out_eoe_sets if method == "eoe" else [], cfg=fc, seed=ctx.cfg.seed)
+                                  outlier_sets=out_eoe_sets if method == "eoe" else [], cfg=fc, seed=ctx.cfg.seed,
+                                  device=device)
                 scores.setdefault(method, {})[role] = np.asarray(SCORES.get(method)(sc))
             with torch.no_grad():
                 xa = adapter(x_raw)
+            # SynOOD is NegLabel on the adapted features and tuned negatives (the grouping is shared)
             tuned = ScoreContext(image_feats=xa, id_text_feats=id_neg, neg_text_feats=tuned_neg, cfg=fc,
-                                 seed=ctx.cfg.seed)
+                                 seed=ctx.cfg.seed, device=device)
             scores.setdefault("synood", {})[role] = np.asarray(SCORES.get("neglabel")(tuned))
             if mos_adapter is not None:
                 with torch.no_grad():
                     xm = mos_adapter(x_raw)
-                mos = ScoreContext(image_feats=xm, id_text_feats=id_mm, outlier_text_feats=out_mm, cfg=fc)
+                mos = ScoreContext(image_feats=xm, id_text_feats=id_mm, outlier_text_feats=out_mm, cfg=fc,
+                                   device=device)
                 scores.setdefault("multi_os", {})[role] = np.asarray(SCORES.get("mm_ood")(mos))
         temperatures = {m: score_temperature(m, fc) for m in scores}
 
@@ -300,9 +302,9 @@ class FinetuneStage(Stage):
                 curves.setdefault(method, {})[name] = roc_curve(per_role["id_test"], per_role[role], fc.fpr_convention)
             sets = list(results[method].values())
             results[method]["average"] = {k: float(np.mean([m[k] for m in sets])) for k in sets[0]}
-        y_test = torch.tensor([r["class_idx"] for r in by_role["id_test"]])
+        y_test = torch.from_numpy(by_role["id_test"].class_idx)
         with torch.no_grad():
-            x_test = stack("id_test")
+            x_test = raw("id_test")
             acc = {
                 "zero_shot": id_accuracy((F.normalize(x_test, dim=-1) @ id_mm.T).numpy(), y_test.numpy()),
                 "adapted": id_accuracy((adapter(x_test) @ id_mm.T).numpy(), y_test.numpy()),
@@ -351,7 +353,7 @@ class FinetuneStage(Stage):
         store.write_bytes(art("tuned_negatives.safetensors"), save_safetensors({"tuned_negatives": neg}))
         table = {"key": [], "role": []}
         for role in ["id_test"] + sorted(r for r in by_role if r.startswith("ood:")):
-            table["key"] += [r["key"] for r in by_role[role]]
+            table["key"] += by_role[role].keys
             table["role"] += [role] * len(by_role[role])
         for method, per_role in scores.items():
             table[method] = np.concatenate([per_role[r] for r in ["id_test"] + sorted(x for x in per_role if x != "id_test")]).tolist()
@@ -380,7 +382,7 @@ class FinetuneStage(Stage):
                 with open(os.path.join(tmp, name), "rb") as f:
                     store.write_bytes(art(name), f.read())
         m = ctx.cfg.models
-        sizes = ", ".join(f"{role}: {len(rows)}" for role, rows in sorted(by_role.items()))
+        sizes = ", ".join(f"{role}: {len(block)}" for role, block in sorted(by_role.items()))
         md = [
             f"# synth-ood report — preset `{ctx.cfg.preset}`",
             "",
@@ -527,17 +529,96 @@ def format_kinds(text_set: list[dict]) -> str:
     return ", ".join(f"{k} {n}" for k, n in _kind_counts(text_set).items()) or "none"
 
 
-def select_synthetic(ctx: StageContext, rows: list[dict]) -> list[dict]:
+def select_synthetic(ctx: StageContext, block: RoleFeatures) -> RoleFeatures:
     """The cached synthetic features whose kind is in ``finetune.synthetic_kinds`` (the training set)."""
     kinds = {r["key"]: r["kind"] or "boundary" for r in window_rows(ctx, status="kept")}
     wanted = set(ctx.cfg.finetune.synthetic_kinds)
-    chosen = [r for r in rows if kinds.get(r["key"], "boundary") in wanted]
-    if not chosen:
+    chosen = block.select(np.array([kinds.get(k, "boundary") in wanted for k in block.keys], dtype=bool))
+    if not len(chosen):
         raise RuntimeError(
             f"finetune: no kept synthetic image of kinds {sorted(wanted)} (kept kinds: "
             f"{sorted(set(kinds.values()))}); check finetune.synthetic_kinds and generate.t2i_kinds"
         )
     return chosen
+
+
+def used_train_keys(ctx: StageContext, kept: list[dict]) -> set[str] | None:
+    """The ID train images finetune reads, None for all of them.
+
+    ``synood_data: sources`` reads the source images of the kept synthetic images; when none of
+    the chosen kinds has a source (text-to-image only) finalize trains on the whole train split,
+    as ``synood_data: all``. The sources of every kept kind are cached (not only the chosen
+    kinds'), so that another ``finetune.synthetic_kinds`` reuses the same feature shards.
+    """
+    if ctx.cfg.finetune.synood_data == "all":
+        return None
+    train = {r.key for r in ctx.dataset.records if r.split == "train"}
+    wanted = set(ctx.cfg.finetune.synthetic_kinds)
+    sources = {r["source_key"] for r in kept if r.get("source_key") in train}
+    if not any(r.get("source_key") in train and (r["kind"] or "boundary") in wanted for r in kept):
+        return None
+    return sources
+
+
+@dataclass
+class RoleFeatures:
+    """One role's cached features: keys, class and label indices, and one (n, dim) float32 array."""
+
+    keys: list[str]
+    class_idx: np.ndarray
+    label_idx: np.ndarray
+    feats: np.ndarray
+
+    @classmethod
+    def empty(cls, dim: int) -> RoleFeatures:
+        return cls([], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def select(self, mask: np.ndarray) -> RoleFeatures:
+        return RoleFeatures([k for k, m in zip(self.keys, mask, strict=True) if m], self.class_idx[mask],
+                            self.label_idx[mask], self.feats[mask])
+
+    def positions_of(self) -> dict[str, int]:
+        return {k: i for i, k in enumerate(self.keys)}
+
+    def rows(self) -> list[dict]:
+        """``[{key, label_idx}]`` in order (what the text-side set is chosen from)."""
+        return [{"key": k, "label_idx": int(v)} for k, v in zip(self.keys, self.label_idx, strict=True)]
+
+    def positions(self, keys: list[str]) -> np.ndarray:
+        pos = self.positions_of()
+        return np.array([pos[k] for k in keys], dtype=np.int64)
+
+
+def load_role_features(store: StageStore) -> dict[str, RoleFeatures]:
+    """Finetune's cached features of every ``ok`` row, one :class:`RoleFeatures` per role (manifest order)."""
+    cols = store.read_manifest().select(["key", "status", "role", "class_idx", "label_idx"]).to_pydict()
+    ok = [i for i, st in enumerate(cols["status"]) if st == "ok"]
+    where: dict[str, tuple[str, int]] = {}
+    members: dict[str, list[int]] = {}
+    for i in ok:
+        role = cols["role"][i]
+        where[cols["key"][i]] = (role, len(members.setdefault(role, [])))
+        members[role].append(i)
+    arrays: dict[str, np.ndarray] = {}
+    for key, files in store.iter_samples():
+        if key not in where or "npy" not in files:
+            continue
+        role, j = where[key]
+        f = npy_load(files["npy"])
+        if role not in arrays:
+            arrays[role] = np.zeros((len(members[role]), f.shape[-1]), dtype=np.float32)
+        arrays[role][j] = f
+    out = {}
+    for role, idx in members.items():
+        if role not in arrays:
+            continue
+        out[role] = RoleFeatures([cols["key"][i] for i in idx],
+                                 np.array([cols["class_idx"][i] for i in idx], dtype=np.int64),
+                                 np.array([cols["label_idx"][i] for i in idx], dtype=np.int64), arrays[role])
+    return out
 
 
 def window_folders(ctx: StageContext) -> list[tuple[str, StageStore]]:

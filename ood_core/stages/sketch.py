@@ -236,7 +236,7 @@ class SketchStage(Stage):
 
         sc = ctx.cfg.sketch
         name = ctx.dataset.classnames[class_idx]
-        records = [r for r in ctx.dataset.train() if r.class_idx == class_idx][: sc.near_images]
+        records = train_by_class(ctx).get(class_idx, [])[: sc.near_images]
         images = usable_images(records, ctx.cfg.data.image_size)  # an undecodable one is left out
         content = [{"type": "image", "image": im} for im in images]
         content.append(_text(near_request(name, sc.near_per_class, sc.max_label_words, bool(images))))
@@ -306,8 +306,8 @@ class SketchStage(Stage):
             if not words:
                 continue
             feats = clip.encode_texts([template.format(w) for w in words])
-            keep = set(neg_mining_keep((feats @ id_feats.T).numpy(), sc.neg_keep_fraction, sc.neg_percentile).tolist())
-            score = np.percentile((feats @ id_feats.T).numpy(), sc.neg_percentile, axis=1)
+            score = neg_mining_scores((feats @ id_feats.T).numpy(), sc.neg_percentile)  # the matrix once
+            keep = set(neg_mining_select(score, sc.neg_keep_fraction).tolist())
             # leakage is checked on the kept candidates only (a word-set test per evaluation name)
             kept_words = [words[i] for i in sorted(keep)]
             leaked = {v.raw for v in label_hygiene(kept_words, [], eval_ood_names=context_index(ctx)) if v.leakage}
@@ -327,6 +327,29 @@ class SketchStage(Stage):
                 out.add(r, _files(r) if status == "kept" else None)
 
 
+def train_by_class(ctx: StageContext) -> dict[int, list]:
+    """The ID train records per class index, in dataset order (built once per context, not per class)."""
+    cache = ctx.__dict__.setdefault("_train_by_class", {})
+    if "index" not in cache:
+        index: dict[int, list] = {}
+        for r in ctx.dataset.records:
+            if r.split == "train":
+                index.setdefault(r.class_idx, []).append(r)
+        cache["index"] = index
+    return cache["index"]
+
+
+def neg_mining_scores(sim: np.ndarray, percentile: float) -> np.ndarray:
+    """Each candidate's distance to ID: the ``percentile``-th percentile (linear) of its row of ``sim``."""
+    return np.percentile(sim, percentile, axis=1)
+
+
+def neg_mining_select(score: np.ndarray, keep_fraction: float) -> np.ndarray:
+    """The ``floor(len * keep_fraction)`` least similar candidates' indices."""
+    # stable sort: equal scores keep lexicon order, so the selection is reproducible
+    return np.argsort(score, kind="stable")[: int(len(score) * keep_fraction)]
+
+
 def neg_mining_keep(sim: np.ndarray, keep_fraction: float, percentile: float) -> np.ndarray:
     """NegLabel's NegMining (mmcls/models/classifiers/multi_modal.py@3253db6): indices kept.
 
@@ -334,9 +357,7 @@ def neg_mining_keep(sim: np.ndarray, keep_fraction: float, percentile: float) ->
     ``percentile``-th percentile similarity (``torch.quantile``, linear); the
     ``floor(len * keep_fraction)`` least similar are kept (``int(len(ind) * neg_topk)``).
     """
-    score = np.percentile(sim, percentile, axis=1)
-    # stable sort: equal scores keep lexicon order, so the selection is reproducible
-    return np.argsort(score, kind="stable")[: int(len(score) * keep_fraction)]
+    return neg_mining_select(neg_mining_scores(sim, percentile), keep_fraction)
 
 
 def neg_row_order(score: np.ndarray, order: str) -> np.ndarray:
