@@ -56,11 +56,20 @@ def interpolate(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
 
 
 def nearest_words(point: np.ndarray, word_feats: np.ndarray, words: list[str], allowed: np.ndarray,
-                  k: int) -> list[str]:
-    """The ``k`` allowed words whose text embeddings are nearest ``point`` (most similar first)."""
+                  k: int, max_words: int | None = None) -> list[str]:
+    """Up to ``k`` allowed lexicon entries whose text embeddings are nearest ``point`` (most similar
+    first), skipping an entry that would take the joined text over ``max_words`` words."""
     sim = np.where(allowed, word_feats @ point, -np.inf)
-    order = np.argsort(-sim, kind="stable")[: int(allowed.sum())]
-    return [words[i] for i in order[:k]]
+    out: list[str] = []
+    used = 0
+    for i in np.argsort(-sim, kind="stable")[: int(allowed.sum())]:
+        n = len(words[i].split())
+        if max_words is None or used + n <= max_words:
+            out.append(words[i])
+            used += n
+        if len(out) == k or used == max_words:
+            break
+    return out
 
 
 def plan_candidates(counts: dict[str, int], id_names: list[str], known: list[str], lexicon: list[str],

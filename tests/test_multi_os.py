@@ -41,6 +41,9 @@ def test_interpolation_lies_between_its_concepts_and_maps_back_to_the_nearest_al
     allowed[2] = False  # a word in a known area is never chosen
     assert "northeast" not in M.nearest_words(z, feats, words, allowed, 3)
     assert M.nearest_words(z, feats, words, np.zeros(4, bool), 2) == []
+    two = ["north east", "east", "north", "up"]  # a two-word entry that would go over the bound is skipped
+    assert M.nearest_words(z, feats[[2, 0, 1, 3]], two, np.ones(4, bool), 2, max_words=2) == ["north east"]
+    assert M.nearest_words(z, feats[[2, 0, 1, 3]], two, np.ones(4, bool), 2, max_words=1)[0] in ("east", "north")
 
 
 def test_planned_candidates_are_seeded_and_draw_from_the_known_concepts():
