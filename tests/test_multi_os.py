@@ -61,3 +61,126 @@ def test_planned_candidates_are_seeded_and_draw_from_the_known_concepts():
         assert a in ids and b in ids + known and a != b
     assert all(it["sources"][0] in ids for it in by["counterfactual"])
     assert M.plan_candidates({}, ids, known, lex, seed=0) == []
+
+
+# ---------------------------------------------------------------- the multi_os kind on tiny
+import io  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from ood_core.config import load_config  # noqa: E402
+from ood_core.pipeline import resolve_keys, run_local  # noqa: E402
+from ood_core.storage import StageStore  # noqa: E402
+from tests.test_batching import _overrides  # noqa: E402
+
+COUNTS = {"blank": 4, "interpolations": 3, "llm_interpolations": 2, "counterfactuals": 1}
+
+
+def _tiny(models: str, **extra: str):
+    mos = {f"generate.multi_os.{k}": str(v) for k, v in COUNTS.items()}
+    return load_config("tiny", _overrides(models, **{"generate.images_per_label": "0", "sketch.fine_labels": "0",
+                                                     "data.images_per_class": "4", **mos, **extra}))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("multi-os")
+    cfg = _tiny(str(tmp / "models"))
+    root = str(tmp / "run")
+    results = run_local(cfg, root, log=lambda m: None)
+    keys = resolve_keys(cfg)
+    stores = {s: StageStore(root, s, keys[s]) for s in ("sketch", "generate", "elaborate")}
+    rows = {s: st.read_manifest().to_pylist() for s, st in stores.items()}
+    return {"cfg": cfg, "root": root, "results": results, "stores": stores, "rows": rows, "tmp": tmp}
+
+
+@pytest.mark.slow
+def test_multi_os_rows_on_tiny_hold_blank_area_texts_interpolations_and_aligned_images(tiny_run):
+    from PIL import Image
+
+    from ood_core.data import load_id_dataset
+    from ood_core.lexicon import load_lexicon
+    from ood_core.models import load_clip
+    from ood_core.stages.base import ID_PROMPT
+
+    cfg = tiny_run["cfg"]
+    rows = [r for r in tiny_run["rows"]["generate"] if r["kind"] == "multi_os"]
+    by = {o: [r for r in rows if r["origin"] == o] for o in M.ORIGINS}
+    assert {M.ORIGINS[o]: len(v) for o, v in by.items()} == COUNTS  # one row per planned candidate
+    assert all(r["status"] in ("ok", "rejected", "failed") and r["reason"] for r in rows)
+    tau = {r["blank_threshold"] for r in rows}
+    assert len(tau) == 1 and 0.0 < tau.pop() < 1.0
+    for r in rows:  # the blank-area decision is the recorded score against the recorded threshold
+        if r["blank_score"] is not None:
+            assert (r["blank_score"] < r["blank_threshold"]) == (r["reason"] != "not_blank"), r
+    for r in by["blank"]:  # (a) lexicon probes of the blank areas
+        assert r["label"] == json.loads(r["concept_sources"])[0]
+    words = set(load_lexicon(cfg.sketch.lexicon, cfg.sketch.lexicon_limit).nouns)
+    for r in by["embed_interp"]:  # (b) interpolants mapped back to blank-area lexicon words
+        a, b = json.loads(r["concept_sources"])
+        if r["label"]:
+            assert r["label"] not in (a, b)
+            assert set(r["label"].split()) <= {w for entry in words for w in entry.split()}, r["label"]
+    for r in by["llm_interp"] + by["counterfactual"]:  # (b) the MLLM's answer is recorded, parsed or rejected
+        assert r["mllm_answer"] is not None or r["status"] == "failed"
+        assert r["label"] is not None or r["reason"] in ("no_label_parsed", "answer_truncated", "too_many_labels")
+    painted = [r for r in rows if r["alignment"] is not None]
+    assert painted and all(r["status"] == "ok" for r in painted)  # tiny: alignment recorded, not judged
+    assert {r["key"] for r in painted} == {r["key"] for r in rows if r["reason"] in ("ok", "misaligned")}
+    # (c) the recorded alignment is the cosine of the stored image with its OWN text
+    store = tiny_run["stores"]["generate"]
+    files = store.load_samples({r["key"] for r in painted}, {r["shard"] for r in painted})
+    clip = load_clip(cfg.models.clip, "cpu", cfg.models.cache_dir)
+    img = clip.encode_images([Image.open(io.BytesIO(files[r["key"]]["png"])) for r in painted]).numpy()
+    txt = clip.encode_texts([ID_PROMPT.format(r["label"]) for r in painted]).numpy()
+    ids = clip.encode_texts([ID_PROMPT.format(c) for c in load_id_dataset(cfg.data, cfg.seed).classnames]).numpy()
+    assert np.allclose([r["alignment"] for r in painted], (img * txt).sum(-1), atol=1e-4)
+    assert np.allclose([r["alignment_id"] for r in painted], (img @ ids.T).max(-1), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_finetune_trains_multi_os_on_the_kept_multi_os_pairs_only(tiny_run):
+    from ood_core.stages.elaborate import read_cross_shard_duplicates
+
+    summary = tiny_run["results"]["finetune"]["summary"]
+    train = summary["multi_os_train"]
+    assert train["data"] == "multi_os" and "multi_os" in summary["metrics"]
+    dups = read_cross_shard_duplicates(tiny_run["stores"]["elaborate"])
+    kept = [r for r in tiny_run["rows"]["elaborate"] if r["status"] == "kept" and r["key"] not in dups]
+    mos = [r for r in kept if r["kind"] == "multi_os"]
+    assert mos and any(r["kind"] == "boundary" for r in kept)  # both kinds reach finetune's cache
+    assert train["synthetic_keys"] == [r["key"] for r in mos]  # ... and Multi-OS takes its own
+    gen = {r["key"]: r for r in tiny_run["rows"]["generate"]}
+    assert all(gen[k]["kind"] == "multi_os" and gen[k]["status"] == "ok" for k in train["synthetic_keys"])
+    assert train["texts"] == list(dict.fromkeys(gen[k]["label"] for k in train["synthetic_keys"]))
+
+
+@pytest.mark.slow
+def test_the_former_multi_os_stand_in_stays_a_named_option(tiny_run):
+    cfg = _tiny(str(tiny_run["tmp"] / "models"), **{"finetune.multi_os_data": "boundary_nearest"})
+    results = run_local(cfg, tiny_run["root"], only=["finetune"], log=lambda m: None)
+    train = results["finetune"]["summary"]["multi_os_train"]
+    assert train["data"] == "boundary_nearest"
+    assert train["synthetic_keys"] and all(k.startswith("syn_") for k in train["synthetic_keys"])
+
+
+def test_multi_os_settings_enter_generate_key_but_leave_the_other_kinds_shards_alone():
+    from ood_core.stages.generate import GENERATORS
+
+    a = load_config("tiny")
+    b = load_config("tiny", {"generate.multi_os.blank": "7"})
+    c = load_config("tiny", {"generate.multi_os.blank_quantile": "0.25"})
+    assert len({resolve_keys(x)["generate"] for x in (a, b, c)}) == 3
+    for name in ("boundary", "t2i"):
+        gen = GENERATORS.get(name)()
+        assert gen.config_slice(a) == gen.config_slice(b) == gen.config_slice(c)
+    mos = GENERATORS.get("multi_os")()
+    assert mos.config_slice(a) != mos.config_slice(b) != mos.config_slice(c)
+    # the training-set choice is finetune's alone
+    d = load_config("tiny", {"finetune.multi_os_data": "boundary_nearest"})
+    ka, kd = resolve_keys(a), resolve_keys(d)
+    assert ka["generate"] == kd["generate"] and ka["finetune"] != kd["finetune"]
