@@ -60,6 +60,8 @@ def test_generate_paints_both_kinds_with_the_world_diffusion_models(world_run):
     by_kind = {k: [r for r in rows if r["kind"] == k] for k in {r["kind"] for r in rows}}
     assert "boundary" in by_kind and set(by_kind) & {"far", "near"}, sorted(by_kind)  # inpainted and text-to-image
     for g, kind_rows in by_kind.items():
+        if g == "multi_os":  # candidates outside the blank areas are rejected: its own test below
+            continue
         assert kind_rows and all(r["status"] == "ok" for r in kind_rows), (g, [r["reason"] for r in kind_rows])
 
 
