@@ -99,8 +99,8 @@ ELABORATE = _schema(
         pa.field("neg_label", pa.string()),
         pa.field("neg_index", pa.int32()),
         # multi-round MLLM elaboration: raw answers, parsed fields, prompt ids, model id
-        pa.field("kind", pa.string()),  # boundary | far | near
-        pa.field("label", pa.string()),  # the sketched label a far / near image was generated from
+        pa.field("kind", pa.string()),  # boundary | far | near | multi_os
+        pa.field("label", pa.string()),  # the sketched label a far / near image was generated from (multi_os: its text)
         pa.field("mllm_model", pa.string()),
         pa.field("prompt_ids", pa.string()),  # JSON list, one id per round
         pa.field("asked_classes", pa.string()),  # JSON list of the ID classes asked about in round 2
