@@ -44,6 +44,8 @@ VARIANTS: dict[str, tuple[str, dict, list[str] | None]] = {
     "all_filters_off": ("elaborate's MLLM and CLIP filters off (every generated image trains)",
                         {"elaborate.mllm_filter": False, "elaborate.max_id_confidence": 1.0,
                          "elaborate.dedup_cosine": 1.0}, ["mm_ood", "synood", "multi_os"]),
+    "mos_stand_in": ("Multi-OS on the former stand-in (SynOOD's images, nearest outlier label), not its own pairs",
+                     {"finetune.multi_os_data": "boundary_nearest"}, ["multi_os"]),
     "sources_1x": ("SynOOD with 2 boundary sources per class", {"sketch.sources_per_class": 2}, SYNTHETIC_ROWS),
     "sources_4x": ("SynOOD with 8 boundary sources per class (= base)", {"sketch.sources_per_class": 8},
                    SYNTHETIC_ROWS),

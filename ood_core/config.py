@@ -234,6 +234,44 @@ class SketchConfig(_Strict):
     shard_size: int = Field(64, ge=1)
 
 
+class MultiOSConfig(_Strict):
+    """Multi-OS synthesis (seed 001; ``ood_core.multi_os``), generate's ``multi_os`` kind.
+
+    Counts of candidates per origin: ``blank`` lexicon words probed for the semantic blank areas,
+    ``interpolations`` embedding-space interpolants (weight ``interp_weight`` toward the second
+    concept) mapped back to ``interp_words`` nearest blank-area lexicon words, ``llm_interpolations``
+    and ``counterfactuals`` asked of the MLLM (``models.mllm``; prompt ids from
+    ``ood_core.prompts.MULTI_OS_PROMPTS``). A candidate is kept when its text lies in a blank area
+    (``blank_quantile``, see ``ood_core.multi_os.blank_threshold``); its image (the text-to-image
+    model at ``generate.t2i_steps`` / ``t2i_guidance`` / ``t2i_template``) records its CLIP
+    alignment, the cosine with its own text. ``alignment_margin``: the image is rejected
+    (``misaligned``) unless that cosine exceeds its largest cosine to an ID class prompt by the
+    margin; ``null`` records the alignment without judging it (random tiny models). All counts 0:
+    the kind plans nothing.
+    """
+
+    blank: int = Field(32, ge=0)
+    interpolations: int = Field(32, ge=0)
+    llm_interpolations: int = Field(16, ge=0)
+    counterfactuals: int = Field(16, ge=0)
+    interp_weight: float = Field(0.5, gt=0.0, lt=1.0)
+    interp_words: int = Field(2, ge=1, le=3)
+    blank_quantile: float = Field(0.5, ge=0.0, le=1.0)
+    interpolation_prompt: str = "mos_interpolate_v1"
+    counterfactual_prompt: str = "mos_counterfactual_v1"
+    alignment_margin: float | None = 0.0
+    batch: int = Field(4, ge=1)
+    shard_size: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _known_prompts(self) -> MultiOSConfig:
+        from ood_core.prompts import MULTI_OS_PROMPTS, check_prompt_id
+
+        for name in ("interpolation_prompt", "counterfactual_prompt"):
+            check_prompt_id(MULTI_OS_PROMPTS, getattr(self, name), f"generate.multi_os.{name}")
+        return self
+
+
 class GenerateConfig(_Strict):
     """SynOOD boundary inpainting (reference: generate_near_ood_sample.py/.sh at
     Jarvisgivemeasuit/SynOOD@e13114e).
@@ -290,6 +328,8 @@ class GenerateConfig(_Strict):
     # a control: seeded noise images per boundary source (kind ``noise``; 0 = none), to train on in
     # place of generated ones (finetune.synthetic_kinds: [noise])
     noise_per_source: int = Field(0, ge=0)
+    # Multi-OS's multimodal outlier synthesis (generate's multi_os kind)
+    multi_os: MultiOSConfig = MultiOSConfig()
 
     @model_validator(mode="after")
     def _known_template(self) -> GenerateConfig:
@@ -355,9 +395,10 @@ class FinetuneConfig(_Strict):
     images only, only those trainable (``synood_text: released``). ``synood_text: joint`` is our
     alternative: all negatives trainable, CE over [ID + negatives] on the ADAPTED features, since
     the SynOOD score is computed on adapted features while the reference tunes the text against
-    raw ones. Multi-OS (``multi_os``): a separate adapter, CE + Multi-OS contrastive loss with the
-    outlier labels as the text side (each synthetic image labelled with its nearest outlier label),
-    scored with the MM-OOD score on its own adapted features.
+    raw ones. Multi-OS (``multi_os``): a separate adapter, CE + Multi-OS contrastive loss over the
+    ID train split and generate's ``multi_os`` image-text pairs (each image labelled with its own
+    synthesised text, the texts as the outlier side; ``multi_os_data``), scored with the MM-OOD
+    score on its own adapted features.
     """
 
     epochs: int = Field(3, ge=1)
@@ -392,12 +433,16 @@ class FinetuneConfig(_Strict):
     # kept ``negative`` text-to-image images labelled with the negative they were drawn from)
     synood_text_data: Literal["kept_boundary", "released"] = "kept_boundary"
     multi_os: bool = True
+    # what the Multi-OS adapter trains on: "multi_os" = its own synthesised image-text pairs
+    # (generate's multi_os kind, each image with its own text); "boundary_nearest" = the former
+    # stand-in, SynOOD's training images each labelled with its nearest sketched outlier label
+    multi_os_data: Literal["multi_os", "boundary_nearest"] = "multi_os"
     fpr_convention: Literal["openood", "mcm"] = "openood"
     loss: Literal["ce", "ce+contrastive"] = "ce"  # ce+contrastive: adds Multi-OS's loss to SynOOD's adapter
     # MM-OOD: share of near-OOD labels in the mixed outlier label set (OOD type unknown)
     mm_ood_near_ratio: float = Field(0.5, ge=0.0, le=1.0)
     # which kinds of kept synthetic images train the adapter (boundary = SynOOD, far = MM-OOD)
-    synthetic_kinds: list[Literal["boundary", "far", "near", "noise"]] = ["boundary"]
+    synthetic_kinds: list[Literal["boundary", "far", "near", "noise", "multi_os"]] = ["boundary"]
     # train on the kept synthetic images (and elaborated labels) of the last K generation rounds,
     # this one included (1: this round only); the rounds it reads go into finetune's key
     rounds_window: int = Field(1, ge=1)

@@ -27,6 +27,19 @@ ELABORATE_PROMPTS: dict[str, str] = {
 }
 
 
+# Multi-OS text-modality synthesis (one question per candidate): {a} and {b} are known concepts
+# (an ID class and another known concept), {max_words} bounds the answer's label.
+MULTI_OS_PROMPTS: dict[str, str] = {
+    "mos_interpolate_v1": (
+        "Invent a new kind of object or scene that lies halfway between a {a} and a {b} but is neither of "
+        "them. Answer with its name only, at most {max_words} words."
+    ),
+    "mos_counterfactual_v1": (
+        "Imagine a {a} changed so much that it is no longer a {a} but a different, unusual thing. "
+        "Answer with the name of that thing only, at most {max_words} words."
+    ),
+}
+
 def check_prompt_id(table: dict[str, str], prompt_id: str, key: str) -> str:
     """``prompt_id`` if ``table`` has it, else a ValueError naming the config key and the known ids."""
     if prompt_id not in table:

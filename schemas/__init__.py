@@ -55,9 +55,11 @@ SKETCH = _schema(
 
 GENERATE = _schema(
     "generate",
-    3,  # 3: no wall-clock "seconds" column (a recomputed shard is byte-identical; timings are in timings/)
+    # 3: no wall-clock "seconds" column (a recomputed shard is byte-identical; timings are in timings/);
+    # 4: Multi-OS columns (origin, sources, blank-area score, image-text alignment)
+    4,
     [
-        pa.field("kind", pa.string()),  # boundary | far | near
+        pa.field("kind", pa.string()),  # boundary | far | near | multi_os
         pa.field("source_key", pa.string()),
         pa.field("class_idx", pa.int32()),
         pa.field("prompt", pa.string()),
@@ -72,6 +74,16 @@ GENERATE = _schema(
         pa.field("model_id", pa.string()),
         # the last round's score is nearer the OOD side (-ln K) than the first round's
         pa.field("moved_toward_ood", pa.bool_()),
+        # multi_os (ood_core.multi_os): the concept text is ``label``; how it was made, how far it lies
+        # from every known concept, and how well its image matches it
+        pa.field("origin", pa.string()),  # blank | embed_interp | llm_interp | counterfactual
+        pa.field("concept_sources", pa.string()),  # JSON list of the known concepts it came from
+        pa.field("mllm_answer", pa.string()),  # the raw answer (llm_interp / counterfactual)
+        pa.field("blank_score", pa.float64()),  # largest text cosine to an ID class or known label
+        pa.field("blank_threshold", pa.float64()),  # below it the text lies in a blank area
+        pa.field("nearest_known", pa.string()),  # the known concept of that largest cosine
+        pa.field("alignment", pa.float64()),  # CLIP cosine of the image with its own text
+        pa.field("alignment_id", pa.float64()),  # the image's largest cosine to an ID class prompt
     ],
 )
 
@@ -87,8 +99,8 @@ ELABORATE = _schema(
         pa.field("neg_label", pa.string()),
         pa.field("neg_index", pa.int32()),
         # multi-round MLLM elaboration: raw answers, parsed fields, prompt ids, model id
-        pa.field("kind", pa.string()),  # boundary | far | near
-        pa.field("label", pa.string()),  # the sketched label a far / near image was generated from
+        pa.field("kind", pa.string()),  # boundary | far | near | multi_os
+        pa.field("label", pa.string()),  # the sketched label a far / near image was generated from (multi_os: its text)
         pa.field("mllm_model", pa.string()),
         pa.field("prompt_ids", pa.string()),  # JSON list, one id per round
         pa.field("asked_classes", pa.string()),  # JSON list of the ID classes asked about in round 2

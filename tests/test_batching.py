@@ -334,7 +334,7 @@ def test_stage_records_throughput_numerics_and_shows_progress(staged):
         assert rec["env"] == {k: os.environ[k] for k in rec["env"]}
         assert {k for k in ("OMP_NUM_THREADS", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA") if k in os.environ} <= set(rec["env"])
     rates = success["summary"]["throughput"]
-    assert set(rates) == {"boundary", "t2i"}
+    assert set(rates) == {"boundary", "t2i", "multi_os"}
     assert rates["boundary"]["images"] == sum(st["images"] for st in boundary) >= 5
     progress = [m for m in staged["logs"] if m.startswith("[generate] boundary:")]
     n = rates["boundary"]["images"]

@@ -69,5 +69,5 @@ def test_timings_still_reach_the_stage_summary(two_runs):
     success = json.loads((two_runs[0]["generate"] / "_SUCCESS.json").read_text())
     assert success["timings"]["shard_seconds"] > 0
     rates = success["summary"]["throughput"]
-    assert set(rates) == {"boundary", "t2i"}
+    assert set(rates) == {"boundary", "t2i", "multi_os"}
     assert all(t["images_per_s"] > 0 and t["s_per_image"] > 0 and t["seconds"] > 0 for t in rates.values())

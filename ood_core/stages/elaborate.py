@@ -64,8 +64,9 @@ def _text(s: str) -> dict:
     return {"type": "text", "text": s}
 
 
-def hygiene(ctx: StageContext, labels: list[str]):
-    """Sketch's label hygiene (ID overlap by words and text cosine, dedupe, leakage flag)."""
+def hygiene(ctx: StageContext, labels: list[str], max_words: int | None = None):
+    """Sketch's label hygiene (ID overlap by words and text cosine, dedupe, leakage flag); labels of at
+    most ``max_words`` words (default ``elaborate.max_label_words``)."""
     from ood_core.labels import label_hygiene
     from ood_core.leakage import context_index
 
@@ -80,7 +81,7 @@ def hygiene(ctx: StageContext, labels: list[str]):
         eval_ood_names=context_index(ctx),
         text_cosine=text_cosine,
         overlap_cosine=ctx.cfg.sketch.overlap_cosine,
-        max_words=ctx.cfg.elaborate.max_label_words,
+        max_words=max_words or ctx.cfg.elaborate.max_label_words,
     )
 
 

@@ -249,13 +249,32 @@ class FinetuneStage(Stage):
             tuned_neg, txt_hist = train_negative_text(
                 x_adapted, y_joint, id_syn, neg_text, fc, seed=ctx.cfg.seed, progress=txt_progress, device=device)
 
-        # 3c. Multi-OS: its own adapter, contrastive image-text objective, outlier labels as text side
-        mos_adapter = None
-        if fc.multi_os and out_mm is not None:
-            nearest = (F.normalize(x_syn, dim=-1) @ out_mm.T).argmax(-1)
-            y_mos = torch.cat([torch.tensor(id_cls), n_id + nearest])
+        # 3c. Multi-OS: its own adapter, contrastive image-text objective, its synthesised texts as text side
+        mos_adapter, mos_text, mos_train = None, None, {}
+        if fc.multi_os and fc.multi_os_data == "multi_os":
+            mos_rows, mos_texts, mos_idx = multi_os_training_set(ctx, all_synthetic.rows())
+            if mos_rows:
+                # pull the cached ID train images together (the sources; all of train with synood_data:
+                # all), push each synthesised image to its own text
+                mos_text = ctx.text_features([ID_PROMPT.format(t) for t in mos_texts])
+                mos_pos = all_synthetic.positions([r["key"] for r in mos_rows])
+                x_mos = torch.cat([raw("id_train"), torch.from_numpy(all_synthetic.feats[mos_pos])])
+                id_train_cls = by_role["id_train"].class_idx if "id_train" in by_role else np.zeros(0, np.int64)
+                y_mos = torch.cat([torch.from_numpy(id_train_cls), n_id + torch.tensor(mos_idx, dtype=torch.long)])
+                mos_train = {"synthetic_keys": [r["key"] for r in mos_rows], "texts": mos_texts}
+            else:
+                log("[finetune] no kept multi_os image-text pair: the Multi-OS row is left out (see generate's "
+                    "multi_os rows and elaborate's reasons)")
+        elif fc.multi_os and out_mm is not None:  # boundary_nearest: SynOOD's images, nearest outlier label
+            mos_text = out_mm
+            x_mos = x_train
+            y_mos = torch.cat([torch.tensor(id_cls), n_id + (F.normalize(x_syn, dim=-1) @ out_mm.T).argmax(-1)])
+            mos_train = {"synthetic_keys": list(syn.keys), "texts": outliers}
+        if mos_text is not None:
+            log(f"[finetune] multi-os ({fc.multi_os_data}): {len(mos_train['synthetic_keys'])} synthetic images, "
+                f"{len(mos_train['texts'])} texts")
             mos_adapter, _ = train_image_adapter(
-                x_train, y_mos, torch.cat([id_mm, out_mm]), fc, seed=ctx.cfg.seed,
+                x_mos, y_mos, torch.cat([id_mm, mos_text]), fc, seed=ctx.cfg.seed,
                 loss="ce+contrastive", num_id=n_id, device=device,
                 progress=lambda e, loss: log(f"[finetune] multi-os epoch {e + 1}/{fc.epochs} loss {loss:.4f}"),
             )
@@ -287,7 +306,7 @@ class FinetuneStage(Stage):
             if mos_adapter is not None:
                 with torch.no_grad():
                     xm = mos_adapter(x_raw)
-                mos = ScoreContext(image_feats=xm, id_text_feats=id_mm, outlier_text_feats=out_mm, cfg=fc,
+                mos = ScoreContext(image_feats=xm, id_text_feats=id_mm, outlier_text_feats=mos_text, cfg=fc,
                                    device=device)
                 scores.setdefault("multi_os", {})[role] = np.asarray(SCORES.get("mm_ood")(mos))
         temperatures = {m: score_temperature(m, fc) for m in scores}
@@ -330,6 +349,8 @@ class FinetuneStage(Stage):
             # EOE scores with the sketched labels, MM-OOD with sketched + elaborated (mixed near/far)
             "outlier_labels": {"eoe": outliers, "mm_ood": mm_labels},
             "eoe_label_sets": [len(outliers), *(len(x) for x in further_sets)],
+            # what the Multi-OS adapter trained on (finetune.multi_os_data)
+            "multi_os_train": {"data": fc.multi_os_data, **mos_train} if mos_train else {},
             **_window_summary(ctx),
             "artifacts": ctx.store.url() + "/artifacts",
         }
@@ -527,6 +548,17 @@ def _kind_counts(text_set: list[dict]) -> dict[str, int]:
 
 def format_kinds(text_set: list[dict]) -> str:
     return ", ".join(f"{k} {n}" for k, n in _kind_counts(text_set).items()) or "none"
+
+
+def multi_os_training_set(ctx: StageContext, rows: list[dict]) -> tuple[list[dict], list[str], list[int]]:
+    """Multi-OS's own pairs among the cached synthetic ``rows``: the kept ``multi_os`` images (of
+    every round finetune reads), the distinct synthesised texts (in row order) and, per image, the
+    index of its own text."""
+    label_of = {r["key"]: r["label"] for r in window_rows(ctx, status="kept") if r["kind"] == "multi_os"}
+    chosen = [r for r in rows if label_of.get(r["key"])]
+    texts = list(dict.fromkeys(label_of[r["key"]] for r in chosen))
+    index = {t: i for i, t in enumerate(texts)}
+    return chosen, texts, [index[label_of[r["key"]]] for r in chosen]
 
 
 def select_synthetic(ctx: StageContext, block: RoleFeatures) -> RoleFeatures:

@@ -7,6 +7,8 @@
 * ``far`` / ``near`` (MM-OOD's far branch): N text-to-image samples of every kept sketched
   outlier label, from a prompt template with an id (``ood_core.prompts.T2I_TEMPLATES``);
   ``negative``: of mined negative labels (SynOOD's ``far_neg_label`` images).
+* ``multi_os`` (Multi-OS): concept texts synthesised in the semantic blank areas of CLIP's space
+  (``ood_core.multi_os``), painted by the text-to-image model, each with its image-text alignment.
 * ``noise`` (a control, off by default): seeded noise images, ``generate.noise_per_source`` per
   boundary source, so a benchmark can train on noise in place of generated images.
 
@@ -24,6 +26,8 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from ood_core.config import RunConfig
 from ood_core.registry import Registry
@@ -43,7 +47,7 @@ from schemas import GENERATE
 
 # the plan's order of generators: boundary shards first, so their shard indices do not move
 # when the far branch's item count changes
-GENERATOR_ORDER = ("boundary", "t2i", "noise")
+GENERATOR_ORDER = ("boundary", "t2i", "multi_os", "noise")
 # the clock-dependent part of run_batched's record: kept out of the stats marker, whose bytes are
 # part of the shard's content (see ood_core.storage)
 TIMING_KEYS = ("generate_seconds", "images_per_s", "s_per_image")
@@ -511,6 +515,204 @@ def t2i_label_rows(ctx: StageContext, kind: str) -> list[dict]:
 
     rng = np.random.default_rng(derive_seed(ctx.cfg.seed, "t2i_negative"))
     return [rows[i] for i in sorted(rng.choice(len(rows), size=limit, replace=False).tolist())]
+
+
+def known_outlier_labels(ctx: StageContext) -> list[str]:
+    """The kept sketched far / near / fine labels, in sketch order (the known outlier concepts)."""
+    return [r["text"] for r in ctx.upstream_rows("sketch", status="kept") if r["kind"] in ("far", "near", "fine")]
+
+
+@GENERATORS.register("multi_os")
+class MultiOSGenerator(Generator):
+    """Multi-OS (seed 001): concept texts in the semantic blank areas (``ood_core.multi_os``), each
+    painted by the text-to-image model and scored for CLIP image-text alignment.
+
+    One row per candidate: ``rejected`` with its reason when the text is never made
+    (``no_label_parsed``, a bound's cut, ``no_blank_words``), fails hygiene (its verdict's reason,
+    ``leaks_eval_ood``) or lies outside every blank area (``not_blank``); else its image's row,
+    ``ok`` or ``rejected`` / ``misaligned`` (``generate.multi_os.alignment_margin``).
+    """
+
+    name = "multi_os"
+
+    def config_slice(self, cfg: RunConfig) -> dict:
+        # the lexicon, label hygiene and the MLLM are sketch's settings: in the key as its upstream key
+        g = cfg.generate
+        return {
+            "seed": cfg.seed,
+            "t2i": cfg.models.t2i.key_dump(),
+            "clip": cfg.models.clip.model_dump(mode="json"),
+            "generate": {k: getattr(g, k) for k in ("t2i_steps", "t2i_guidance", "t2i_template")}
+            | {"multi_os": g.multi_os.model_dump(mode="json")} | _round(g),
+        }
+
+    def shard_size(self, cfg: RunConfig) -> int:
+        return cfg.generate.multi_os.shard_size
+
+    def batch_size(self, cfg: RunConfig) -> int:
+        return cfg.generate.multi_os.batch
+
+    def model(self, ctx: StageContext):
+        return ctx.models.text_to_image()
+
+    def items(self, ctx: StageContext) -> list[dict]:
+        from ood_core.lexicon import load_lexicon
+        from ood_core.multi_os import ORIGINS, plan_candidates
+
+        mc, sc = ctx.cfg.generate.multi_os, ctx.cfg.sketch
+        counts = {origin: getattr(mc, field) for origin, field in ORIGINS.items()}
+        if not any(counts.values()):
+            return []
+        words = load_lexicon(sc.lexicon, sc.lexicon_limit).nouns if counts["blank"] else []
+        items = plan_candidates(counts, list(ctx.dataset.classnames), known_outlier_labels(ctx), words, ctx.cfg.seed)
+        return [{"generator": self.name, **it} for it in items]
+
+    def key(self, item: dict) -> str:
+        return f"mos_{item['origin']}_{item['index']:04d}"
+
+    def columns(self, item: dict) -> dict:
+        return {"kind": "multi_os", "class_idx": -1, "origin": item["origin"],
+                "concept_sources": json.dumps(item["sources"])}
+
+    def _space(self, ctx: StageContext) -> dict:
+        """The known concepts' text embeddings, the blank threshold and the blank-area lexicon words
+        (once per stage run: every batch of the run shares them)."""
+        if "multi_os_space" not in ctx.__dict__:
+            from ood_core.lexicon import load_lexicon
+            from ood_core.multi_os import blank_scores, blank_threshold
+            from ood_core.stages.base import ID_PROMPT
+
+            sc = ctx.cfg.sketch
+            known = list(dict.fromkeys(list(ctx.dataset.classnames) + known_outlier_labels(ctx)))
+            anchors = ctx.text_features([ID_PROMPT.format(c) for c in known]).numpy()
+            tau = blank_threshold(anchors, ctx.cfg.generate.multi_os.blank_quantile)
+            words = [w for w in load_lexicon(sc.lexicon, sc.lexicon_limit).nouns if w not in set(known)]
+            word_feats = ctx.text_features([ID_PROMPT.format(w) for w in words]).numpy() if words else None
+            blank = blank_scores(word_feats, anchors)[0] < tau if words else None
+            ctx.__dict__["multi_os_space"] = {"known": known, "anchors": anchors, "tau": tau, "words": words,
+                                              "word_feats": word_feats, "blank_words": blank}
+            ctx.log(f"[generate] multi_os: {len(known)} known concepts, blank threshold {tau:.4f} "
+                    f"(quantile {ctx.cfg.generate.multi_os.blank_quantile:g} of nearest-neighbour cosines), "
+                    f"{int(blank.sum()) if words else 0}/{len(words)} lexicon words in blank areas")
+        return ctx.__dict__["multi_os_space"]
+
+    def _texts(self, ctx: StageContext, items: list[dict]) -> list[dict]:
+        """Per item its concept text or the reason there is none, and the MLLM's raw answer."""
+        from ood_core.labels import answer_labels, bound_answer
+        from ood_core.models.mllm import chat_batch
+        from ood_core.multi_os import LLM_ORIGINS, interpolate, nearest_words
+        from ood_core.prompts import MULTI_OS_PROMPTS
+        from ood_core.stages.base import ID_PROMPT
+
+        mc, spec = ctx.cfg.generate.multi_os, ctx.cfg.models.mllm
+        max_words = ctx.cfg.sketch.max_label_words
+        out = [{"text": None, "reason": None, "error": None, "answer": None} for _ in items]
+        asked = [j for j, it in enumerate(items) if it["origin"] in LLM_ORIGINS]
+        if asked:
+            convs = []
+            for j in asked:
+                src = items[j]["sources"]
+                q = MULTI_OS_PROMPTS[getattr(mc, LLM_ORIGINS[items[j]["origin"]])].format(
+                    a=src[0], b=src[-1], max_words=max_words)
+                convs.append([{"role": "user", "content": [{"type": "text", "text": q}]}])
+            seeds = [derive_seed(ctx.cfg.seed, "multi_os", self.key(items[j])) for j in asked]
+            for j, reply in zip(asked, chat_batch(ctx.models.mllm(), convs, seeds=seeds), strict=True):
+                if isinstance(reply, Exception):
+                    out[j].update(reason="mllm_error", error=f"{type(reply).__name__}: {reply}")
+                    continue
+                reply, cut = bound_answer(reply, spec.max_answer_bytes)
+                labels, cut2 = answer_labels(reply, max_words, spec.max_answer_labels)
+                cut = cut or cut2
+                out[j]["answer"] = reply
+                if cut:  # an answer that ignored its bounds is not trusted to name a concept
+                    out[j].update(reason=cut.reason, error=cut.detail)
+                elif not labels:  # the tiny / world MLLM may answer anything: a recorded rejection
+                    out[j]["reason"] = "no_label_parsed"
+                else:
+                    out[j]["text"] = labels[0]
+        space = None
+        for j, it in enumerate(items):
+            if it["origin"] == "blank":
+                out[j]["text"] = it["sources"][0]
+            elif it["origin"] == "embed_interp":
+                space = space or self._space(ctx)
+                if space["words"]:
+                    a, b = ctx.text_features([ID_PROMPT.format(c) for c in it["sources"]]).numpy()
+                    allowed = space["blank_words"] & ~np.isin(space["words"], it["sources"])
+                    near = nearest_words(interpolate(a, b, mc.interp_weight), space["word_feats"], space["words"],
+                                         allowed, mc.interp_words, max_words)
+                else:
+                    near = []
+                if near:
+                    out[j]["text"] = " ".join(near)
+                else:
+                    out[j]["reason"] = "no_blank_words"
+        return out
+
+    def generate_batch(self, ctx: StageContext, items: list[dict]) -> list[tuple[dict, dict[str, bytes]]]:
+        """Texts of every item, hygiene, the blank-area check, then images of the kept texts (one
+        text-to-image batch) with their alignment."""
+        from ood_core.multi_os import blank_scores
+        from ood_core.prompts import T2I_TEMPLATES
+        from ood_core.stages.base import ID_PROMPT
+        from ood_core.stages.elaborate import hygiene
+
+        g, mc = ctx.cfg.generate, ctx.cfg.generate.multi_os
+        space = self._space(ctx)
+        made = self._texts(ctx, items)
+        named = [j for j, m in enumerate(made) if m["text"] is not None]
+        for j, v in zip(named, hygiene(ctx, [made[j]["text"] for j in named], ctx.cfg.sketch.max_label_words),
+                        strict=True):
+            made[j]["text"] = v.label
+            if v.status != "kept":
+                made[j]["reason"] = v.reason
+            elif v.leakage and not ctx.cfg.sketch.keep_leaked_labels:
+                made[j]["reason"] = "leaks_eval_ood"
+        named = [j for j in named if made[j]["reason"] is None]
+        text_feats = {}
+        if named:
+            feats = ctx.models.clip().encode_texts([ID_PROMPT.format(made[j]["text"]) for j in named]).numpy()
+            score, nearest = blank_scores(feats, space["anchors"])
+            for j, f, s_, n_ in zip(named, feats, score, nearest, strict=True):
+                made[j].update(blank_score=float(s_), nearest_known=space["known"][int(n_)])
+                if s_ >= space["tau"]:
+                    made[j]["reason"] = "not_blank"
+                else:
+                    text_feats[j] = f
+        results: list[tuple[dict, dict[str, bytes] | None]] = []
+
+        def cols(j: int) -> dict:
+            m = made[j]
+            return {**self.columns(items[j]), "label": m["text"], "mllm_answer": m["answer"],
+                    "blank_score": m.get("blank_score"), "blank_threshold": space["tau"],
+                    "nearest_known": m.get("nearest_known")}
+
+        painted = sorted(text_feats)
+        images = []
+        if painted:
+            template = T2I_TEMPLATES[g.t2i_template]
+            prompts = {j: template.format(label=made[j]["text"]) for j in painted}
+            seeds = {j: sample_seed(ctx.cfg, self.key(items[j])) for j in painted}
+            images = ctx.models.text_to_image().generate([prompts[j] for j in painted], [seeds[j] for j in painted],
+                                                         steps=g.t2i_steps, guidance=g.t2i_guidance)
+            img = ctx.models.clip().encode_images(images).numpy()
+            id_cos = (img @ ctx.id_text_features.numpy().T).max(axis=1)
+            painted_at = {j: i for i, j in enumerate(painted)}
+        for j, it in enumerate(items):
+            if j not in text_feats:
+                status = "failed" if made[j]["reason"] == "mllm_error" else "rejected"
+                results.append((row(self.key(it), status, made[j]["reason"], made[j]["error"], **cols(j)), None))
+                continue
+            i = painted_at[j]
+            align, align_id = float(img[i] @ text_feats[j]), float(id_cos[i])
+            ok = mc.alignment_margin is None or align - align_id > mc.alignment_margin
+            r = row(self.key(it), "ok" if ok else "rejected", "ok" if ok else "misaligned", None, **cols(j),
+                    prompt=prompts[j], prompt_id=g.t2i_template, seed=seeds[j], model_id=ctx.cfg.models.t2i.name,
+                    alignment=align, alignment_id=align_id)
+            results.append((r, sample_files(r, images[i])))
+        ctx.log(f"[generate] multi_os: {len(items)} candidates, {len(named)} texts checked, "
+                f"{len(text_feats)} in blank areas painted")
+        return results
 
 
 def throughput(shard_stats: list[dict]) -> dict:
