@@ -168,7 +168,9 @@ def test_run_on_the_bad_corpus_completes_records_every_bad_input_and_verifies(tm
     root = build_bad_corpus(tmp_path / "data")
     cfg = _cfg(root, tmp_path, **{"sketch.sources_per_class": "3", "sketch.far_labels": "6",
                                    "sketch.far_per_turn": "6", "sketch.lexicon_limit": "200",
-                                   "generate.steps": "2", "generate.rounds": "1"})
+                                   "generate.steps": "2", "generate.rounds": "1",
+                                   # finetune then reads every ID train image (by default only the sources)
+                                   "finetune.synood_data": "all"})
     out = str(tmp_path / "run")
     results = run_local(cfg, out, log=lambda m: None)
     assert set(results) == {"sketch", "generate", "elaborate", "finetune"}
@@ -178,7 +180,7 @@ def test_run_on_the_bad_corpus_completes_records_every_bad_input_and_verifies(tm
     failed = [r for r in rows.values() if r["status"] == "failed"]
     assert any(r["reason"] == "truncated" and "a_truncated.JPEG" in r["error"] for r in failed)
     # a run reads no header while listing: every bad file is a failed row, with the same reason the
-    # listing's probe gives it, where a stage reads it (finetune reads every ID image)
+    # listing's probe gives it, where a stage reads it (finetune, at synood_data: all, reads every ID image)
     table = pq.read_table(fin.path("bad_inputs.parquet")).to_pylist()
     by_file = {os.path.relpath(r["source"], root / "train"): (r["status"], r["reason"], r["origin"]) for r in table}
     for rel, want in EXPECTED.items():
