@@ -69,7 +69,8 @@ def test_flow_with_only_on_missing_upstream_fails_at_once_naming_it(tmp_path):
     msg = str(err.value)
     assert "stage 'elaborate' needs 'generate'" in msg and str(out / "generate") in msg
     assert """-p only='["generate", "elaborate"]'""" in msg
-    assert sorted(p.name for p in out.iterdir()) == ["sketch"]  # no preflight, run record or stage folder
+    # no preflight, run record or stage folder (the data index is the run's first step, before the check)
+    assert sorted(p.name for p in out.iterdir()) == ["index", "sketch"]
 
 
 # ---------------------------------------------------------------- the CLI: one line, --debug for the traceback

@@ -126,6 +126,8 @@ def _overrides(model_cache: str, **extra: str) -> dict[str, str]:
         "generate.rounds": "1",
         "generate.t2i_steps": "2",
         "generate.images_per_label": "2",
+        # boundary and far images only: the scripted MLLM knows each image it judges
+        "generate.multi_os": "{blank: 0, interpolations: 0, llm_interpolations: 0, counterfactuals: 0}",
         # CLIP filters off, so the outcome is the MLLM's alone
         "elaborate.max_id_confidence": "1.0",
         "elaborate.dedup_cosine": "1.0",
