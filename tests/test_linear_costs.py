@@ -191,8 +191,21 @@ def test_scores_in_chunks_equal_one_chunk(monkeypatch):
     monkeypatch.setattr(scores, "_CHUNK_ELEMS", 64)  # 1-2 images per chunk
     chunked = run()
     for name, s in whole.items():
-        assert s.dtype == np.float32 and s.shape == (97,)
+        assert s.dtype == np.float64 and s.shape == (97,)
         np.testing.assert_allclose(chunked[name], s, rtol=1e-6, atol=1e-7, err_msg=name)
     # max-logit without the whole n x C matrix equals the matrix's row maxima
     np.testing.assert_allclose(whole["max_logit"], scores.max_logit(scores.zero_shot_logits(img, idt, 1.0)),
                                rtol=1e-6)
+
+
+def test_softmax_scores_of_confident_id_images_do_not_tie():
+    """At tau = 0.01 NegLabel's ID softmax mass of ID-like images is within 1e-8 of 1: float32 rounds
+    many of them to the same value and the ties make FPR95 meaningless. The scores keep them apart."""
+    import torch
+
+    rng = np.random.default_rng(4)
+    idt, neg = (torch.from_numpy(_unit(rng.normal(size=(n, 16)))) for n in (5, 40))
+    img = torch.from_numpy(_unit(idt.numpy()[rng.integers(0, 5, 50)] + 0.5 * rng.normal(size=(50, 16))))
+    s = scores.neglabel(img, idt, neg, 0.01, 4, seed=1, device="cpu")
+    assert len(np.unique(s)) == len(s)
+    assert len(np.unique(s.astype(np.float32))) < len(s)  # the case float32 scores got wrong
