@@ -266,8 +266,8 @@ class LabelVerdict:
     leak_match: str | None = None
 
 
-def _variants(word: str) -> set[str]:
-    # Cheap singular/plural folding so "cats" overlaps "cat" and "boxes" overlaps "box".
+def word_variants(word: str) -> set[str]:
+    """``word`` and its cheap singular forms, so "cats" overlaps "cat" and "boxes" overlaps "box"."""
     out = {word}
     if len(word) > 3 and word.endswith("ies"):
         out.add(word[:-3] + "y")
@@ -284,7 +284,7 @@ def content_words(label: str) -> set[str]:
     out: set[str] = set()
     for t in toks:
         if t not in STOP_WORDS:
-            out |= _variants(t)
+            out |= word_variants(t)
     return out
 
 

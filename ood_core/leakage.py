@@ -32,6 +32,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from ood_core.labels import word_variants
+
 LeakMode = Literal["whole", "word_overlap"]
 # the matching rule's version: in sketch's key, so a changed rule never reuses old labels
 LEAK_RULE = "whole-wordnet-first-sense-v1"
@@ -143,24 +145,13 @@ def wordnet_fingerprint() -> str | None:
 
 
 # ---------------------------------------------------------------- forms of a name
-def _singular(word: str) -> set[str]:
-    out = {word}
-    if len(word) > 3 and word.endswith("ies"):
-        out.add(word[:-3] + "y")
-    if len(word) > 3 and word.endswith("es"):
-        out.add(word[:-2])
-    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
-        out.add(word[:-1])
-    return out
-
-
 def label_forms(label: str) -> set[str]:
     """The label written every way a name can be: lower case, ``_``/``-`` as spaces, last word singular."""
     base = re.sub(r"\s+", " ", label.lower().replace("_", " ")).strip()
     out: set[str] = set()
     for s in {base, base.replace("-", " ")}:
         head, _, last = s.rpartition(" ")
-        out |= {f"{head} {w}".strip() for w in _singular(last)}
+        out |= {f"{head} {w}".strip() for w in word_variants(last)}
     return {f for f in out if f}
 
 

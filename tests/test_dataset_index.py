@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -23,23 +22,10 @@ from ood_core.dataset_index import DATA_KEY, index_path, trees_of
 from ood_core.pipeline import finalize_stage, make_context, plan_stage, resolve_keys, run_local
 from ood_core.stages import STAGE_ORDER
 from ood_core.storage import StageStore
+from tests.test_keys import _dataset as _data
+from tests.test_keys import _img
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _img(path: Path, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(path)
-
-
-def _data(base: Path) -> Path:
-    for c, name in enumerate(["cat", "dog"]):
-        for i in range(6):
-            _img(base / "id" / "train" / name / f"{i}.png", 10 * c + i)
-    for i in range(4):
-        _img(base / "ood" / "Noise" / f"{i}.png", 100 + i)
-    return base
 
 
 def _cfg(base: Path, models: Path):
