@@ -108,7 +108,10 @@ class Generator:
 
         stats = run_batched(self, ctx, items, out, self.batch_size(ctx.cfg))
         out.timings.update({k: stats.pop(k) for k in TIMING_KEYS})
-        out.stats.update(stats, numerics=numerics_record(self.model(ctx), stats["batch_used"]))
+        out.stats.update(stats)
+        model = self.model(ctx)
+        if model is not None:  # a generator without a model (the noise control) has no numerics
+            out.stats["numerics"] = numerics_record(model, stats["batch_used"])
 
     def _guarded(self, ctx: StageContext, batch: list[dict], out: ShardOutput) -> None:
         try:
@@ -487,13 +490,11 @@ class NoiseGenerator(Generator):
     def columns(self, item: dict) -> dict:
         return {"kind": "noise", "source_key": item["source_key"], "class_idx": item["class_idx"]}
 
+    def batch_size(self, cfg: RunConfig) -> int:
+        return cfg.generate.shard_size  # no model: a shard's noise images in one batch
+
     def model(self, ctx: StageContext):
         return None
-
-    def run(self, ctx: StageContext, items: list[dict], out: ShardOutput) -> None:
-        stats = run_batched(self, ctx, items, out, len(items))
-        out.timings.update({k: stats.pop(k) for k in TIMING_KEYS})
-        out.stats.update(stats)
 
     def generate_batch(self, ctx: StageContext, items: list[dict]) -> list[tuple[dict, dict[str, bytes]]]:
         results = []
