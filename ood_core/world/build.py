@@ -73,19 +73,23 @@ def _has_recipe(module: str) -> bool:
         return False
 
 
-def up_to_date(out: Path, model: str, seed: int) -> bool:
+def up_to_date(out: Path, model: str, seed: int, recipe: str | None = None) -> bool:
+    """The folder verifies and was built with this seed (and this recipe, when one is asked for)."""
     folder = out / model
     try:
         W.verify(folder, model)
-        return W.read_record(folder).get("seed") == seed
+        record = W.read_record(folder)
     except W.WorldWeightsError:
         return False
+    return record.get("seed") == seed and (recipe is None or record.get("recipe", "cpu") == recipe)
 
 
-def write_record(folder: Path, model: str, seed: int, wall_s: float, competence: dict, command: str) -> dict:
+def write_record(folder: Path, model: str, seed: int, wall_s: float, competence: dict, command: str,
+                 extra: dict | None = None) -> dict:
     """BUILD.json of a freshly trained folder (keeps the trainer's own fields, e.g. its settings)."""
     path = folder / W.RECORD
     record = json.loads(path.read_text()) if path.is_file() else {}
+    record.update(extra or {})
     record.update({
         "model": model, "command": command, "seed": seed, "code_version": code_version(),
         "versions": _versions(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "wall_s": round(wall_s, 1),
@@ -107,12 +111,17 @@ def _swap_in(new: Path, final: Path) -> None:
 
 
 def build_world(out: Path | None = None, only: list[str] | None = None, force: bool = False, seed: int = 0,
-                progress: bool = True) -> dict[str, dict]:
-    """Train the selected world models into ``out`` (default: the shipped folder); their records."""
+                progress: bool = True, device: str = "cpu", recipe: str | None = None) -> dict[str, dict]:
+    """Train the selected world models into ``out`` (default: the shipped folder); their records.
+
+    ``device`` and ``recipe`` (a name in the trainer's ``RECIPES``, default ``cpu``) reach the trainers
+    that have recipes (llava, diffusion); the CLIP has one recipe and trains on the CPU.
+    """
     out = Path(out) if out is not None else W.WEIGHTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     units = list(UNITS) if not only else list(dict.fromkeys(_unit_of(m) for m in only))
-    command = "synth-ood world build" + (f" --only {','.join(only)}" if only else "") + (f" --seed {seed}" if seed else "")
+    command = ("synth-ood world build" + (f" --only {','.join(only)}" if only else "") + (f" --seed {seed}" if seed else "")
+               + (f" --device {device}" if device != "cpu" else "") + (f" --recipe {recipe}" if recipe else ""))  # fmt: skip
     # the diffusion models are judged by the CLIP of the world being built, not the shipped one
     previous = os.environ.get("SYNTH_OOD_WORLD_DIR")
     os.environ["SYNTH_OOD_WORLD_DIR"] = str(out)
@@ -124,7 +133,7 @@ def build_world(out: Path | None = None, only: list[str] | None = None, force: b
                 # said, not hidden: the preset's preflight names the missing weights too
                 print(f"[world] {unit}: no training recipe ({module}) in this version yet, skipped", flush=True)
                 continue
-            if not force and all(up_to_date(out, m, seed) for m in models):
+            if not force and all(up_to_date(out, m, seed, recipe) for m in models):
                 print(f"[world] {unit}: up to date (seed {seed}), skipped", flush=True)
                 records.update({m: W.read_record(out / m) for m in models})
                 continue
@@ -133,12 +142,19 @@ def build_world(out: Path | None = None, only: list[str] | None = None, force: b
             tmp.mkdir()
             print(f"[world] {unit}: training ...", flush=True)
             t0 = time.perf_counter()
-            competence = importlib.import_module(module).build(tmp, seed=seed, progress=progress)
+            trainer = importlib.import_module(module)
+            kwargs, extra = {}, {}
+            if hasattr(trainer, "RECIPES"):
+                kwargs = {"device": device, "recipe": recipe or "cpu"}
+                extra = {"recipe": recipe or "cpu", "device": device}
+            elif device != "cpu" or recipe:
+                print(f"[world] {unit}: one recipe, trained on the CPU (--device/--recipe do not apply)", flush=True)
+            competence = trainer.build(tmp, seed=seed, progress=progress, **kwargs)
             wall = time.perf_counter() - t0
             for m in models:
                 folder = tmp if len(models) == 1 else tmp / m
                 figures = competence.get(m, competence) if len(models) > 1 else competence
-                records[m] = write_record(folder, m, seed, wall, figures, command)
+                records[m] = write_record(folder, m, seed, wall, figures, command, extra)
                 _swap_in(folder, out / m)
             shutil.rmtree(tmp, ignore_errors=True)
             print(f"[world] {unit}: done in {wall:.0f} s", flush=True)
@@ -175,13 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", help=f"weights folder (default {W.WEIGHTS_DIR}; point SYNTH_OOD_WORLD_DIR at it to use it)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="rebuild models that are already up to date")
+    b.add_argument("--device", default="cpu", help="torch device the llava and diffusion recipes train on (e.g. cuda)")
+    b.add_argument("--recipe", help="training recipe of llava/diffusion: cpu (default, ~1 h on 2 cores) or gpu")
     s = sub.add_parser("show", help="the build records and competence figures of the world models")
     s.add_argument("--out")
     args = p.parse_args(argv)
     if args.cmd == "build":
         only = [m.strip() for v in args.only or [] for m in v.split(",") if m.strip()] or None
         try:
-            build_world(Path(args.out) if args.out else None, only, args.force, args.seed)
+            build_world(Path(args.out) if args.out else None, only, args.force, args.seed, device=args.device,
+                        recipe=args.recipe)
         except ValueError as err:
             print(f"synth-ood world: {err}", file=sys.stderr)
             return 2

@@ -42,6 +42,14 @@ SETTINGS = {
     "text": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2},
     "eval_steps": 20, "eval_guidance": 4.0, "eval_strength": 1.0,
 }  # fmt: skip
+# A recipe is a full settings dict. ``cpu`` is what a 2-core machine trains in about an hour; ``gpu``
+# is the same models and data source trained ~10x longer on larger batches (minutes on one GPU).
+RECIPES: dict[str, dict] = {
+    "cpu": SETTINGS,
+    "gpu": {**SETTINGS, "images": 24000, "vae_steps": 8000, "vae_batch": 64, "vae_crop": 64,
+            "t2i_steps": 10000, "inpaint_steps": 8000, "batch": 128, "lr": 1e-3, "warmup_steps": 500},
+}  # fmt: skip
+RECIPES["gpu-wide"] = {**RECIPES["gpu"], "unet": {**SETTINGS["unet"], "block_out_channels": [32, 96]}}
 PROMPT_TEMPLATE = "a photo of a {}"  # ood_core.prompts.T2I_TEMPLATES["photo"]
 
 
@@ -109,8 +117,7 @@ def _masks(scenes, rng: np.random.Generator):
     return out
 
 
-def _prompt(scene, rng: np.random.Generator) -> str:
-    s = SETTINGS
+def _prompt(scene, rng: np.random.Generator, s: dict) -> str:
     u = rng.random()
     if u < s["uncond_share"]:
         return ""
@@ -120,11 +127,10 @@ def _prompt(scene, rng: np.random.Generator) -> str:
 
 
 # ---------------------------------------------------------------- models
-def _components(tokenizer):
+def _components(tokenizer, s: dict):
     from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    s = SETTINGS
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), max_position_embeddings=CONTEXT_LENGTH, projection_dim=s["text"]["hidden_size"],
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -139,20 +145,19 @@ def _components(tokenizer):
     return text_encoder, vae, scheduler
 
 
-def _unet(in_channels: int):
+def _unet(in_channels: int, s: dict):
     from diffusers import UNet2DConditionModel
 
-    u = SETTINGS["unet"]
+    u = s["unet"]
     return UNet2DConditionModel(
         sample_size=R.SIZE // 4, in_channels=in_channels, out_channels=4, block_out_channels=tuple(u["block_out_channels"]),
         layers_per_block=u["layers_per_block"], down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=SETTINGS["text"]["hidden_size"],
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=s["text"]["hidden_size"],
         attention_head_dim=u["attention_head_dim"], norm_num_groups=32,
     )  # fmt: skip
 
 
-def _lr_at(step: int, total: int, lr: float) -> float:
-    w = SETTINGS["warmup_steps"]
+def _lr_at(step: int, total: int, lr: float, w: int) -> float:
     if step < w:
         return lr * (step + 1) / w
     return lr * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
@@ -163,19 +168,18 @@ def _to_unit(pixels_uint8):
 
 
 # ---------------------------------------------------------------- training phases
-def _train_vae(vae, pixels, seed: int, progress: bool):
+def _train_vae(vae, pixels, seed: int, progress: bool, s: dict, device):
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    s = SETTINGS
     opt = torch.optim.AdamW(vae.parameters(), lr=s["vae_lr"], weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed + 1)
     vae.train()
     bar = tqdm(range(s["vae_steps"]), desc="[world] diffusion: vae", disable=not progress)
     for step in bar:
         idx = torch.randint(0, len(pixels), (s["vae_batch"],), generator=gen)
-        x = _to_unit(pixels[idx])
+        x = _to_unit(pixels[idx].to(device))
         if s["vae_crop"] < R.SIZE:
             # the autoencoder is convolutional: random crops teach it the same edges and colours at a quarter
             # of a full image's cost (SD's VAE was trained on crops as well)
@@ -186,7 +190,7 @@ def _train_vae(vae, pixels, seed: int, progress: bool):
         kl = post.kl().mean() / x[0].numel()
         loss = F.mse_loss(rec, x) + s["vae_kl"] * kl * x[0].numel()
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, s["vae_steps"], s["vae_lr"])
+            g["lr"] = _lr_at(step, s["vae_steps"], s["vae_lr"], s["warmup_steps"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -196,15 +200,15 @@ def _train_vae(vae, pixels, seed: int, progress: bool):
 
 
 
-def _encode_all(vae, pixels, masks, batch: int = 128):
-    """Latents of every image and of every image with its mask painted out (scaled)."""
+def _encode_all(vae, pixels, masks, device, batch: int = 128):
+    """Latents of every image and of every image with its mask painted out (scaled), on ``device``."""
     import torch
 
     z, zm = [], []
     with torch.no_grad():
         for i in range(0, len(pixels), batch):
-            x = _to_unit(pixels[i : i + batch])
-            m = masks[i : i + batch]
+            x = _to_unit(pixels[i : i + batch].to(device))
+            m = masks[i : i + batch].to(device)
             z.append(vae.encode(x).latent_dist.mean)
             zm.append(vae.encode(x * (1 - m)).latent_dist.mean)
     z, zm = torch.cat(z), torch.cat(zm)
@@ -214,13 +218,12 @@ def _encode_all(vae, pixels, masks, batch: int = 128):
 
 
 def _train_unet(unet, text_encoder, tokenizer, scheduler, z, prompts_of, extra_of, steps: int, train_text: bool,
-                seed: int, desc: str, progress: bool):
+                seed: int, desc: str, progress: bool, s: dict, device):
     """Epsilon prediction on cached latents; ``extra_of(idx)`` gives the inpainting channels (or None)."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    s = SETTINGS
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     text_encoder.train(train_text)
     text_encoder.requires_grad_(train_text)
@@ -233,17 +236,19 @@ def _train_unet(unet, text_encoder, tokenizer, scheduler, z, prompts_of, extra_o
     unet.train()
     bar = tqdm(range(steps), desc=f"[world] diffusion: {desc}", disable=not progress)
     for step in bar:
+        # indices, noise and steps are drawn on the CPU from one generator: the same draws on any device
         idx = torch.randint(0, len(z), (s["batch"],), generator=gen)
-        z0 = z[idx]
-        noise = torch.randn(z0.shape, generator=gen)
+        z0 = z[idx.to(z.device)]
+        noise = torch.randn(z0.shape, generator=gen).to(device)
         t = torch.randint(0, len(acp), (len(idx),), generator=gen)
-        a = acp[t].view(-1, 1, 1, 1)
+        a = acp[t].view(-1, 1, 1, 1).to(device)
+        t = t.to(device)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         ids = tokenizer(prompts_of(idx), padding="max_length", max_length=CONTEXT_LENGTH, truncation=True,
-                        return_tensors="pt").input_ids  # fmt: skip
+                        return_tensors="pt").input_ids.to(device)  # fmt: skip
         with torch.set_grad_enabled(train_text):
             emb = text_encoder(ids).last_hidden_state
-        extra = extra_of(idx)
+        extra = extra_of(idx.to(z.device))
         inp = zt if extra is None else torch.cat([zt, extra], dim=1)
         pred = unet(inp, t, encoder_hidden_states=emb).sample
         # min-SNR weighting (Hang et al. 2023): the easy, low-noise steps no longer dominate the loss
@@ -251,7 +256,7 @@ def _train_unet(unet, text_encoder, tokenizer, scheduler, z, prompts_of, extra_o
         weight = snr.clamp(max=s["min_snr_gamma"]) / snr
         loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, s["lr"])
+            g["lr"] = _lr_at(step, steps, s["lr"], s["warmup_steps"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -268,14 +273,14 @@ def _train_unet(unet, text_encoder, tokenizer, scheduler, z, prompts_of, extra_o
     text_encoder.requires_grad_(False)
 
 
-def _inpaint_unet_from(t2i_unet):
+def _inpaint_unet_from(t2i_unet, s: dict):
     """A 9-channel UNet with the text-to-image weights; the mask and masked-image channels start at zero."""
     import torch
 
-    unet = _unet(9)
+    unet = _unet(9, s)
     state = t2i_unet.state_dict()
     w = state["conv_in.weight"]
-    state["conv_in.weight"] = torch.cat([w, torch.zeros(w.shape[0], 5, *w.shape[2:])], dim=1)
+    state["conv_in.weight"] = torch.cat([w, torch.zeros(w.shape[0], 5, *w.shape[2:], device=w.device)], dim=1)
     unet.load_state_dict(state)
     return unet
 
@@ -288,14 +293,14 @@ def _save(out: Path, pipeline_cls, unet, vae, text_encoder, tokenizer, scheduler
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # fp16 on disk halves what ships; the loaders cast to the dtype a spec asks for
-    pipe.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+    pipe.to("cpu", torch.float16).save_pretrained(str(tmp), safe_serialization=True)
     pipe.to(torch.float32)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 
 
 # ---------------------------------------------------------------- build
-def build(out_dir: Path, seed: int = 0, progress: bool = True) -> dict:
+def build(out_dir: Path, seed: int = 0, progress: bool = True, device: str = "cpu", recipe: str = "cpu") -> dict:
     """Train both world diffusion models into ``out_dir/sd-t2i`` and ``out_dir/sd-inpaint``; their competence."""
     import torch
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
@@ -303,12 +308,17 @@ def build(out_dir: Path, seed: int = 0, progress: bool = True) -> dict:
     from .train_clip import _uint8, concept_draw, render_set
 
     out_dir = Path(out_dir)
-    s = SETTINGS
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown diffusion recipe '{recipe}' (known: {', '.join(RECIPES)})")
+    s = RECIPES[recipe]
+    device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # 1. tokenizer, components, data (rendered once, uint8)
         tokenizer = build_tokenizer(seed, s["vocab_size"])
-        text_encoder, vae, scheduler = _components(tokenizer)
+        text_encoder, vae, scheduler = _components(tokenizer, s)
+        text_encoder.to(device)
+        vae.to(device)
         rng = R.rng_for(seed, TRAIN_TAG)
         scenes, images = render_set(seed, TRAIN_TAG, concept_draw(rng, s["images"], s["id_share"], s["near_share"]), progress,
                                     "[world] diffusion: render")
@@ -316,28 +326,28 @@ def build(out_dir: Path, seed: int = 0, progress: bool = True) -> dict:
         del images
         masks = _masks(scenes, R.rng_for(seed, TRAIN_TAG, "masks"))
         # 2. the VAE, then every latent once
-        _train_vae(vae, pixels, seed, progress)
+        _train_vae(vae, pixels, seed, progress, s, device)
         vae.requires_grad_(False)
-        z, zm = _encode_all(vae, pixels, masks)
-        m_lat = torch.nn.functional.interpolate(masks, size=z.shape[-2:], mode="nearest")
+        z, zm = _encode_all(vae, pixels, masks, device)
+        m_lat = torch.nn.functional.interpolate(masks, size=z.shape[-2:], mode="nearest").to(device)
         prompt_rng = R.rng_for(seed, TRAIN_TAG, "prompts")
 
         def prompts_of(idx):
-            return [_prompt(scenes[int(i)], prompt_rng) for i in idx]
+            return [_prompt(scenes[int(i)], prompt_rng, s) for i in idx]
 
         # 3. text encoder + text-to-image UNet
-        t2i = _unet(4)
+        t2i = _unet(4, s).to(device)
         _train_unet(t2i, text_encoder, tokenizer, scheduler, z, prompts_of, lambda idx: None, s["t2i_steps"], True,
-                    seed + 2, "text-to-image", progress)  # fmt: skip
+                    seed + 2, "text-to-image", progress, s, device)  # fmt: skip
         # 4. the inpainting UNet from the text-to-image one
-        inpaint = _inpaint_unet_from(t2i)
+        inpaint = _inpaint_unet_from(t2i, s).to(device)
         _train_unet(inpaint, text_encoder, tokenizer, scheduler, z, prompts_of,
                     lambda idx: torch.cat([m_lat[idx], zm[idx]], dim=1), s["inpaint_steps"], False, seed + 3,
-                    "inpainting", progress)  # fmt: skip
+                    "inpainting", progress, s, device)  # fmt: skip
     # 5. both pipelines, then their competence on a seed the build never used
     _save(out_dir / "sd-t2i", StableDiffusionPipeline, t2i, vae, text_encoder, tokenizer, scheduler)
     _save(out_dir / "sd-inpaint", StableDiffusionInpaintPipeline, inpaint, vae, text_encoder, tokenizer, scheduler)
-    record = {"settings": {**s, "context_length": CONTEXT_LENGTH, "train_tag": TRAIN_TAG}}
+    record = {"recipe": recipe, "device": device.type, "settings": {**s, "context_length": CONTEXT_LENGTH, "train_tag": TRAIN_TAG}}
     for m in ("sd-t2i", "sd-inpaint"):
         (out_dir / m / "BUILD.json").write_text(json.dumps(record, indent=2))
     return evaluate(out_dir, seed=seed + 1000)
