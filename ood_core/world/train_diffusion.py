@@ -46,8 +46,8 @@ SETTINGS = {
 # is the same models and data source trained ~10x longer on larger batches (minutes on one GPU).
 RECIPES: dict[str, dict] = {
     "cpu": SETTINGS,
-    "gpu": {**SETTINGS, "images": 24000, "vae_steps": 8000, "vae_batch": 64, "vae_crop": 64,
-            "t2i_steps": 10000, "inpaint_steps": 8000, "batch": 128, "lr": 1e-3, "warmup_steps": 500},
+    "gpu": {**SETTINGS, "images": 24000, "vae_steps": 5000, "vae_batch": 64, "vae_crop": 64,
+            "t2i_steps": 8000, "inpaint_steps": 6000, "batch": 128, "lr": 1e-3, "warmup_steps": 500},
 }  # fmt: skip
 RECIPES["gpu-wide"] = {**RECIPES["gpu"], "unet": {**SETTINGS["unet"], "block_out_channels": [32, 96]}}
 PROMPT_TEMPLATE = "a photo of a {}"  # ood_core.prompts.T2I_TEMPLATES["photo"]

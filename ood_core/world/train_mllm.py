@@ -54,7 +54,7 @@ SETTINGS = {
 # ~8x the dialogues seen (minutes on one GPU)
 RECIPES: dict[str, dict] = {
     "cpu": SETTINGS,
-    "gpu": {**SETTINGS, "steps": 12000, "batch": 32, "lr": 1.5e-3, "warmup_steps": 300},
+    "gpu": {**SETTINGS, "steps": 9000, "batch": 32, "lr": 1.5e-3, "warmup_steps": 300},
 }  # fmt: skip
 MAX_WORDS = 3
 
