@@ -201,6 +201,9 @@ def run_sweep(seed: int, out: Path, log) -> list[dict]:
             summary = run_local(cfg, str(out / f"val-seed{seed}"), log=log)["finetune"]["summary"]
             rows.append({"axis": axis, "value": value, "seed": seed,
                          "metrics": {m: summary["metrics"][m]["average"] for m in SWEEP_ROWS}})
+            # one line per finished setting: a long sweep that is stopped keeps what it measured
+            with open(out / "world_sweep.partial.jsonl", "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
     return rows
 
 
