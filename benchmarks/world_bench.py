@@ -61,6 +61,8 @@ SWEEPS: dict[str, list] = {
     "finetune.lr": [1e-4, 1e-3, 1e-2],
     "finetune.text_epochs": [0, 5, 20],
     "generate.lr": [0.0, 10.0, 30.0],
+    # the released text side's softmax runs over the used negatives only: one used negative = no signal
+    "finetune.synood_text": ["released", "joint"],
 }
 SWEEP_ROWS = ("synood", "neglabel", "mcm")
 
@@ -207,6 +209,10 @@ def run_sweep(seed: int, out: Path, log) -> list[dict]:
     return rows
 
 
+def _fmt_value(v) -> str:
+    return f"{v:g}" if isinstance(v, int | float) else str(v)
+
+
 def sweep_summary(rows: list[dict]) -> tuple[str, dict]:
     """Markdown (per axis and value: each row's val FPR95 / AUROC, mean ± std over seeds) and the value
     of each axis with SynOOD's lowest mean val FPR95 (ties: higher AUROC)."""
@@ -224,7 +230,7 @@ def sweep_summary(rows: list[dict]) -> tuple[str, dict]:
                     v = 100 * np.array([p[m][k] for p in per])
                     stat[(m, k)] = v.mean()
                     cells.append(f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}")
-            lines.append(f"| {axis} | {value:g} | " + " | ".join(cells) + " |")
+            lines.append(f"| {axis} | {_fmt_value(value)} | " + " | ".join(cells) + " |")
             score = (stat[("synood", "fpr95")], -stat[("synood", "auroc")])
             if axis not in best or score < best[axis][1]:
                 best[axis] = (value, score)
@@ -245,7 +251,7 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
                  for x in values]
             ax.errorbar(range(len(values)), [np.mean(x) for x in v], yerr=[np.std(x) for x in v], marker="o",
                         capsize=3, label=m)
-        ax.set_xticks(range(len(values)), [f"{x:g}" for x in values])
+        ax.set_xticks(range(len(values)), [_fmt_value(x) for x in values])
         ax.set_xlabel(axis)
     np.atleast_1d(axes)[0].set_ylabel("FPR95 % on world-val (lower is better)")
     np.atleast_1d(axes)[0].legend(fontsize=8)

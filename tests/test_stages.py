@@ -140,6 +140,7 @@ def test_released_text_side_trains_on_every_variant_and_the_negative_images(tmp_
     assert {"boundary", "boundary_no_grad"} <= {k for _, k, _ in want}
     text_side = results["finetune"]["summary"]["train"]["text_side"]
     assert text_side["data"] == "released" and sum(text_side["kinds"].values()) == len(want)
+    assert text_side["used_negatives"] == len({n for _, _, n in want})
 def test_finetune_caches_features_only_for_the_records_it_reads(tmp_path):
     """Train has 6 images per class, sketch picks 1 source each: only those sources (and the ID test
     split, the OOD sets, the kept synthetic images) get a cached feature."""

@@ -235,6 +235,12 @@ class FinetuneStage(Stage):
                                  window_rows(ctx, status="kept"), ctx.negatives[0], n_id)
         log(f"[finetune] text side ({fc.synood_text_data}): {len(text_set)} images, by kind "
             f"{format_kinds(text_set)}")
+        used_negatives = len({t["neg_index"] for t in text_set})
+        if fc.synood_text == "released" and used_negatives == 1 and fc.text_epochs:
+            # the released loss is a softmax over the used negatives only: with one there is nothing to learn
+            log(f"[finetune] warning: every text-side image is assigned the same negative label "
+                f"('{ctx.negatives[0][text_set[0]['neg_index']]}'): the released text side's loss is zero and no "
+                "negative is tuned; more varied synthetic images, or finetune.synood_text: joint, give it a signal")
         if fc.synood_text == "released":
             neg_raw = ctx.models.clip().encode_texts(ctx.negatives[1], normalize=False)
             tuned_np, _, txt_hist = train_negative_text_released(
@@ -345,7 +351,8 @@ class FinetuneStage(Stage):
             "convention": fc.fpr_convention,
             "train": {"adapter_loss": img_hist, "negatives_loss": txt_hist, "samples": len(x_train),
                       "synthetic": len(by_role["synthetic"]),
-                      "text_side": {"data": fc.synood_text_data, "kinds": _kind_counts(text_set)}},
+                      "text_side": {"data": fc.synood_text_data, "kinds": _kind_counts(text_set),
+                                    "used_negatives": used_negatives}},
             # EOE scores with the sketched labels, MM-OOD with sketched + elaborated (mixed near/far)
             "outlier_labels": {"eoe": outliers, "mm_ood": mm_labels},
             "eoe_label_sets": [len(outliers), *(len(x) for x in further_sets)],
