@@ -81,6 +81,8 @@ def run_variant(seed: int, name: str, out: Path, log) -> dict:
     return {"seed": seed, "variant": name, "seconds": round(time.perf_counter() - t0, 1),
             "metrics": summary["metrics"], "train_samples": summary["train"]["samples"],
             "synthetic_samples": summary["train"].get("synthetic"),
+            # finetune.kind_sets (base): per set its kinds, synthetic count, trained or skipped (why)
+            "kind_sets": summary["train"].get("kind_sets", {}),
             "elaborate_counts": elaborate}  # fmt: skip
 
 
@@ -119,14 +121,29 @@ def compact_table(agg: dict, runs: list[dict]) -> str:
     lines = ["| variant | method | seeds | FPR95↓ (avg) | AUROC↑ (avg) | AUPR↑ (avg) | AUROC↑ world-near | synthetic train images |",
              "|:---|:---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for variant, methods in agg.items():
-        samples = [r["synthetic_samples"] for r in runs if r["variant"] == variant and r.get("synthetic_samples")]
-        size = f"{np.mean(samples):.0f}" if samples else "–"
+        per = [r for r in runs if r["variant"] == variant]
         for method, per_set in methods.items():
+            samples = [synthetic_count(r, method) for r in per]
+            size = f"{np.mean([n for n in samples if n]):.0f}" if any(samples) else "–"
             avg, near = per_set["average"], per_set.get("world-near")
             cell = lambda v: f"{100 * v[0]:.1f} ± {100 * v[1]:.1f}"  # noqa: E731
             lines.append(f"| {variant} | {method} | {avg['fpr95'][2]} | {cell(avg['fpr95'])} | {cell(avg['auroc'])} | "
                          f"{cell(avg['aupr_in'])} | {cell(near['auroc']) if near else '–'} | {size} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def synthetic_count(run: dict, method: str) -> int | None:
+    """The synthetic images ``method``'s adapter trained on in ``run``: a ``synood[set]`` row's own set's."""
+    if method.startswith("synood[") and method.endswith("]"):
+        return run.get("kind_sets", {}).get(method[len("synood["):-1], {}).get("synthetic")
+    return run.get("synthetic_samples")
+
+
+def skipped_sets(runs: list[dict]) -> str:
+    """Markdown lines naming the training sets by kind that a run skipped, and why (none: empty)."""
+    lines = [f"- seed {r['seed']} {r['variant']}: `synood[{name}]` skipped: {s['reason']}"
+             for r in runs for name, s in r.get("kind_sets", {}).items() if s["status"] == "skipped"]
+    return "\nTraining sets by kind left out:\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def plot(agg: dict, path: Path) -> None:
@@ -305,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     agg = aggregate(runs)
     wall = time.perf_counter() - t0
     md = (f"`benchmarks/world_bench.py --seeds {' '.join(map(str, args.seeds))}` "
-          f"({len(runs)} runs, {wall / 60:.1f} min)\n\n" + compact_table(agg, runs) + "\nPer evaluation set:\n\n"
+          f"({len(runs)} runs, {wall / 60:.1f} min)\n\n" + compact_table(agg, runs) + skipped_sets(runs)
+          + "\nPer evaluation set:\n\n"
           + table(agg))  # fmt: skip
     (out / "world_bench.json").write_text(json.dumps({"runs": runs, "aggregate": agg, "wall_s": wall}, indent=1))
     (out / "world_bench.md").write_text(md)
