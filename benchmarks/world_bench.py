@@ -28,12 +28,10 @@ sys.path.insert(0, str(ROOT))
 # name -> (what it controls, overrides on the world preset, the rows it reports)
 SYNTHETIC_ROWS = ["synood", "mm_ood", "multi_os"]
 VARIANTS: dict[str, tuple[str, dict, list[str] | None]] = {
-    "base": ("the world preset as shipped (every method)", {}, None),
+    # base also reports the training sets by kind (the preset's finetune.kind_sets: synood[boundary],
+    # synood[t2i] = far + near, synood[both]), trained in its one finetune run
+    "base": ("the world preset as shipped (every method, and SynOOD per training set by kind)", {}, None),
     "lr0": ("SynOOD without the energy-gradient step (lr 0: plain inpainting)", {"generate.lr": 0.0}, SYNTHETIC_ROWS),
-    "t2i_only": ("fine-tuned on text-to-image samples only (far + near)",
-                 {"finetune.synthetic_kinds": ["far", "near"]}, SYNTHETIC_ROWS),
-    "both": ("fine-tuned on boundary + text-to-image samples",
-             {"finetune.synthetic_kinds": ["boundary", "far", "near"]}, SYNTHETIC_ROWS),
     "noise": ("SynOOD trained on noise images in place of generated ones (1 per boundary source)",
               {"generate.noise_per_source": 1, "finetune.synthetic_kinds": ["noise"]}, SYNTHETIC_ROWS),
     "filters_off": ("elaborate's CLIP filters off (ID confidence, dedup; unclear answers kept)",
@@ -52,6 +50,8 @@ VARIANTS: dict[str, tuple[str, dict, list[str] | None]] = {
     "sources_15x": ("SynOOD with 30 boundary sources per class (every train image)", {"sketch.sources_per_class": 30},
                     SYNTHETIC_ROWS),
 }  # fmt: skip
+# the controls, the sweep and the rounds compare the main SynOOD row: the sets by kind are base's
+NO_KIND_SETS = {"finetune.kind_sets": {}}
 METRICS = ("fpr95", "auroc", "aupr_in")
 # --sweep: one setting at a time around the preset, scored on the validation OOD split only
 # (world-val: the leakage filter and every score see it, no evaluation set does)
@@ -73,7 +73,7 @@ def run_variant(seed: int, name: str, out: Path, log) -> dict:
     from ood_core.pipeline import run_local
 
     _, overrides, _ = VARIANTS[name]
-    cfg = load_config("world", {"seed": seed, **overrides})
+    cfg = load_config("world", {"seed": seed, **({} if name == "base" else NO_KIND_SETS), **overrides})
     t0 = time.perf_counter()
     results = run_local(cfg, str(out / f"seed{seed}"), log=log)
     summary = results["finetune"]["summary"]
@@ -81,6 +81,8 @@ def run_variant(seed: int, name: str, out: Path, log) -> dict:
     return {"seed": seed, "variant": name, "seconds": round(time.perf_counter() - t0, 1),
             "metrics": summary["metrics"], "train_samples": summary["train"]["samples"],
             "synthetic_samples": summary["train"].get("synthetic"),
+            # finetune.kind_sets (base): per set its kinds, synthetic count, trained or skipped (why)
+            "kind_sets": summary["train"].get("kind_sets", {}),
             "elaborate_counts": elaborate}  # fmt: skip
 
 
@@ -119,14 +121,29 @@ def compact_table(agg: dict, runs: list[dict]) -> str:
     lines = ["| variant | method | seeds | FPR95↓ (avg) | AUROC↑ (avg) | AUPR↑ (avg) | AUROC↑ world-near | synthetic train images |",
              "|:---|:---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for variant, methods in agg.items():
-        samples = [r["synthetic_samples"] for r in runs if r["variant"] == variant and r.get("synthetic_samples")]
-        size = f"{np.mean(samples):.0f}" if samples else "–"
+        per = [r for r in runs if r["variant"] == variant]
         for method, per_set in methods.items():
+            samples = [synthetic_count(r, method) for r in per]
+            size = f"{np.mean([n for n in samples if n]):.0f}" if any(samples) else "–"
             avg, near = per_set["average"], per_set.get("world-near")
             cell = lambda v: f"{100 * v[0]:.1f} ± {100 * v[1]:.1f}"  # noqa: E731
             lines.append(f"| {variant} | {method} | {avg['fpr95'][2]} | {cell(avg['fpr95'])} | {cell(avg['auroc'])} | "
                          f"{cell(avg['aupr_in'])} | {cell(near['auroc']) if near else '–'} | {size} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def synthetic_count(run: dict, method: str) -> int | None:
+    """The synthetic images ``method``'s adapter trained on in ``run``: a ``synood[set]`` row's own set's."""
+    if method.startswith("synood[") and method.endswith("]"):
+        return run.get("kind_sets", {}).get(method[len("synood["):-1], {}).get("synthetic")
+    return run.get("synthetic_samples")
+
+
+def skipped_sets(runs: list[dict]) -> str:
+    """Markdown lines naming the training sets by kind that a run skipped, and why (none: empty)."""
+    lines = [f"- seed {r['seed']} {r['variant']}: `synood[{name}]` skipped: {s['reason']}"
+             for r in runs for name, s in r.get("kind_sets", {}).items() if s["status"] == "skipped"]
+    return "\nTraining sets by kind left out:\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def plot(agg: dict, path: Path) -> None:
@@ -168,7 +185,7 @@ def run_rounds(seed: int, n_rounds: int, out: Path, log) -> dict:
         root = out / f"rounds-{loop}-seed{seed}"
         for i in range(1, n_rounds + 1):
             cfg = load_config("world", {"seed": seed, "generate.round": f"night{i}", "generate.scorer": scorer,
-                                        "finetune.rounds_window": n_rounds})  # fmt: skip
+                                        "finetune.rounds_window": n_rounds, **NO_KIND_SETS})  # fmt: skip
             run_local(cfg, str(root), log=log)
         curves[loop] = round_metrics(str(root))
     return curves
@@ -199,7 +216,7 @@ def run_sweep(seed: int, out: Path, log) -> list[dict]:
     rows = []
     for axis, values in SWEEPS.items():
         for value in values:
-            cfg = load_config("world", {"seed": seed, "data.ood_sets": VAL_SETS, axis: value})
+            cfg = load_config("world", {"seed": seed, "data.ood_sets": VAL_SETS, **NO_KIND_SETS, axis: value})
             summary = run_local(cfg, str(out / f"val-seed{seed}"), log=log)["finetune"]["summary"]
             rows.append({"axis": axis, "value": value, "seed": seed,
                          "metrics": {m: summary["metrics"][m]["average"] for m in SWEEP_ROWS}})
@@ -305,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     agg = aggregate(runs)
     wall = time.perf_counter() - t0
     md = (f"`benchmarks/world_bench.py --seeds {' '.join(map(str, args.seeds))}` "
-          f"({len(runs)} runs, {wall / 60:.1f} min)\n\n" + compact_table(agg, runs) + "\nPer evaluation set:\n\n"
+          f"({len(runs)} runs, {wall / 60:.1f} min)\n\n" + compact_table(agg, runs) + skipped_sets(runs)
+          + "\nPer evaluation set:\n\n"
           + table(agg))  # fmt: skip
     (out / "world_bench.json").write_text(json.dumps({"runs": runs, "aggregate": agg, "wall_s": wall}, indent=1))
     (out / "world_bench.md").write_text(md)

@@ -443,9 +443,25 @@ class FinetuneConfig(_Strict):
     mm_ood_near_ratio: float = Field(0.5, ge=0.0, le=1.0)
     # which kinds of kept synthetic images train the adapter (boundary = SynOOD, far = MM-OOD)
     synthetic_kinds: list[Literal["boundary", "far", "near", "noise", "multi_os"]] = ["boundary"]
+    # the training set by kind inside one run: besides the main SynOOD adapter, one SynOOD adapter
+    # per named set of kinds, trained on the same cached features and scored as its own row
+    # ``synood[<name>]`` (e.g. {boundary: [boundary], t2i: [far, near], both: [boundary, far, near]});
+    # a set with no kept image of one of its kinds is reported as skipped, with the reason
+    kind_sets: dict[str, list[Literal["boundary", "far", "near", "noise", "multi_os"]]] = {}
     # train on the kept synthetic images (and elaborated labels) of the last K generation rounds,
     # this one included (1: this round only); the rounds it reads go into finetune's key
     rounds_window: int = Field(1, ge=1)
+
+    @field_validator("kind_sets")
+    @classmethod
+    def _named_sets(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, kinds in v.items():
+            # the name goes into a method row and a parquet column: a plain word
+            if not re.fullmatch(r"[a-z0-9_]+", name):
+                raise ValueError(f"finetune.kind_sets: set name '{name}' must be lower-case letters, digits or _")
+            if not kinds:
+                raise ValueError(f"finetune.kind_sets.{name}: an empty set of kinds trains nothing")
+        return {name: list(dict.fromkeys(kinds)) for name, kinds in v.items()}
 
     @field_validator("id_names")
     @classmethod

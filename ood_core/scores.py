@@ -334,8 +334,9 @@ TEMPERATURE_FIELDS = {
 
 
 def score_temperature(method: str, cfg: FinetuneConfig) -> float | None:
-    """The temperature ``method`` scores with under ``cfg`` (None for an unknown method)."""
-    name = TEMPERATURE_FIELDS.get(method)
+    """The temperature ``method`` scores with under ``cfg`` (None for an unknown method); a variant
+    row ``method[set]`` (e.g. ``synood[t2i]``, finetune.kind_sets) scores as ``method``."""
+    name = TEMPERATURE_FIELDS.get(method.split("[", 1)[0])
     return None if name is None else float(getattr(cfg, name))
 
 

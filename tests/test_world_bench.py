@@ -41,3 +41,21 @@ def test_sweep_picks_the_value_with_synood_s_lowest_validation_fpr(monkeypatch):
     md, best = wb.sweep_summary(rows)
     assert best == {"finetune.epochs": 1}
     assert "| finetune.epochs | 1 | 20.0 ± 14.1 | 80.0 ± 14.1 | 50.0 ± 0.0 |" in md
+
+
+def test_kind_set_rows_come_from_base_with_their_own_training_set_sizes():
+    from benchmarks.world_bench import skipped_sets
+
+    m = {"fpr95": 0.2, "auroc": 0.9, "aupr_in": 0.9}
+    sets = {"boundary": {"status": "trained", "synthetic": 40}, "t2i": {"status": "trained", "synthetic": 15},
+            "both": {"status": "skipped", "reason": "no kept synthetic image of kind near"}}
+    runs = [{"seed": s, "variant": "base", "synthetic_samples": 40, "kind_sets": sets,
+             "metrics": {k: {"world-near": m, "average": m} for k in ("synood", "synood[boundary]", "synood[t2i]")}}
+            for s in (0, 1)]
+    agg = aggregate(runs)
+    assert set(agg["base"]) == {"synood", "synood[boundary]", "synood[t2i]"}
+    compact = compact_table(agg, runs)
+    assert "| base | synood[t2i] | 2 | 20.0 ± 0.0 | 90.0 ± 0.0 | 90.0 ± 0.0 | 90.0 ± 0.0 | 15 |" in compact
+    assert "| base | synood[boundary] | 2 | 20.0 ± 0.0 | 90.0 ± 0.0 | 90.0 ± 0.0 | 90.0 ± 0.0 | 40 |" in compact
+    note = skipped_sets(runs)
+    assert "`synood[both]` skipped: no kept synthetic image of kind near" in note and "synood[t2i]" not in note

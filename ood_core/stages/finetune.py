@@ -201,59 +201,93 @@ class FinetuneStage(Stage):
         all_synthetic = by_role.get("synthetic", RoleFeatures.empty(dim))
         syn = by_role["synthetic"] = select_synthetic(ctx, all_synthetic)
 
-        # 3. SynOOD image side: source ID images paired 1:1 with their kept synthetic images
-        source_of = {r["key"]: r["source_key"] for r in window_rows(ctx, status="kept")}
-        neg_index = torch.from_numpy(syn.label_idx - n_id)
-        id_keys: list[str] = []
-        if fc.synood_data == "sources":
-            # a source whose feature failed to load leaves its synthetic image unpaired (still trained on)
-            cached = by_role["id_train"].positions_of() if "id_train" in by_role else {}
-            paired = [j for j, k in enumerate(syn.keys) if source_of.get(k) in cached]
-            id_keys = [source_of[syn.keys[j]] for j in paired]
-            id_cls = syn.class_idx[paired].tolist()
-        if fc.synood_data == "all" or not id_keys:
+        # 3. SynOOD: the adapter on the chosen kinds, and one per finetune.kind_sets entry
+        kept_rows = window_rows(ctx, status="kept")
+        source_of = {r["key"]: r["source_key"] for r in kept_rows}
+
+        def fit_synood(syn: RoleFeatures, tag: str = "") -> dict:
+            """SynOOD's adapter and text side trained on the synthetic features ``syn`` (``tag``: log prefix)."""
+            # image side: source ID images paired 1:1 with their kept synthetic images
+            neg_index = torch.from_numpy(syn.label_idx - n_id)
+            id_keys: list[str] | None = []
             if fc.synood_data == "sources":
-                # text-to-image samples have no source image (finetune.synthetic_kinds without boundary)
-                log("[finetune] no kept synthetic image has a source ID image: the adapter trains on the whole "
-                    "ID train split instead (as synood_data: all)")
-            id_keys = None
-            id_cls = by_role["id_train"].class_idx.tolist() if "id_train" in by_role else []
-        x_syn = raw("synthetic")
-        x_train = torch.cat([raw("id_train", id_keys), x_syn])
-        used = torch.unique(neg_index)  # only the negatives assigned to kept images are classes
-        y_train = torch.cat([torch.tensor(id_cls), n_id + torch.searchsorted(used, neg_index)])
-        log(f"[finetune] training adapter on {len(x_train)} cached features ({len(syn)} synthetic, "
-            f"{len(used)} negative labels)")
-        adapter, img_hist = train_image_adapter(
-            x_train, y_train, torch.cat([id_syn, neg_text[used]]), fc, seed=ctx.cfg.seed,
-            loss=fc.loss, num_id=n_id, device=device,
-            progress=lambda e, loss: log(f"[finetune] adapter epoch {e + 1}/{fc.epochs} loss {loss:.4f}"),
-        )
-        # 3b. SynOOD text side
-        txt_progress = lambda e, loss: log(f"[finetune] negatives epoch {e + 1}/{fc.text_epochs} loss {loss:.4f}")  # noqa: E731
-        text_set = text_side_set(fc.synood_text_data, syn.rows(), all_synthetic.rows(),
-                                 window_rows(ctx, status="kept"), ctx.negatives[0], n_id)
-        log(f"[finetune] text side ({fc.synood_text_data}): {len(text_set)} images, by kind "
-            f"{format_kinds(text_set)}")
-        used_negatives = len({t["neg_index"] for t in text_set})
-        if fc.synood_text == "released" and used_negatives == 1 and fc.text_epochs:
-            # the released loss is a softmax over the used negatives only: with one there is nothing to learn
-            log(f"[finetune] warning: every text-side image is assigned the same negative label "
-                f"('{ctx.negatives[0][text_set[0]['neg_index']]}'): the released text side's loss is zero and no "
-                "negative is tuned; more varied synthetic images, or finetune.synood_text: joint, give it a signal")
-        if fc.synood_text == "released":
-            neg_raw = ctx.models.clip().encode_texts(ctx.negatives[1], normalize=False)
-            tuned_np, _, txt_hist = train_negative_text_released(
-                torch.from_numpy(all_synthetic.feats[all_synthetic.positions([t["key"] for t in text_set])]),
-                torch.tensor([t["neg_index"] for t in text_set]), neg_raw, fc,
-                seed=ctx.cfg.seed, progress=txt_progress, device=device)
-            tuned_neg = torch.from_numpy(tuned_np)
-        else:
-            with torch.no_grad():
-                x_adapted = adapter(x_train)
-            y_joint = torch.cat([torch.tensor(id_cls), n_id + neg_index])
-            tuned_neg, txt_hist = train_negative_text(
-                x_adapted, y_joint, id_syn, neg_text, fc, seed=ctx.cfg.seed, progress=txt_progress, device=device)
+                # a source whose feature failed to load leaves its synthetic image unpaired (still trained on)
+                cached = by_role["id_train"].positions_of() if "id_train" in by_role else {}
+                paired = [j for j, k in enumerate(syn.keys) if source_of.get(k) in cached]
+                id_keys = [source_of[syn.keys[j]] for j in paired]
+                id_cls = syn.class_idx[paired].tolist()
+            if fc.synood_data == "all" or not id_keys:
+                if fc.synood_data == "sources":
+                    # text-to-image samples have no source image (finetune.synthetic_kinds without boundary)
+                    log(f"[finetune] {tag}no kept synthetic image has a source ID image: the adapter trains on the "
+                        "whole ID train split instead (as synood_data: all)")
+                id_keys = None
+                id_cls = by_role["id_train"].class_idx.tolist() if "id_train" in by_role else []
+            x_syn = torch.from_numpy(syn.feats)
+            x_train = torch.cat([raw("id_train", id_keys), x_syn])
+            used = torch.unique(neg_index)  # only the negatives assigned to kept images are classes
+            y_train = torch.cat([torch.tensor(id_cls), n_id + torch.searchsorted(used, neg_index)])
+            log(f"[finetune] {tag}training adapter on {len(x_train)} cached features ({len(syn)} synthetic, "
+                f"{len(used)} negative labels)")
+            adapter, img_hist = train_image_adapter(
+                x_train, y_train, torch.cat([id_syn, neg_text[used]]), fc, seed=ctx.cfg.seed,
+                loss=fc.loss, num_id=n_id, device=device,
+                progress=lambda e, loss: log(f"[finetune] {tag}adapter epoch {e + 1}/{fc.epochs} loss {loss:.4f}"),
+            )
+            # 3b. SynOOD text side
+            txt_progress = lambda e, loss: log(f"[finetune] {tag}negatives epoch {e + 1}/{fc.text_epochs} loss {loss:.4f}")  # noqa: E731
+            text_set = text_side_set(fc.synood_text_data, syn.rows(), all_synthetic.rows(), kept_rows,
+                                     ctx.negatives[0], n_id)
+            log(f"[finetune] {tag}text side ({fc.synood_text_data}): {len(text_set)} images, by kind "
+                f"{format_kinds(text_set)}")
+            used_negatives = len({t["neg_index"] for t in text_set})
+            if fc.synood_text == "released" and used_negatives == 1 and fc.text_epochs:
+                # the released loss is a softmax over the used negatives only: with one there is nothing to learn
+                log(f"[finetune] {tag}warning: every text-side image is assigned the same negative label "
+                    f"('{ctx.negatives[0][text_set[0]['neg_index']]}'): the released text side's loss is zero and "
+                    "no negative is tuned; more varied synthetic images, or finetune.synood_text: joint, give it a "
+                    "signal")
+            if fc.synood_text == "released":
+                neg_raw = ctx.models.clip().encode_texts(ctx.negatives[1], normalize=False)
+                tuned_np, _, txt_hist = train_negative_text_released(
+                    torch.from_numpy(all_synthetic.feats[all_synthetic.positions([t["key"] for t in text_set])]),
+                    torch.tensor([t["neg_index"] for t in text_set]), neg_raw, fc,
+                    seed=ctx.cfg.seed, progress=txt_progress, device=device)
+                tuned_neg = torch.from_numpy(tuned_np)
+            else:
+                with torch.no_grad():
+                    x_adapted = adapter(x_train)
+                y_joint = torch.cat([torch.tensor(id_cls), n_id + neg_index])
+                tuned_neg, txt_hist = train_negative_text(
+                    x_adapted, y_joint, id_syn, neg_text, fc, seed=ctx.cfg.seed, progress=txt_progress,
+                    device=device)
+            return {"syn": syn, "adapter": adapter, "tuned_neg": tuned_neg, "img_hist": img_hist,
+                    "txt_hist": txt_hist, "x_train": x_train, "x_syn": x_syn, "id_cls": id_cls,
+                    "text_set": text_set, "used_negatives": used_negatives}
+
+        main = fit_synood(syn)
+        adapter, tuned_neg, img_hist, txt_hist = main["adapter"], main["tuned_neg"], main["img_hist"], main["txt_hist"]
+        x_train, x_syn, id_cls, text_set = main["x_train"], main["x_syn"], main["id_cls"], main["text_set"]
+        used_negatives = main["used_negatives"]
+        # the training sets by kind, each on the same cached features (one row each, in one run)
+        kind_of = kind_by_key(ctx)
+        set_fits: dict[str, dict] = {}
+        set_info: dict[str, dict] = {}
+        for set_name, kinds in fc.kind_sets.items():
+            counts = {k: sum(kind_of.get(key, "boundary") == k for key in all_synthetic.keys) for k in kinds}
+            info = {"kinds": list(kinds), "synthetic_by_kind": counts}
+            missing = [k for k, n in counts.items() if n == 0]
+            if missing:
+                reason = (f"no kept synthetic image of kind {', '.join(missing)} (generate.t2i_kinds and "
+                          "elaborate's filters decide which kinds are kept)")
+                log(f"[finetune] synood[{set_name}] skipped: {reason}")
+                set_info[set_name] = {**info, "status": "skipped", "reason": reason}
+                continue
+            fit = set_fits[set_name] = fit_synood(select_synthetic(ctx, all_synthetic, kinds), f"synood[{set_name}]: ")
+            set_info[set_name] = {**info, "status": "trained", "samples": len(fit["x_train"]),
+                                  "synthetic": len(fit["syn"]), "id": len(fit["x_train"]) - len(fit["syn"]),
+                                  "text_side_kinds": _kind_counts(fit["text_set"]),
+                                  "used_negatives": fit["used_negatives"]}
 
         # 3c. Multi-OS: its own adapter, contrastive image-text objective, its synthesised texts as text side
         mos_adapter, mos_text, mos_train = None, None, {}
@@ -309,6 +343,12 @@ class FinetuneStage(Stage):
             tuned = ScoreContext(image_feats=xa, id_text_feats=id_neg, neg_text_feats=tuned_neg, cfg=fc,
                                  seed=ctx.cfg.seed, device=device)
             scores.setdefault("synood", {})[role] = np.asarray(SCORES.get("neglabel")(tuned))
+            for set_name, fit in set_fits.items():
+                with torch.no_grad():
+                    xs = fit["adapter"](x_raw)
+                variant = ScoreContext(image_feats=xs, id_text_feats=id_neg, neg_text_feats=fit["tuned_neg"], cfg=fc,
+                                       seed=ctx.cfg.seed, device=device)
+                scores.setdefault(f"synood[{set_name}]", {})[role] = np.asarray(SCORES.get("neglabel")(variant))
             if mos_adapter is not None:
                 with torch.no_grad():
                     xm = mos_adapter(x_raw)
@@ -340,7 +380,9 @@ class FinetuneStage(Stage):
                 f"AUROC {100 * results[method]['average']['auroc']:6.2f}")
 
         # 6. artifacts: weights, scores, metrics, report
-        extra = {"temperatures": temperatures, "leaked": leaked, "text_set": text_set}
+        extra = {"temperatures": temperatures, "leaked": leaked, "text_set": text_set, "kind_sets": set_info,
+                 "kind_set_keys": {n: (fit["syn"].keys, [kind_of.get(k, "boundary") for k in fit["syn"].keys])
+                                   for n, fit in set_fits.items()}}
         self._write_artifacts(ctx, adapter, tuned_neg, scores, by_role, results, curves, acc, img_hist, txt_hist,
                               extra)
         return {
@@ -352,7 +394,9 @@ class FinetuneStage(Stage):
             "train": {"adapter_loss": img_hist, "negatives_loss": txt_hist, "samples": len(x_train),
                       "synthetic": len(by_role["synthetic"]),
                       "text_side": {"data": fc.synood_text_data, "kinds": _kind_counts(text_set),
-                                    "used_negatives": used_negatives}},
+                                    "used_negatives": used_negatives},
+                      # finetune.kind_sets: per set its kinds, counts, and trained or skipped (why)
+                      **({"kind_sets": set_info} if set_info else {})},
             # EOE scores with the sketched labels, MM-OOD with sketched + elaborated (mixed near/far)
             "outlier_labels": {"eoe": outliers, "mm_ood": mm_labels},
             "eoe_label_sets": [len(outliers), *(len(x) for x in further_sets)],
@@ -391,9 +435,18 @@ class FinetuneStage(Stage):
         store.write_bytes(art("text_side_set.parquet"), parquet_bytes(pa.table(
             {c: [t[c] for t in ts] for c in ("key", "kind", "neg_index")},
             schema=pa.schema([("key", pa.string()), ("kind", pa.string()), ("neg_index", pa.int32())]))))
+        # finetune.kind_sets: each set's synthetic training images (the features its adapter trained on)
+        if extra["kind_sets"]:
+            sets = extra["kind_set_keys"]
+            store.write_bytes(art("kind_sets.parquet"), parquet_bytes(pa.table(
+                {"set": [n for n, (keys, _) in sets.items() for _ in keys],
+                 "key": [k for keys, _ in sets.values() for k in keys],
+                 "kind": [k for _, kinds in sets.values() for k in kinds]},
+                schema=pa.schema([("set", pa.string()), ("key", pa.string()), ("kind", pa.string())]))))
         metrics = {"convention": ctx.cfg.finetune.fpr_convention, "results": results, "id_accuracy": acc,
                    "temperatures": extra["temperatures"], "leaked_labels": [r["text"] for r in extra["leaked"]],
-                   "adapter_loss": img_hist, "negatives_loss": txt_hist}
+                   "adapter_loss": img_hist, "negatives_loss": txt_hist,
+                   **({"kind_sets": extra["kind_sets"]} if extra["kind_sets"] else {})}
         store.write_json(art("metrics.json"), metrics)
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -419,6 +472,7 @@ class FinetuneStage(Stage):
             f"- synthetic images: {format_counts(ctx.upstream['elaborate'].read_success()['counts'], '; ')}"
             f"; near-duplicates across shards (left out): {len(_cross_dups(ctx))}",
             *_window_lines(ctx),
+            *_kind_set_lines(extra["kind_sets"]),
             "",
             report.metrics_table_markdown(results, ctx.cfg.finetune.fpr_convention,
                                           temperatures=extra["temperatures"]),
@@ -442,6 +496,19 @@ def _rounds(ctx: StageContext, results: dict) -> list[dict]:
 
     current = ctx.cfg.generate.round
     return round_metrics(ctx.store.root, current, results) if current else []
+
+
+def _kind_set_lines(sets: dict[str, dict]) -> list[str]:
+    """The report's lines on the training sets by kind (``finetune.kind_sets``): trained or skipped, why."""
+    if not sets:
+        return []
+    lines = ["- training sets by kind (finetune.kind_sets), each its own `synood[set]` row:"]
+    for name, s in sets.items():
+        kinds = ", ".join(f"{k} {n}" for k, n in s["synthetic_by_kind"].items())
+        what = (f"{s['synthetic']} synthetic + {s['id']} ID train features" if s["status"] == "trained"
+                else f"skipped: {s['reason']}")
+        lines.append(f"  - `{name}` ({kinds}): {what}")
+    return lines
 
 
 def _window_summary(ctx: StageContext) -> dict:
@@ -568,15 +635,21 @@ def multi_os_training_set(ctx: StageContext, rows: list[dict]) -> tuple[list[dic
     return chosen, texts, [index[label_of[r["key"]]] for r in chosen]
 
 
-def select_synthetic(ctx: StageContext, block: RoleFeatures) -> RoleFeatures:
-    """The cached synthetic features whose kind is in ``finetune.synthetic_kinds`` (the training set)."""
-    kinds = {r["key"]: r["kind"] or "boundary" for r in window_rows(ctx, status="kept")}
-    wanted = set(ctx.cfg.finetune.synthetic_kinds)
-    chosen = block.select(np.array([kinds.get(k, "boundary") in wanted for k in block.keys], dtype=bool))
+def kind_by_key(ctx: StageContext) -> dict[str, str]:
+    """``{key: kind}`` of the kept synthetic images finetune reads (no kind recorded = boundary)."""
+    return {r["key"]: r["kind"] or "boundary" for r in window_rows(ctx, status="kept")}
+
+
+def select_synthetic(ctx: StageContext, block: RoleFeatures, kinds: list[str] | None = None) -> RoleFeatures:
+    """The cached synthetic features whose kind is in ``kinds`` (default ``finetune.synthetic_kinds``:
+    the training set)."""
+    kind_of = kind_by_key(ctx)
+    wanted = set(ctx.cfg.finetune.synthetic_kinds if kinds is None else kinds)
+    chosen = block.select(np.array([kind_of.get(k, "boundary") in wanted for k in block.keys], dtype=bool))
     if not len(chosen):
         raise RuntimeError(
             f"finetune: no kept synthetic image of kinds {sorted(wanted)} (kept kinds: "
-            f"{sorted(set(kinds.values()))}); check finetune.synthetic_kinds and generate.t2i_kinds"
+            f"{sorted(set(kind_of.values()))}); check finetune.synthetic_kinds and generate.t2i_kinds"
         )
     return chosen
 
@@ -587,16 +660,20 @@ def used_train_keys(ctx: StageContext, kept: list[dict]) -> set[str] | None:
     ``synood_data: sources`` reads the source images of the kept synthetic images; when none of
     the chosen kinds has a source (text-to-image only) finalize trains on the whole train split,
     as ``synood_data: all``. The sources of every kept kind are cached (not only the chosen
-    kinds'), so that another ``finetune.synthetic_kinds`` reuses the same feature shards.
+    kinds'), so that another ``finetune.synthetic_kinds`` reuses the same feature shards. Each
+    ``finetune.kind_sets`` entry counts as chosen kinds too (one that finalize skips for lack of a
+    kept kind does not).
     """
-    if ctx.cfg.finetune.synood_data == "all":
+    fc = ctx.cfg.finetune
+    if fc.synood_data == "all":
         return None
     train = {r.key for r in ctx.dataset.records if r.split == "train"}
-    wanted = set(ctx.cfg.finetune.synthetic_kinds)
-    sources = {r["source_key"] for r in kept if r.get("source_key") in train}
-    if not any(r.get("source_key") in train and (r["kind"] or "boundary") in wanted for r in kept):
+    kept_kinds = {r["kind"] or "boundary" for r in kept}
+    sourced = {r["kind"] or "boundary" for r in kept if r.get("source_key") in train}
+    chosen = [fc.synthetic_kinds, *(k for k in fc.kind_sets.values() if set(k) <= kept_kinds)]
+    if any(not sourced & set(kinds) for kinds in chosen):
         return None
-    return sources
+    return {r["source_key"] for r in kept if r.get("source_key") in train}
 
 
 @dataclass
