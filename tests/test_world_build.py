@@ -16,7 +16,7 @@ from ood_core.world import weights as W
 
 def test_a_registered_recipe_trains_and_is_recorded(tmp_path, monkeypatch):
     smoke = {**D.SETTINGS, "images": 120, "vae_steps": 2, "t2i_steps": 2, "inpaint_steps": 2, "batch": 4,
-             "vae_batch": 4, "warmup_steps": 1}  # fmt: skip
+             "vae_batch": 4, "warmup_steps": 1, "eval_per_concept": 1}  # fmt: skip
     monkeypatch.setitem(D.RECIPES, "smoke", smoke)
     # the diffusion models are judged by the CLIP of the world being built
     shutil.copytree(W.WEIGHTS_DIR / "clip", tmp_path / "clip")

@@ -40,7 +40,7 @@ SETTINGS = {
     "vae": {"block_out_channels": [16, 32, 32], "layers_per_block": 1},
     "unet": {"block_out_channels": [32, 64], "layers_per_block": 1, "attention_head_dim": 8},
     "text": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2},
-    "eval_steps": 20, "eval_guidance": 4.0, "eval_strength": 1.0,
+    "eval_steps": 20, "eval_guidance": 4.0, "eval_strength": 1.0, "eval_per_concept": 8,
 }  # fmt: skip
 # A recipe is a full settings dict. ``cpu`` is what a 2-core machine trains in about an hour (71 min
 # measured). ``gpu`` spends a GPU's free batch width instead of steps: on a lent H200 (2026-12-04,
@@ -353,7 +353,7 @@ def build(out_dir: Path, seed: int = 0, progress: bool = True, device: str = "cp
     record = {"recipe": recipe, "device": device.type, "settings": {**s, "context_length": CONTEXT_LENGTH, "train_tag": TRAIN_TAG}}
     for m in ("sd-t2i", "sd-inpaint"):
         (out_dir / m / "BUILD.json").write_text(json.dumps(record, indent=2))
-    return evaluate(out_dir, seed=seed + 1000)
+    return evaluate(out_dir, seed=seed + 1000, per_concept=s.get("eval_per_concept", 8))
 
 
 # ---------------------------------------------------------------- competence
