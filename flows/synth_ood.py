@@ -82,12 +82,17 @@ def synth_ood(
                     fan_out, stage, cfg, out, keys, n_shards, started, chunk_size, max_in_flight, stale_after
                 )
                 continue
-            for index in range(n_shards):
-                shard_task(stage, cfg, out, keys, index, n_shards)
+            run_stage_shards(stage, cfg, out, keys, n_shards)
             results[stage] = finalize_task(stage, cfg, out, keys, n_shards, started)
     if keep_last and cfg["generate"]["round"]:
         prune_rounds_task(out, keep_last, cfg["generate"]["round"])
     return results
+
+
+def run_stage_shards(stage: str, cfg: dict, out: str, keys: dict[str, str], n_shards: int) -> None:
+    """Every shard of a stage in this flow run (finished ones are reused)."""
+    for index in range(n_shards):
+        shard_task(stage, cfg, out, keys, index, n_shards)
 
 
 def _fan_out_stage(

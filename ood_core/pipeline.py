@@ -505,6 +505,15 @@ def with_dependents(stages: list[str]) -> set[str]:
     return closed
 
 
+def run_shards(ctx: StageContext, name: str, n_shards: int, log: Callable[[str], None] = print) -> None:
+    """Every shard of a stage in this process, in order (finished ones are reused): the plain loop."""
+    for index in range(n_shards):
+        stats = run_shard(ctx, name, index)
+        copied = f" (copied from {stats['copied_from']})" if stats.get("copied_from") else ""
+        log(f"[{name}] shard {index + 1}/{n_shards}: {stats['rows']} rows {stats['counts']}{copied}"
+            f"{shard_rate(stats)}")
+
+
 def run_local(
     cfg: RunConfig,
     root: str,
@@ -546,11 +555,7 @@ def run_local(
         ctx = make_context(cfg, root, name, keys, log)
         n_shards = plan_stage(ctx, name, keys)
         load_stage_models(ctx, name)
-        for index in range(n_shards):
-            stats = run_shard(ctx, name, index)
-            copied = f" (copied from {stats['copied_from']})" if stats.get("copied_from") else ""
-            log(f"[{name}] shard {index + 1}/{n_shards}: {stats['rows']} rows {stats['counts']}{copied}"
-                f"{shard_rate(stats)}")
+        run_shards(ctx, name, n_shards, log)
         results[name] = finalize_stage(ctx, name, keys, n_shards, started)
         log(f"[{name}] done -> {store.url()}")
     if keep_last and cfg.generate.round:

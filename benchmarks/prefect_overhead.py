@@ -1,0 +1,145 @@
+"""Prefect's per-shard overhead: the same N trivial shards through the flow's shard loop and the plain loop.
+
+    .venv/bin/python benchmarks/prefect_overhead.py --shards 200
+
+A stage of ``--shards`` one-row shards (the work is a few bytes: what is left is bookkeeping) runs
+in one process, side by side: the plain loop (``pipeline.run_shards``, what ``run_local`` runs)
+and the flow's shard loop (``flows.synth_ood.run_stage_shards``, what ``synth_ood`` runs for a
+stage that is not fanned out) inside one Prefect flow run on the local API; each fresh (every shard
+computed) and on a resume (every shard finished, the stage not: each is reused). Per-shard
+overhead = (prefect - plain) / N. The flow run's and the local API's start-up are not counted
+(a warm-up flow run starts the API first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+_TMP = tempfile.mkdtemp(prefix="prefect-overhead-")
+# before Prefect is imported: a throw-away home and result store, the ephemeral local API
+os.environ.setdefault("PREFECT_HOME", os.path.join(_TMP, "home"))
+os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", os.path.join(_TMP, "results"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+
+STAGE = "overhead-bench"
+
+
+def register_stage(n_shards: int) -> None:
+    """A stage whose shards hold one row and one 5-byte sample each (registered in this process only)."""
+    from ood_core.stages.base import STAGES, ShardOutput, ShardPlan, Stage, row
+    from schemas import SKETCH
+
+    class OverheadBench(Stage):
+        name = STAGE
+        schema = SKETCH
+
+        def config_slice(self, cfg):
+            return {"shards": n_shards}
+
+        def plan(self, ctx):
+            return [ShardPlan(i, [{"key": f"s{i:06d}"}]) for i in range(n_shards)]
+
+        def run_shard(self, ctx, shard):
+            out = ShardOutput()
+            key = shard.items[0]["key"]
+            out.add(row(key, "kept", "ok", kind="far", text=key), {"txt": b"hello"})
+            return out
+
+    STAGES.register(STAGE, OverheadBench)
+
+
+def _keys(cfg) -> dict[str, str]:
+    from ood_core.stages import STAGES
+    from ood_core.storage import stage_key
+
+    stage = STAGES.get(STAGE)()
+    return {STAGE: stage_key(STAGE, stage.schema.version, stage.config_slice(cfg), {})}
+
+
+def _plain(cfg, root: str, keys: dict[str, str], n: int) -> float:
+    from ood_core.pipeline import make_context, plan_stage, run_shards
+
+    ctx = make_context(cfg, root, STAGE, keys, log=lambda m: None)
+    assert plan_stage(ctx, STAGE, keys) == n
+    t0 = time.perf_counter()
+    run_shards(ctx, STAGE, n, log=lambda m: None)
+    return time.perf_counter() - t0
+
+
+def _prefect(cfg, root: str, keys: dict[str, str], n: int) -> float:
+    from prefect import flow
+
+    from flows.synth_ood import run_stage_shards
+    from ood_core.pipeline import make_context, plan_stage
+
+    assert plan_stage(make_context(cfg, root, STAGE, keys, log=lambda m: None), STAGE, keys) == n
+
+    @flow(name="prefect-overhead-bench")
+    def bench() -> float:
+        t0 = time.perf_counter()
+        run_stage_shards(STAGE, cfg.to_dict(), root, keys, n)
+        return time.perf_counter() - t0
+
+    return bench()
+
+
+def _count_done(root: str, keys: dict[str, str], n: int) -> int:
+    from ood_core.pipeline import stage_store
+
+    store = stage_store(root, STAGE, keys)
+    assert not store.is_complete()
+    return len(store.shard_indices())
+
+
+def measure(n: int, workdir: str | None = None) -> dict:
+    """Seconds of the plain and the Prefect shard loop, fresh and on a resume, in one process."""
+    from prefect import flow
+
+    from ood_core.config import load_config
+
+    register_stage(n)
+    cfg = load_config("tiny")
+    keys = _keys(cfg)
+
+    @flow(name="prefect-overhead-warm-up")
+    def warm_up() -> int:
+        return 1
+
+    warm_up()  # the local API's start-up and the first flow run's imports are not the shards' cost
+    out: dict = {"shards": n}
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        _plain(cfg, str(Path(tmp) / "warm-up"), keys, n)  # first writes import and warm pyarrow's writers
+        for path, run in (("plain", _plain), ("prefect", _prefect)):
+            root = str(Path(tmp) / path)
+            out[f"{path}_fresh_s"] = round(run(cfg, root, keys, n), 3)
+            assert _count_done(root, keys, n) == n
+            # twice: under Prefect the second resume may answer from its result cache instead
+            out[f"{path}_resume_s"] = round(run(cfg, root, keys, n), 3)
+            out[f"{path}_resume2_s"] = round(run(cfg, root, keys, n), 3)
+    for kind in ("fresh", "resume", "resume2"):
+        extra = out[f"prefect_{kind}_s"] - out[f"plain_{kind}_s"]
+        out[f"overhead_{kind}_per_shard_s"] = round(extra / n, 4)
+        out[f"ratio_{kind}"] = round(out[f"prefect_{kind}_s"] / max(out[f"plain_{kind}_s"], 1e-9), 2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shards", type=int, default=200)
+    ap.add_argument("--workdir", default=None, help="where the stage folders go (default: the system's temp)")
+    args = ap.parse_args(argv)
+    result = measure(args.shards, args.workdir)
+    print("prefect-overhead: " + ", ".join(f"{k}={v}" for k, v in result.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
