@@ -5,10 +5,12 @@
 A stage of ``--shards`` one-row shards (the work is a few bytes: what is left is bookkeeping) runs
 in one process, side by side: the plain loop (``pipeline.run_shards``, what ``run_local`` runs)
 and the flow's shard loop (``flows.synth_ood.run_stage_shards``, what ``synth_ood`` runs for a
-stage that is not fanned out) inside one Prefect flow run on the local API; each fresh (every shard
-computed) and on a resume (every shard finished, the stage not: each is reused). Per-shard
-overhead = (prefect - plain) / N. The flow run's and the local API's start-up are not counted
-(a warm-up flow run starts the API first).
+stage that is not fanned out) as one Prefect flow run on the local API; each fresh (every shard
+computed) and on a resume (every shard finished, the stage not: each is reused). The Prefect
+figure is the wall time of the flow run and an empty flow run after it less two empty flow runs'
+(measured just before), so the events and log lines the task runs still send after the flow run
+returns count. Per-shard overhead
+= (prefect - plain) / N. The local API's start-up is not counted (an empty flow run starts it first).
 """
 
 from __future__ import annotations
@@ -83,12 +85,29 @@ def _prefect(cfg, root: str, keys: dict[str, str], n: int) -> float:
     assert plan_stage(make_context(cfg, root, STAGE, keys, log=lambda m: None), STAGE, keys) == n
 
     @flow(name="prefect-overhead-bench")
-    def bench() -> float:
-        t0 = time.perf_counter()
+    def bench() -> None:
         run_stage_shards(STAGE, cfg.to_dict(), root, keys, n)
-        return time.perf_counter() - t0
 
-    return bench()
+    # what the shards add to the flow run's wall: the flow run and one empty flow run after it (the
+    # task runs' state events and log lines still being sent when the flow run returns are waited
+    # for there), less two empty flow runs measured first
+    base = min(_empty_flow_s() for _ in range(2))
+    t0 = time.perf_counter()
+    bench()
+    _empty_flow_s()
+    return time.perf_counter() - t0 - 2 * base
+
+
+def _empty_flow_s() -> float:
+    from prefect import flow
+
+    @flow(name="prefect-overhead-empty")
+    def empty() -> None:
+        return None
+
+    t0 = time.perf_counter()
+    empty()
+    return time.perf_counter() - t0
 
 
 def _count_done(root: str, keys: dict[str, str], n: int) -> int:
@@ -101,19 +120,12 @@ def _count_done(root: str, keys: dict[str, str], n: int) -> int:
 
 def measure(n: int, workdir: str | None = None) -> dict:
     """Seconds of the plain and the Prefect shard loop, fresh and on a resume, in one process."""
-    from prefect import flow
-
     from ood_core.config import load_config
 
     register_stage(n)
     cfg = load_config("tiny")
     keys = _keys(cfg)
-
-    @flow(name="prefect-overhead-warm-up")
-    def warm_up() -> int:
-        return 1
-
-    warm_up()  # the local API's start-up and the first flow run's imports are not the shards' cost
+    _empty_flow_s()  # the local API's start-up and the first flow run's imports are not the shards' cost
     out: dict = {"shards": n}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         _plain(cfg, str(Path(tmp) / "warm-up"), keys, n)  # first writes import and warm pyarrow's writers

@@ -90,8 +90,9 @@ def synth_ood(
 
 
 def run_stage_shards(stage: str, cfg: dict, out: str, keys: dict[str, str], n_shards: int) -> None:
-    """Every shard of a stage in this flow run (finished ones are reused)."""
-    for index in range(n_shards):
+    """A stage's pending shards in this flow run, one task run each; finished shards get none (a
+    task run costs API calls and state updates: their reuse is decided by the one pending check)."""
+    for index in pending_shards_task(stage, out, keys, n_shards)["pending"]:
         shard_task(stage, cfg, out, keys, index, n_shards)
 
 
