@@ -9,7 +9,8 @@ stage that is not fanned out) as one Prefect flow run on the local API; each fre
 computed) and on a resume (every shard finished, the stage not: each is reused). The Prefect
 figure is the wall time of the flow run and an empty flow run after it less two empty flow runs'
 (measured just before), so the events and log lines the task runs still send after the flow run
-returns count. Per-shard overhead
+returns count. ``--s3`` puts the stage folders on moto's S3 server (127.0.0.1) and counts the
+requests each loop sends. Per-shard overhead
 = (prefect - plain) / N. The local API's start-up is not counted (an empty flow run starts it first).
 """
 
@@ -66,17 +67,33 @@ def _keys(cfg) -> dict[str, str]:
     return {STAGE: stage_key(STAGE, stage.schema.version, stage.config_slice(cfg), {})}
 
 
-def _plain(cfg, root: str, keys: dict[str, str], n: int) -> float:
+# requests sent to S3 (with --s3): every s3fs request goes through S3FileSystem._call_s3
+REQUESTS: list[str] = []
+
+
+def count_s3_requests() -> None:
+    import s3fs
+
+    real = s3fs.S3FileSystem._call_s3
+
+    async def counted(self, method, *args, **kwargs):
+        REQUESTS.append(method)
+        return await real(self, method, *args, **kwargs)
+
+    s3fs.S3FileSystem._call_s3 = counted
+
+
+def _plain(cfg, root: str, keys: dict[str, str], n: int) -> tuple[float, int]:
     from ood_core.pipeline import make_context, plan_stage, run_shards
 
     ctx = make_context(cfg, root, STAGE, keys, log=lambda m: None)
     assert plan_stage(ctx, STAGE, keys) == n
-    t0 = time.perf_counter()
+    t0, r0 = time.perf_counter(), len(REQUESTS)
     run_shards(ctx, STAGE, n, log=lambda m: None)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, len(REQUESTS) - r0
 
 
-def _prefect(cfg, root: str, keys: dict[str, str], n: int) -> float:
+def _prefect(cfg, root: str, keys: dict[str, str], n: int) -> tuple[float, int]:
     from prefect import flow
 
     from flows.synth_ood import run_stage_shards
@@ -92,10 +109,10 @@ def _prefect(cfg, root: str, keys: dict[str, str], n: int) -> float:
     # task runs' state events and log lines still being sent when the flow run returns are waited
     # for there), less two empty flow runs measured first
     base = min(_empty_flow_s() for _ in range(2))
-    t0 = time.perf_counter()
+    t0, r0 = time.perf_counter(), len(REQUESTS)
     bench()
     _empty_flow_s()
-    return time.perf_counter() - t0 - 2 * base
+    return time.perf_counter() - t0 - 2 * base, len(REQUESTS) - r0
 
 
 def _empty_flow_s() -> float:
@@ -118,8 +135,9 @@ def _count_done(root: str, keys: dict[str, str], n: int) -> int:
     return len(store.shard_indices())
 
 
-def measure(n: int, workdir: str | None = None) -> dict:
-    """Seconds of the plain and the Prefect shard loop, fresh and on a resume, in one process."""
+def measure(n: int, workdir: str | None = None, s3: str | None = None) -> dict:
+    """Seconds of the plain and the Prefect shard loop, fresh and on a resume, in one process; with
+    ``s3`` (an ``s3://`` root) the stage folders go there and the requests are counted too."""
     from ood_core.config import load_config
 
     register_stage(n)
@@ -128,14 +146,18 @@ def measure(n: int, workdir: str | None = None) -> dict:
     _empty_flow_s()  # the local API's start-up and the first flow run's imports are not the shards' cost
     out: dict = {"shards": n}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        _plain(cfg, str(Path(tmp) / "warm-up"), keys, n)  # first writes import and warm pyarrow's writers
+        top = s3 or tmp
+        _plain(cfg, f"{top}/warm-up", keys, n)  # first writes import and warm pyarrow's writers
         for path, run in (("plain", _plain), ("prefect", _prefect)):
-            root = str(Path(tmp) / path)
-            out[f"{path}_fresh_s"] = round(run(cfg, root, keys, n), 3)
-            assert _count_done(root, keys, n) == n
-            # twice: under Prefect the second resume may answer from its result cache instead
-            out[f"{path}_resume_s"] = round(run(cfg, root, keys, n), 3)
-            out[f"{path}_resume2_s"] = round(run(cfg, root, keys, n), 3)
+            root = f"{top}/{path}"
+            for kind in ("fresh", "resume", "resume2"):
+                # resume twice: under Prefect the second may answer from its result cache instead
+                seconds, requests = run(cfg, root, keys, n)
+                out[f"{path}_{kind}_s"] = round(seconds, 3)
+                if s3:
+                    out[f"{path}_{kind}_requests"] = requests
+                if kind == "fresh":
+                    assert _count_done(root, keys, n) == n
     for kind in ("fresh", "resume", "resume2"):
         extra = out[f"prefect_{kind}_s"] - out[f"plain_{kind}_s"]
         out[f"overhead_{kind}_per_shard_s"] = round(extra / n, 4)
@@ -147,8 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shards", type=int, default=200)
     ap.add_argument("--workdir", default=None, help="where the stage folders go (default: the system's temp)")
+    ap.add_argument("--s3", action="store_true", help="stage folders on moto's S3 server on 127.0.0.1; count requests")
     args = ap.parse_args(argv)
-    result = measure(args.shards, args.workdir)
+    if args.s3:
+        from benchmarks.moto_s3 import moto_s3
+
+        count_s3_requests()
+        with moto_s3("prefect-overhead") as bucket:
+            result = measure(args.shards, args.workdir, bucket)
+    else:
+        result = measure(args.shards, args.workdir)
     print("prefect-overhead: " + ", ".join(f"{k}={v}" for k, v in result.items()))
     return 0
 

@@ -218,13 +218,16 @@ class StageStore:
                 gone.append(path)
         return gone
 
-    def read_bytes(self, path: str, small: bool = False) -> bytes:
-        """The file's bytes; ``small`` (a marker, a plan) in one request on object storage."""
-        # opening a file on s3fs costs a HEAD before the GET; so does its concurrent read of a whole
-        # object (for the size), which a small file does not need
-        if small and getattr(self.fs, "max_concurrency", 1) > 1:
-            return self.fs.cat_file(path, max_concurrency=1)
+    def read_bytes(self, path: str) -> bytes:
+        # one GET on object storage: opening a file there costs a HEAD first
         return self.fs.cat_file(path)
+
+    def _read_small(self, path: str) -> bytes:
+        """A small file (a marker, a plan) in one request on object storage."""
+        if getattr(self.fs, "max_concurrency", 1) > 1:
+            # s3fs reads a whole object in concurrent ranges after a HEAD for its size: not for a small one
+            return self.fs.cat_file(path, max_concurrency=1)
+        return self.read_bytes(path)
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
@@ -234,7 +237,7 @@ class StageStore:
 
     def read_json(self, path: str) -> Any:
         """The parsed file; :class:`DamagedFileError` naming it if it is truncated or not JSON."""
-        data = self.read_bytes(path, small=True)
+        data = self._read_small(path)
         try:
             return json.loads(data)
         except ValueError as err:
@@ -295,7 +298,7 @@ class StageStore:
         if self.on_object_store():
             # one request: an existence check of a missing object is a HEAD and a LIST on s3fs
             try:
-                self.read_bytes(path, small=True)
+                self._read_small(path)
             except FileNotFoundError:
                 return False
             return True
