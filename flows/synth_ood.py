@@ -10,6 +10,7 @@ from flows.local_api import configure_local_api
 configure_local_api()  # before Prefect reads its settings
 
 from prefect import flow, tags  # noqa: E402
+from prefect.utilities.annotations import quote  # noqa: E402
 
 from flows.fanout import FAN_OUT_STAGES, chunked, run_chunks  # noqa: E402
 from ood_core.config import load_config  # noqa: E402
@@ -93,7 +94,8 @@ def run_stage_shards(stage: str, cfg: dict, out: str, keys: dict[str, str], n_sh
     """A stage's pending shards in this flow run, one task run each; finished shards get none (a
     task run costs API calls and state updates: their reuse is decided by the one pending check)."""
     for index in pending_shards_task(stage, out, keys, n_shards)["pending"]:
-        shard_task(stage, cfg, out, keys, index, n_shards)
+        # quoted: Prefect would walk the whole config looking for futures, for every task run
+        shard_task(stage, quote(cfg), out, quote(keys), index, n_shards)
 
 
 def _fan_out_stage(
