@@ -7,9 +7,9 @@ in one process, side by side: the plain loop (``pipeline.run_shards``, what ``ru
 and the flow's shard loop (``flows.synth_ood.run_stage_shards``, what ``synth_ood`` runs for a
 stage that is not fanned out) as one Prefect flow run on the local API; each fresh (every shard
 computed) and on a resume (every shard finished, the stage not: each is reused). The Prefect
-figure is the wall time of the flow run and an empty flow run after it less two empty flow runs'
-(measured just before), so the events and log lines the task runs still send after the flow run
-returns count. ``--s3`` puts the stage folders on moto's S3 server (127.0.0.1) and counts the
+figure is the flow run's wall time until the API has recorded every task run it ran in a final
+state (the state events reach the server after the flow run returns), less an empty flow run's
+(measured just before); ``_flow_s`` and ``_recorded_s`` are its two parts. ``--s3`` puts the stage folders on moto's S3 server (127.0.0.1) and counts the
 requests each loop sends. Per-shard overhead
 = (prefect - plain) / N. The local API's start-up is not counted (an empty flow run starts it first).
 """
@@ -17,6 +17,7 @@ requests each loop sends. Per-shard overhead
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -102,17 +103,77 @@ def _prefect(cfg, root: str, keys: dict[str, str], n: int) -> tuple[float, int]:
     assert plan_stage(make_context(cfg, root, STAGE, keys, log=lambda m: None), STAGE, keys) == n
 
     @flow(name="prefect-overhead-bench")
-    def bench() -> None:
-        run_stage_shards(STAGE, cfg.to_dict(), root, keys, n)
+    def bench() -> str:
+        from prefect.runtime import flow_run
 
-    # what the shards add to the flow run's wall: the flow run and one empty flow run after it (the
-    # task runs' state events and log lines still being sent when the flow run returns are waited
-    # for there), less two empty flow runs measured first
+        run_stage_shards(STAGE, cfg.to_dict(), root, keys, n)
+        return flow_run.id
+
+    # what the shards add: the flow run until the API has recorded every task run it ran as final
+    # (the state events reach the server after the flow run returns), less an empty flow run
     base = min(_empty_flow_s() for _ in range(2))
+    finished = _TaskRunsFinished()
     t0, r0 = time.perf_counter(), len(REQUESTS)
-    bench()
-    _empty_flow_s()
-    return time.perf_counter() - t0 - 2 * base, len(REQUESTS) - r0
+    with finished:
+        run_id = bench()
+    t_flow = time.perf_counter() - t0
+    _wait_recorded(run_id, finished.count)
+    total = time.perf_counter() - t0
+    LAST["flow_s"], LAST["recorded_s"], LAST["task_runs"] = round(t_flow - base, 3), round(total - t_flow, 3), finished.count
+    return total - base, len(REQUESTS) - r0
+
+
+LAST: dict = {}  # the last Prefect measurement's parts
+
+
+class _TaskRunsFinished(logging.Handler):
+    """Counts the task runs that ended in this process (Prefect logs one line each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Finished in state"):
+            self.count += 1
+
+    def __enter__(self):
+        logging.getLogger("prefect.task_runs").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("prefect.task_runs").removeHandler(self)
+
+
+def _wait_recorded(flow_run_id: str, task_runs: int, timeout: float = 600.0) -> None:
+    """Until the API holds ``task_runs`` task runs of the flow run in a final state."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    final = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            body = {
+                "flow_runs": FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])).model_dump(mode="json"),
+                "task_runs": TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=final)))
+                .model_dump(mode="json"),
+            }  # fmt: skip
+            response = client.request("POST", "/task_runs/count", json=body)
+            response.raise_for_status()
+            done = int(response.json())
+            if done >= task_runs:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the API recorded {done} of {task_runs} task runs in {timeout:.0f}s")
+            time.sleep(0.1)
 
 
 def _empty_flow_s() -> float:
@@ -154,6 +215,8 @@ def measure(n: int, workdir: str | None = None, s3: str | None = None) -> dict:
                 # resume twice: under Prefect the second may answer from its result cache instead
                 seconds, requests = run(cfg, root, keys, n)
                 out[f"{path}_{kind}_s"] = round(seconds, 3)
+                if path == "prefect":  # of which: the flow run, then waiting for the API to record it
+                    out.update({f"prefect_{kind}_{k}": v for k, v in LAST.items()})
                 if s3:
                     out[f"{path}_{kind}_requests"] = requests
                 if kind == "fresh":
