@@ -17,6 +17,7 @@ requests each loop sends. Per-shard overhead
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -94,7 +95,7 @@ def _plain(cfg, root: str, keys: dict[str, str], n: int) -> tuple[float, int]:
     return time.perf_counter() - t0, len(REQUESTS) - r0
 
 
-def _prefect(cfg, root: str, keys: dict[str, str], n: int) -> tuple[float, int]:
+def _prefect(cfg, root: str, keys: dict[str, str], n: int, per_task: int = 1) -> tuple[float, int]:
     from prefect import flow
 
     from flows.synth_ood import run_stage_shards
@@ -106,7 +107,8 @@ def _prefect(cfg, root: str, keys: dict[str, str], n: int) -> tuple[float, int]:
     def bench() -> str:
         from prefect.runtime import flow_run
 
-        run_stage_shards(STAGE, cfg.to_dict(), root, keys, n)
+        # the keyword only when grouping: the code before `shards_per_task` runs the benchmark too
+        run_stage_shards(STAGE, cfg.to_dict(), root, keys, n, **({"shards_per_task": per_task} if per_task > 1 else {}))
         return flow_run.id
 
     # what the shards add: the flow run until the API has recorded every task run it ran as final
@@ -196,7 +198,7 @@ def _count_done(root: str, keys: dict[str, str], n: int) -> int:
     return len(store.shard_indices())
 
 
-def measure(n: int, workdir: str | None = None, s3: str | None = None) -> dict:
+def measure(n: int, workdir: str | None = None, s3: str | None = None, per_task: int = 1) -> dict:
     """Seconds of the plain and the Prefect shard loop, fresh and on a resume, in one process; with
     ``s3`` (an ``s3://`` root) the stage folders go there and the requests are counted too."""
     from ood_core.config import load_config
@@ -205,11 +207,12 @@ def measure(n: int, workdir: str | None = None, s3: str | None = None) -> dict:
     cfg = load_config("tiny")
     keys = _keys(cfg)
     _empty_flow_s()  # the local API's start-up and the first flow run's imports are not the shards' cost
-    out: dict = {"shards": n}
+    out: dict = {"shards": n, "shards_per_task": per_task}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         top = s3 or tmp
         _plain(cfg, f"{top}/warm-up", keys, n)  # first writes import and warm pyarrow's writers
-        for path, run in (("plain", _plain), ("prefect", _prefect)):
+        prefect = functools.partial(_prefect, per_task=per_task)
+        for path, run in (("plain", _plain), ("prefect", prefect)):
             root = f"{top}/{path}"
             for kind in ("fresh", "resume", "resume2"):
                 # resume twice: under Prefect the second may answer from its result cache instead
@@ -233,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shards", type=int, default=200)
     ap.add_argument("--workdir", default=None, help="where the stage folders go (default: the system's temp)")
+    ap.add_argument("--shards-per-task", type=int, default=1, help="the flow's shards_per_task")
     ap.add_argument("--s3", action="store_true", help="stage folders on moto's S3 server on 127.0.0.1; count requests")
     args = ap.parse_args(argv)
     if args.s3:
@@ -240,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
 
         count_s3_requests()
         with moto_s3("prefect-overhead") as bucket:
-            result = measure(args.shards, args.workdir, bucket)
+            result = measure(args.shards, args.workdir, bucket, args.shards_per_task)
     else:
-        result = measure(args.shards, args.workdir)
+        result = measure(args.shards, args.workdir, per_task=args.shards_per_task)
     print("prefect-overhead: " + ", ".join(f"{k}={v}" for k, v in result.items()))
     return 0
 

@@ -121,8 +121,29 @@ def plan_task(
 )
 def shard_task(stage: str, cfg: dict, root: str, keys: dict[str, str], index: int, n_shards: int) -> dict:
     """Run one shard of one stage (reused when its stats marker exists and checks)."""
-    config = validate_config(cfg)
-    ctx = make_context(config, root, stage, keys, _logger())
+    ctx = make_context(validate_config(cfg), root, stage, keys, _logger())
+    return _run_logged(ctx, stage, index, n_shards)
+
+
+@task(
+    name="run-shards",
+    task_run_name="{stage}-shards-from-{indices[0]:06d}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=5,
+)
+def shard_group_task(
+    stage: str, cfg: dict, root: str, keys: dict[str, str], indices: list[int], n_shards: int
+) -> dict[int, dict]:
+    """Run several shards of one stage in one task run (``shards_per_task``: small shards, where a
+    task run's own cost would count); a retry reuses the ones that finished."""
+    ctx = make_context(validate_config(cfg), root, stage, keys, _logger())
+    return {index: _run_logged(ctx, stage, index, n_shards) for index in indices}
+
+
+def _run_logged(ctx, stage: str, index: int, n_shards: int) -> dict:
+    """``run_shard``, one log line for it, and its failure named in the flow run's log."""
     try:
         stats = run_shard(ctx, stage, index)
     except Exception as exc:

@@ -11,7 +11,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_a_resumed_stage_creates_task_runs_for_its_pending_shards_only(tmp_path, one_row_stage, monkeypatch):
+@pytest.mark.parametrize("per_task", [1, 2])
+def test_a_resumed_stage_creates_task_runs_for_its_pending_shards_only(tmp_path, one_row_stage, monkeypatch, per_task):
     from prefect import flow
 
     import flows.synth_ood as F
@@ -28,20 +29,22 @@ def test_a_resumed_stage_creates_task_runs_for_its_pending_shards_only(tmp_path,
     (Path(ctx.store.path("stats", "000001.json"))).unlink()  # a deleted marker: that shard runs again
     finished = {i: os.stat(ctx.store.shard_paths(i)["tar"]).st_mtime_ns for i in (0, 3)}
 
-    ran: list[int] = []
-    real = F.shard_task
+    ran: list = []  # the shards (per_task 1) or groups of shards (2) that got a task run
+    name = "shard_task" if per_task == 1 else "shard_group_task"
+    real = getattr(F, name)
 
-    def recorded(stage, cfg, out, keys, index, n_shards):
-        ran.append(index)
-        return real(stage, cfg, out, keys, index, n_shards)
+    def recorded(stage, cfg, out, keys, shards, n_shards):
+        ran.append(shards)
+        return real(stage, cfg, out, keys, shards, n_shards)
 
-    monkeypatch.setattr(F, "shard_task", recorded)
+    monkeypatch.setattr(F, name, recorded)
 
     @flow(name="shard-loop")
     def loop() -> None:
-        F.run_stage_shards(one_row_stage, cfg.to_dict(), root, keys, 6)
+        F.run_stage_shards(one_row_stage, cfg.to_dict(), root, keys, 6, per_task)
 
     loop()
-    assert ran == [1, 2, 4, 5]  # the shards 0 and 3 were reused without a task run
+    # the shards 0 and 3 were reused without a task run
+    assert ran == ([1, 2, 4, 5] if per_task == 1 else [[1, 2], [4, 5]])
     assert ctx.store.shard_indices() == list(range(6))
     assert {i: os.stat(ctx.store.shard_paths(i)["tar"]).st_mtime_ns for i in (0, 3)} == finished
