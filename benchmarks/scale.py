@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/scale.py index --classes 100 --per-class 1300
     .venv/bin/python benchmarks/scale.py index --classes 1000 --per-class 1300   # the full 1.3M tree
+    .venv/bin/python benchmarks/scale.py prefect --shards 200   # = benchmarks/prefect_overhead.py
 
 ``index``: a ``train/<class>/*.JPEG`` tree of hard links to one small JPEG, in a temporary folder.
 "before" is the listing every process paid until the data index (``iterdir`` per class folder, a
@@ -116,8 +117,16 @@ def measure_index(classes: int, per_class: int, workdir: str | None = None) -> d
         }  # fmt: skip
 
 
+def measure_prefect(shards: int, workdir: str | None = None) -> dict:
+    """Prefect's per-shard overhead next to the plain loop (``benchmarks/prefect_overhead.py``)."""
+    from benchmarks import prefect_overhead  # sets Prefect's temporary home before Prefect is imported
+
+    return prefect_overhead.measure(shards, workdir)
+
+
 MEASUREMENTS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "index": lambda a: measure_index(a.classes, a.per_class, a.workdir),
+    "prefect": lambda a: measure_prefect(a.shards, a.workdir),
 }
 
 
@@ -126,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("parts", nargs="*", default=list(MEASUREMENTS), choices=list(MEASUREMENTS))
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--per-class", type=int, default=1300)
+    ap.add_argument("--shards", type=int, default=200, help="prefect: shards of the trivial stage")
     ap.add_argument("--workdir", default=None, help="where the temporary tree goes (default: the system's)")
     args = ap.parse_args(argv)
     for part in args.parts:

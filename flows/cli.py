@@ -136,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             results = synth_ood(
                 preset=args.preset, out=out, only=_stages(args.only), force=_stages(args.force), overrides=overrides,
-                keep_last=args.keep_last,
+                keep_last=args.keep_last, shards_per_task=args.shards_per_task,
             )
         except StageNotReady as err:
             return _fail(err, args, 2)
@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. generate.rounds=2")
     r.add_argument("--round", help="generation round (new data per round, sketch reused); @date = today (UTC)")
     r.add_argument("--keep-last", type=int, metavar="K", help="with --round: prune all but the last K rounds' folders")
+    r.add_argument("--shards-per-task", type=int, default=1, metavar="N",
+                   help="under Prefect: N shards per task run (small shards; default 1)")
     r.add_argument("--no-prefect", action="store_true", help="run in-process without Prefect (debugging)")
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("status", help="per stage: done / partial / missing, counts by status and reason",

@@ -16,6 +16,7 @@ from flows.local_api import configure_local_api
 configure_local_api()  # before Prefect reads its settings
 
 from prefect import flow, tags  # noqa: E402
+from prefect.utilities.annotations import quote  # noqa: E402
 
 from tasks import finalize_task, shard_task  # noqa: E402
 
@@ -34,7 +35,8 @@ def synth_ood_shards(
     done = {}
     with gpu_slot(), tags("synth-ood", f"stage-{stage}", "chunk"):
         for index in indices:
-            stats = shard_task(stage, cfg, root, keys, index, n_shards)
+            # quoted: Prefect would walk the whole config looking for futures, for every task run
+            stats = shard_task(stage, quote(cfg), root, quote(keys), index, n_shards)
             done[index] = "reused" if stats["reused"] else "done"
         info = finalize_task(stage, cfg, root, keys, n_shards, finalize_started) if finalize_started else None
     return {"stage": stage, "shards": done, "finalized": info is not None}

@@ -10,6 +10,7 @@ from flows.local_api import configure_local_api
 configure_local_api()  # before Prefect reads its settings
 
 from prefect import flow, tags  # noqa: E402
+from prefect.utilities.annotations import quote  # noqa: E402
 
 from flows.fanout import FAN_OUT_STAGES, chunked, run_chunks  # noqa: E402
 from ood_core.config import load_config  # noqa: E402
@@ -23,6 +24,7 @@ from tasks import (  # noqa: E402
     preflight_task,
     prepare_run_task,
     prune_rounds_task,
+    shard_group_task,
     shard_task,
     slot_check_task,
 )
@@ -41,6 +43,7 @@ def synth_ood(
     chunk_size: int = 8,
     max_in_flight: int = 8,
     stale_after: float = 600.0,
+    shards_per_task: int = 1,
 ) -> dict[str, dict]:
     """Run (or resume) the pipeline; finished stages and shards are reused, never recomputed.
 
@@ -50,8 +53,14 @@ def synth_ood(
     stages in chunks of ``chunk_size`` shards, at most ``max_in_flight`` chunk runs at a time; this
     flow then only plans and waits (no GPU). Without it every shard runs in this flow run.
     A chunk run that crashed, or sent no heartbeat for ``stale_after`` seconds (its worker was
-    killed; 0 turns the check off), is submitted once more after a delay.
+    killed; 0 turns the check off), is submitted once more after a delay. ``shards_per_task`` > 1
+    groups the pending shards of a stage that runs in place (not fanned out), that many per task run:
+    a task run per shard costs about 0.02 s of Prefect's bookkeeping (BENCHMARKS.md), which counts
+    only for shards of well under a second; a failure then retries the group, whose finished
+    shards are reused.
     """
+    if shards_per_task < 1:
+        raise ValueError(f"shards_per_task must be at least 1 (got {shards_per_task})")
     if round:
         from prefect.runtime import flow_run
 
@@ -82,12 +91,27 @@ def synth_ood(
                     fan_out, stage, cfg, out, keys, n_shards, started, chunk_size, max_in_flight, stale_after
                 )
                 continue
-            for index in range(n_shards):
-                shard_task(stage, cfg, out, keys, index, n_shards)
+            run_stage_shards(stage, cfg, out, keys, n_shards, shards_per_task)
             results[stage] = finalize_task(stage, cfg, out, keys, n_shards, started)
     if keep_last and cfg["generate"]["round"]:
         prune_rounds_task(out, keep_last, cfg["generate"]["round"])
     return results
+
+
+def run_stage_shards(
+    stage: str, cfg: dict, out: str, keys: dict[str, str], n_shards: int, shards_per_task: int = 1
+) -> None:
+    """A stage's pending shards in this flow run, one task run per ``shards_per_task`` of them;
+    finished shards get none (a task run costs API calls and state updates: their reuse is decided
+    by the one pending check)."""
+    pending = pending_shards_task(stage, out, keys, n_shards)["pending"]
+    # quoted: Prefect would walk the whole config looking for futures, for every task run
+    if shards_per_task == 1:
+        for index in pending:
+            shard_task(stage, quote(cfg), out, quote(keys), index, n_shards)
+        return
+    for group in chunked(pending, shards_per_task):
+        shard_group_task(stage, quote(cfg), out, quote(keys), group, n_shards)
 
 
 def _fan_out_stage(

@@ -18,7 +18,14 @@ from ood_core.publish import annotate_samples, write_dataset_card
 from ood_core.secrets import scrub_tree
 from ood_core.stages import STAGE_ORDER, STAGES, ShardPlan, StageContext
 from ood_core.stages.base import ModelHub
-from ood_core.storage import DamagedFileError, StageStore, list_stage_runs, merge_counts, stage_key
+from ood_core.storage import (
+    DamagedFileError,
+    ShardListing,
+    StageStore,
+    list_stage_runs,
+    merge_counts,
+    stage_key,
+)
 
 PLAN = "plan.json"
 
@@ -251,12 +258,19 @@ def _copy_shard(src: StageStore, dst: StageStore, index: int) -> None:
             dst.write_bytes(b[kind], src.read_bytes(a[kind]))
 
 
-def run_shard(ctx: StageContext, name: str, index: int) -> dict:
-    """Run one shard unless it is done and intact here, or can be copied from an equal-keyed folder."""
-    if ctx.store.shard_done(index):
-        problems = ctx.store.shard_problems(index, deep=False)  # cheap; `synth-ood verify` re-hashes
+def run_shard(ctx: StageContext, name: str, index: int, listing: ShardListing | None = None) -> dict:
+    """Run one shard unless it is done and intact here, or can be copied from an equal-keyed folder.
+
+    With the stage's ``listing`` (``StageStore.shard_listing``), a listed shard's reuse check reads
+    its marker only; one the listing lacks costs one existence check (another run on the same root
+    may have finished it since).
+    """
+    listed = ctx.store.shard_done(index, listing) if listing is not None else False
+    if listed or ctx.store.shard_done(index):
+        # cheap; `synth-ood verify` re-hashes
+        stats, problems = ctx.store.check_shard(index, deep=False, listing=listing if listed else None)
         if not problems:
-            return {**ctx.store.shard_stats(index), "reused": True}
+            return {**stats, "reused": True}
         ctx.log(f"[{name}] shard {index} is not intact ({problems[0]}); recomputing it")
         ctx.store.invalidate_shard(index)
     own_items = ctx.store.read_bytes(_shard_plan_path(ctx.store, index))
@@ -333,7 +347,8 @@ def finalize_stage(ctx: StageContext, name: str, keys: dict[str, str], n_shards:
         if info is not None and not ctx.store.artifact_problems(info.get("artifacts"), deep=False):
             return info
         ctx.store.fs.rm(ctx.store.success_path())  # finalize again: it rewrites the artifacts too
-    missing = [i for i in range(n_shards) if not ctx.store.shard_done(i)]
+    done = set(ctx.store.shard_indices())  # one listing
+    missing = [i for i in range(n_shards) if i not in done]
     if missing:
         raise RuntimeError(f"{name}: cannot finalize, shards {missing} are not done in {ctx.store.url()}")
     stage = STAGES.get(name)()
@@ -505,6 +520,16 @@ def with_dependents(stages: list[str]) -> set[str]:
     return closed
 
 
+def run_shards(ctx: StageContext, name: str, n_shards: int, log: Callable[[str], None] = print) -> None:
+    """Every shard of a stage in this process, in order (finished ones are reused): the plain loop."""
+    listing = ctx.store.shard_listing()  # the stage's markers in one listing, not a request per shard
+    for index in range(n_shards):
+        stats = run_shard(ctx, name, index, listing)
+        copied = f" (copied from {stats['copied_from']})" if stats.get("copied_from") else ""
+        log(f"[{name}] shard {index + 1}/{n_shards}: {stats['rows']} rows {stats['counts']}{copied}"
+            f"{shard_rate(stats)}")
+
+
 def run_local(
     cfg: RunConfig,
     root: str,
@@ -546,11 +571,7 @@ def run_local(
         ctx = make_context(cfg, root, name, keys, log)
         n_shards = plan_stage(ctx, name, keys)
         load_stage_models(ctx, name)
-        for index in range(n_shards):
-            stats = run_shard(ctx, name, index)
-            copied = f" (copied from {stats['copied_from']})" if stats.get("copied_from") else ""
-            log(f"[{name}] shard {index + 1}/{n_shards}: {stats['rows']} rows {stats['counts']}{copied}"
-                f"{shard_rate(stats)}")
+        run_shards(ctx, name, n_shards, log)
         results[name] = finalize_stage(ctx, name, keys, n_shards, started)
         log(f"[{name}] done -> {store.url()}")
     if keep_last and cfg.generate.round:

@@ -125,6 +125,10 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+# folder (stats, shards, manifests, features) -> file name -> the listing's info
+ShardListing = dict[str, dict[str, dict]]
+
+
 class StageStore:
     """The folder of one stage run, ``<root>/<stage>/<key>``."""
 
@@ -215,8 +219,15 @@ class StageStore:
         return gone
 
     def read_bytes(self, path: str) -> bytes:
-        with self.fs.open(path, "rb") as f:
-            return f.read()
+        # one GET on object storage: opening a file there costs a HEAD first
+        return self.fs.cat_file(path)
+
+    def _read_small(self, path: str) -> bytes:
+        """A small file (a marker, a plan) in one request on object storage."""
+        if getattr(self.fs, "max_concurrency", 1) > 1:
+            # s3fs reads a whole object in concurrent ranges after a HEAD for its size: not for a small one
+            return self.fs.cat_file(path, max_concurrency=1)
+        return self.read_bytes(path)
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
@@ -226,7 +237,7 @@ class StageStore:
 
     def read_json(self, path: str) -> Any:
         """The parsed file; :class:`DamagedFileError` naming it if it is truncated or not JSON."""
-        data = self.read_bytes(path)
+        data = self._read_small(path)
         try:
             return json.loads(data)
         except ValueError as err:
@@ -279,8 +290,24 @@ class StageStore:
         self.write_json(paths["stats"], stats)
         return {**stats, **timing}
 
-    def shard_done(self, index: int) -> bool:
-        return self.exists(self.shard_paths(index)["stats"])
+    def shard_done(self, index: int, listing: ShardListing | None = None) -> bool:
+        """The shard's marker exists (in ``listing`` when given: no request)."""
+        if listing is not None:
+            return f"{index:06d}.json" in listing["stats"]
+        path = self.shard_paths(index)["stats"]
+        if self.on_object_store():
+            # one request: an existence check of a missing object is a HEAD and a LIST on s3fs
+            try:
+                self._read_small(path)
+            except FileNotFoundError:
+                return False
+            return True
+        return self.exists(path)
+
+    def shard_listing(self) -> ShardListing:
+        """The markers and shard files of the stage, one listing per folder (one request per 1,000
+        objects on S3): with it a finished shard's reuse check reads its marker and nothing else."""
+        return {folder: self._listing(folder) for folder in ("stats", "shards", "manifests", "features")}
 
     def shard_stats(self, index: int) -> dict:
         return self.read_json(self.shard_paths(index)["stats"])
@@ -432,21 +459,36 @@ class StageStore:
                 problems.append(f"{label}: modified after stats/{index:06d}.json (rewritten or corrupted)")
         return problems
 
-    def shard_problems(self, index: int, deep: bool = True) -> list[str]:
+    def shard_problems(self, index: int, deep: bool = True, listing: ShardListing | None = None) -> list[str]:
         """Problems of one finished shard: missing files, sha256 mismatch, row/sample counts.
 
-        ``deep=False`` is the cheap check a rerun uses (sizes and modification times, no reads).
+        ``deep=False`` is the cheap check a rerun uses (sizes and modification times, no reads but
+        the marker's); with the stage's ``listing`` (:meth:`shard_listing`) that read is its only request.
         """
+        return self.check_shard(index, deep, listing)[1]
+
+    def check_shard(
+        self, index: int, deep: bool = True, listing: ShardListing | None = None
+    ) -> tuple[dict | None, list[str]]:
+        """``(marker, problems)`` of :meth:`shard_problems`; the marker is None when it is missing or
+        unreadable (so a reused shard's marker is read once)."""
         paths = {**self.shard_paths(index), "rejected": self.rejected_path(index),
                  "features": self.features_path(index)}
+        stem = f"{index:06d}"
+        if not deep and listing is not None and f"{stem}.json" not in listing["stats"]:
+            return None, [f"{self.url()}/stats/{stem}.json: missing"]
         try:
             stats = self.shard_stats(index)
         except (OSError, ValueError) as err:
-            return [f"{self.url()}/stats/{index:06d}.json: unreadable ({err})"]
+            return None, [f"{self.url()}/stats/{stem}.json: unreadable ({err})"]
         if not deep and "tar_size" in stats:  # markers written before sizes were recorded get the deep check
             kinds = ("tar", "parquet", "features") if "features_size" in stats else ("tar", "parquet")
-            files = {kind: self._file_info(paths[kind]) for kind in kinds}
-            return self._cheap_problems(index, stats, self._file_info(paths["stats"]), files)
+            if listing is None:
+                files = {kind: self._file_info(paths[kind]) for kind in kinds}
+                return stats, self._cheap_problems(index, stats, self._file_info(paths["stats"]), files)
+            folders = {"tar": ("shards", "tar"), "parquet": ("manifests", "parquet"), "features": ("features", "npz")}
+            files = {kind: listing[folders[kind][0]].get(f"{stem}.{folders[kind][1]}") for kind in kinds}
+            return stats, self._cheap_problems(index, stats, listing["stats"][f"{stem}.json"], files)
         problems: list[str] = []
         kinds = ("tar", "parquet", *(k for k in ("rejected", "features") if f"{k}_sha256" in stats))
         for kind in kinds:
@@ -470,12 +512,12 @@ class StageStore:
                 else:
                     if n != expected:
                         problems.append(f"{label}: {n} samples, stats say {expected}")
-        return problems
+        return stats, problems
 
-    def shard_valid(self, index: int) -> bool:
+    def shard_valid(self, index: int, listing: ShardListing | None = None) -> bool:
         """Finished and (by the cheap check) intact: the only kind of shard a rerun may reuse."""
         # no separate existence check: a missing marker is an unreadable one
-        return not self.shard_problems(index, deep=False)
+        return not self.shard_problems(index, deep=False, listing=listing)
 
     def invalidate_shard(self, index: int) -> None:
         """Drop a shard's marker (and the stage's, which no longer holds) so the shard reruns."""

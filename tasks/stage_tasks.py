@@ -1,16 +1,17 @@
 """Prefect tasks for the pipeline steps.
 
-Cache keys come from the content-addressed stage key (plus the output root), never the run id,
-so a new flow run reuses every finished shard and stage. A cache key is offered only when the
-shard's stats marker (or the stage's ``_SUCCESS.json``) exists in storage: storage stays the
-source of truth, and deleting a marker makes exactly that shard run again.
+Reuse goes through storage, never Prefect's result cache: the flow asks which shards are pending
+(``pending_shards_task``: the stage's markers from one listing, one marker read per finished
+shard) and creates task runs for those only; a shard task reuses a shard whose marker appeared
+since (another run on the same root). So a new flow run reuses every finished shard and stage,
+deleting a marker makes exactly that shard run again, and a shard task persists no result and
+computes no cache key (either would cost requests per shard that repeat the marker check).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -47,13 +48,6 @@ secrets.set_secret_resolver(_prefect_secret)
 
 def _root_tag(root: str) -> str:
     return hashlib.sha256(root.encode()).hexdigest()[:8]
-
-
-def _shard_cache_key(_ctx: Any, p: dict[str, Any]) -> str | None:
-    store = stage_store(p["root"], p["stage"], p["keys"])
-    if not store.shard_valid(p["index"]):
-        return None
-    return f"synth-ood/{p['stage']}/{store.key}/shard-{p['index']:06d}@{_root_tag(p['root'])}"
 
 
 def _logger():
@@ -108,7 +102,7 @@ def plan_task(
                                   f"shards are kept")  # fmt: skip
     ctx = make_context(config, root, stage, keys, _logger())
     n_shards = plan_stage(ctx, stage, keys)
-    done = sum(store.shard_done(i) for i in range(n_shards))
+    done = sum(i < n_shards for i in store.shard_indices())  # one listing, not a request per shard
     get_run_logger().info(f"{stage}: {n_shards} shards, {done} already done")
     if load_models:
         # the stage's models load here, at its start, so a bad id fails before any shard (the shard
@@ -120,15 +114,36 @@ def plan_task(
 @task(
     name="run-shard",
     task_run_name="{stage}-shard-{index:06d}",
-    cache_key_fn=_shard_cache_key,
-    persist_result=True,
+    cache_policy=NO_CACHE,
+    persist_result=False,
     retries=2,
     retry_delay_seconds=5,
 )
 def shard_task(stage: str, cfg: dict, root: str, keys: dict[str, str], index: int, n_shards: int) -> dict:
-    """Run one shard of one stage (skipped when its stats marker exists)."""
-    config = validate_config(cfg)
-    ctx = make_context(config, root, stage, keys, _logger())
+    """Run one shard of one stage (reused when its stats marker exists and checks)."""
+    ctx = make_context(validate_config(cfg), root, stage, keys, _logger())
+    return _run_logged(ctx, stage, index, n_shards)
+
+
+@task(
+    name="run-shards",
+    task_run_name="{stage}-shards-from-{indices[0]:06d}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=5,
+)
+def shard_group_task(
+    stage: str, cfg: dict, root: str, keys: dict[str, str], indices: list[int], n_shards: int
+) -> dict[int, dict]:
+    """Run several shards of one stage in one task run (``shards_per_task``: small shards, where a
+    task run's own cost would count); a retry reuses the ones that finished."""
+    ctx = make_context(validate_config(cfg), root, stage, keys, _logger())
+    return {index: _run_logged(ctx, stage, index, n_shards) for index in indices}
+
+
+def _run_logged(ctx, stage: str, index: int, n_shards: int) -> dict:
+    """``run_shard``, one log line for it, and its failure named in the flow run's log."""
     try:
         stats = run_shard(ctx, stage, index)
     except Exception as exc:
@@ -252,10 +267,12 @@ def prune_rounds_task(root: str, keep_last: int, current: str) -> list[str]:
 
 @task(name="pending-shards", task_run_name="pending-{stage}", cache_policy=NO_CACHE)
 def pending_shards_task(stage: str, root: str, keys: dict[str, str], n_shards: int) -> dict:
-    """``{"pending": [shards to run], "complete": bool}`` by the cheap check (one listing when complete)."""
+    """``{"pending": [shards to run], "complete": bool}`` by the cheap check: one listing per folder of
+    the stage, then (unless it is complete) one marker read per finished shard."""
     store = stage_store(root, stage, keys)
     if store.is_valid():
         return {"pending": [], "complete": True}
-    pending = [i for i in range(n_shards) if not store.shard_valid(i)]
+    listing = store.shard_listing()
+    pending = [i for i in range(n_shards) if not store.shard_valid(i, listing)]
     get_run_logger().info(f"{stage}: {n_shards - len(pending)}/{n_shards} shards done, {len(pending)} to run")
     return {"pending": pending, "complete": False}

@@ -31,3 +31,28 @@ def s3_bucket():
 
     with moto_s3("synth-ood") as root:
         yield root
+
+
+@pytest.fixture
+def one_row_stage():
+    """A stage ``one-row`` of 6 one-row shards (registered for the test only)."""
+    from ood_core.stages.base import STAGES, ShardOutput, ShardPlan, Stage, row
+    from schemas import SKETCH
+
+    class OneRow(Stage):
+        name, schema = "one-row", SKETCH
+
+        def config_slice(self, cfg):
+            return {}
+
+        def plan(self, ctx):
+            return [ShardPlan(i, [{"key": f"s{i}"}]) for i in range(6)]
+
+        def run_shard(self, ctx, shard):
+            out = ShardOutput()
+            out.add(row(shard.items[0]["key"], "kept", "ok", kind="far"), {"txt": b"x"})
+            return out
+
+    STAGES.register("one-row", OneRow)
+    yield "one-row"
+    STAGES._items.pop("one-row")

@@ -181,6 +181,7 @@ def test_a_fan_out_parent_plans_every_gpu_stage_without_loading_its_models(tmp_p
     monkeypatch.setattr(F, "slot_check_task", lambda stage: {})
     monkeypatch.setattr(F, "_fan_out_stage", lambda *a, **k: {})
     monkeypatch.setattr(F, "shard_task", lambda *a, **k: {})
+    monkeypatch.setattr(F, "pending_shards_task", lambda *a, **k: {"pending": [0], "complete": False})
     monkeypatch.setattr(F, "finalize_task", lambda *a, **k: {})
     F.synth_ood.fn(preset="tiny", out=str(tmp_path), fan_out="synth-ood-shards/tiny-shards")
     assert planned == {s: s not in FAN_OUT_STAGES for s in STAGE_ORDER}

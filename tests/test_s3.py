@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 
 import pytest
 
@@ -78,3 +79,76 @@ def test_tiny_pipeline_on_an_s3_root_completes_and_verifies(s3_bucket, tmp_path)
     assert verify.returncode == 0 and "4 stage folder(s) consistent" in verify.stdout, verify.stdout + verify.stderr
     status = subprocess.run([*cmd, "status", root], capture_output=True, text=True, env=os.environ.copy())
     assert status.returncode == 0 and status.stdout.count(" done ") == 4, status.stdout
+
+
+@contextmanager
+def _s3_requests():
+    """Every request s3fs sends in the block (all go through ``_call_s3``), as ``(operation, key or prefix)``."""
+    import s3fs
+
+    calls: list[tuple[str, str]] = []
+    real = s3fs.S3FileSystem._call_s3
+
+    async def counted(self, method, *args, **kwargs):
+        calls.append((method, kwargs.get("Key") or kwargs.get("Prefix") or ""))
+        return await real(self, method, *args, **kwargs)
+
+    s3fs.S3FileSystem._call_s3 = counted
+    try:
+        yield calls
+    finally:
+        s3fs.S3FileSystem._call_s3 = real
+
+
+def test_resuming_a_partial_stage_lists_its_markers_once_and_reads_each_finished_one_once(
+    s3_bucket, one_row_stage, monkeypatch
+):
+    """Issue 17: a finished shard's reuse check is its marker's one read (the stage's markers and files
+    come from one listing per folder, no existence check or stat per shard); a pending shard's is
+    at most one request. Both the plain loop and the flow's pending check."""
+    import logging
+
+    import tasks.stage_tasks as T
+    from ood_core.config import load_config
+    from ood_core.pipeline import make_context, plan_stage, run_shard, run_shards
+    from ood_core.storage import stage_key
+
+    monkeypatch.setattr(T, "get_run_logger", lambda: logging.getLogger("test"))  # the task's body, outside a flow
+
+    root = f"{s3_bucket}/{uuid.uuid4().hex[:8]}"
+    cfg = load_config("tiny")
+    keys = {one_row_stage: stage_key(one_row_stage, 1, {}, {})}
+    ctx = make_context(cfg, root, one_row_stage, keys, log=lambda m: None)
+    assert plan_stage(ctx, one_row_stage, keys) == 6
+    for i in (0, 1, 3):  # partially finished: 3 of 6, not in order
+        run_shard(ctx, one_row_stage, i)
+    base = ctx.store.fs._strip_protocol(ctx.store.base)
+    key = base.split("/", 1)[1]  # the stage folder's key in the bucket
+    done_files = {f"{base}/{f}" for i in (0, 1, 3) for f in (f"stats/{i:06d}.json", f"shards/{i:06d}.tar",
+                                                             f"manifests/{i:06d}.parquet")}  # fmt: skip
+
+    def per_shard(calls, index):
+        return [c for c in calls if f"/{index:06d}." in c[1]]
+
+    # the flow's check (pending_shards_task), then the plain loop's resume
+    for check in (lambda: T.pending_shards_task.fn(one_row_stage, root, keys, 6)["pending"],
+                  lambda: run_shards(make_context(cfg, root, one_row_stage, keys, log=lambda m: None),
+                                     one_row_stage, 6, log=lambda m: None)):  # fmt: skip
+        with _s3_requests() as calls:
+            result = check()
+        if result is not None:
+            assert result == [2, 4, 5]
+        lists = [c[1] for c in calls if c[0] == "list_objects_v2"]
+        # each folder listed once (a missing one, features/, costs s3fs a listing of its parent too)
+        for folder in ("stats", "shards", "manifests", "features"):
+            assert lists.count(f"{key}/{folder}/") == 1, lists
+        assert len(lists) <= 7 and not [p for p in lists if "/0000" in p], lists  # none per shard
+        for i in (0, 1, 3):  # finished: its marker read once, nothing else
+            assert per_shard(calls, i) == [("get_object", f"{key}/stats/{i:06d}.json")], calls
+        assert not [c for c in calls if c[0] == "head_object" and f"{s3_bucket[5:]}/{c[1]}" in done_files]
+        if result is None:  # the loop ran the pending shards: one request each before its work
+            for i in (2, 4, 5):
+                first_write = next(n for n, c in enumerate(calls) if c[0] == "put_object" and f"/{i:06d}." in c[1])
+                before = [c for c in calls[:first_write] if f"/{i:06d}." in c[1] and "plans/" not in c[1]]
+                assert before == [("get_object", f"{key}/stats/{i:06d}.json")], before
+    assert ctx.store.shard_indices() == list(range(6))
