@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/scale.py index --classes 100 --per-class 1300
     .venv/bin/python benchmarks/scale.py index --classes 1000 --per-class 1300   # the full 1.3M tree
     .venv/bin/python benchmarks/scale.py prefect --shards 200   # = benchmarks/prefect_overhead.py
+    .venv/bin/python benchmarks/scale.py chunk --classes 1000 --per-class 1300   # a chunk process's start-up
 
 ``index``: a ``train/<class>/*.JPEG`` tree of hard links to one small JPEG, in a temporary folder.
 "before" is the listing every process paid until the data index (``iterdir`` per class folder, a
@@ -117,6 +118,42 @@ def measure_index(classes: int, per_class: int, workdir: str | None = None) -> d
         }  # fmt: skip
 
 
+CHUNK_STARTUP = """
+import sys, time
+from ood_core.config import DataConfig
+from ood_core.data import load_id_dataset
+from ood_core.dataset_index import adopt
+data = DataConfig(id_source="imagefolder", root=sys.argv[1], images_per_class=int(sys.argv[2]), ood_sets=[])
+adopt(data, 0, sys.argv[3], sys.argv[4])
+ds = load_id_dataset(data, 0, probe="used")
+print(len(ds.records))
+"""
+
+
+def measure_chunk_startup(classes: int, per_class: int, workdir: str | None = None) -> dict:
+    """A chunk process's start-up before its first shard: a new interpreter, the pipeline's imports,
+    the stored index read and the dataset built from it (what every chunk of a fan-out pays; its
+    models' loading is the shard work's own)."""
+    import subprocess
+
+    from ood_core import dataset_index
+    from ood_core.config import DataConfig
+    from ood_core.dataset_index import ensure_index
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        root = build_tree(Path(tmp) / "data", classes, per_class)
+        data = DataConfig(id_source="imagefolder", root=str(root), images_per_class=per_class, ood_sets=[])
+        out = str(Path(tmp) / "run")
+        dataset_index.forget()
+        identity = ensure_index(data, 0, out)
+        cmd = [sys.executable, "-c", CHUNK_STARTUP, str(root), str(per_class), out, identity]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        t, proc = timed(lambda: subprocess.run(cmd, capture_output=True, text=True, env=env, check=True))
+        bare, _ = timed(lambda: subprocess.run([sys.executable, "-c", "import ood_core.pipeline"], env=env, check=True))
+        assert int(proc.stdout.split()[-1]) == classes * per_class, proc.stdout
+        return {"files": classes * per_class, "chunk_startup_s": round(t, 2), "imports_only_s": round(bare, 2)}
+
+
 def measure_prefect(shards: int, workdir: str | None = None) -> dict:
     """Prefect's per-shard overhead next to the plain loop (``benchmarks/prefect_overhead.py``)."""
     from benchmarks import prefect_overhead  # sets Prefect's temporary home before Prefect is imported
@@ -127,6 +164,7 @@ def measure_prefect(shards: int, workdir: str | None = None) -> dict:
 MEASUREMENTS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "index": lambda a: measure_index(a.classes, a.per_class, a.workdir),
     "prefect": lambda a: measure_prefect(a.shards, a.workdir),
+    "chunk": lambda a: measure_chunk_startup(a.classes, a.per_class, a.workdir),
 }
 
 

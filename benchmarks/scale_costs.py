@@ -50,12 +50,15 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def bench_cross_shard_dedup(n: int, base: str, device: str, dim: int = 512, shard: int = 512) -> dict:
-    """Cross-shard dedup of ``n`` embeddings in shards of 512 (a tenth are near-copies of earlier ones)."""
+def bench_cross_shard_dedup(n: int, base: str, device: str, dim: int = 512, shard: int = 512,
+                            decay: float = 1.0) -> dict:
+    """Cross-shard dedup of ``n`` embeddings in shards of 512 (a tenth are near-copies of earlier ones).
+    ``decay`` < 1: the features' spread falls geometrically over the dimensions down to ``decay``
+    (anisotropic, as real image embeddings are; 1 = isotropic)."""
     from ood_core.dedup import cross_shard_duplicates
 
     rng = np.random.default_rng(0)
-    feats = _unit(rng.normal(size=(n, dim)))
+    feats = _unit(rng.normal(size=(n, dim)) * np.geomspace(1.0, decay, dim))
     copies = rng.random(n) < 0.1
     src = rng.integers(0, n, n)
     # noise of norm ~0.11: cosine ~0.99 to the copied image, above the 0.95 threshold
@@ -65,7 +68,9 @@ def bench_cross_shard_dedup(n: int, base: str, device: str, dim: int = 512, shar
     t_old, a = timed(lambda: old.cross_shard_duplicates(shards, 0.95))
     t_new, b = timed(lambda: cross_shard_duplicates(shards, 0.95, device))
     assert set(a) == set(b) and all(a[k][0] == b[k][0] for k in a), "dedup decisions differ"
-    return {"what": f"cross-shard dedup, {n} x {dim} ({len(b)} duplicates)", "before_s": t_old, "after_s": t_new}
+    spread = "" if decay == 1.0 else f", spread 1 -> {decay:g}"
+    return {"what": f"cross-shard dedup, {n} x {dim}{spread} ({len(b)} duplicates)", "before_s": t_old,
+            "after_s": t_new}
 
 
 def bench_in_shard_dedup(n: int = 512, dim: int = 512) -> dict:
@@ -147,6 +152,8 @@ def main() -> None:
     ap.add_argument("--base", default=BASE, help="git revision of 'before'")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dedup", default="1000,10000,50000")
+    ap.add_argument("--dedup-decay", type=float, nargs="+", default=[1.0, 0.05],
+                    help="feature spread over the dimensions (1: isotropic; 0.05: anisotropic)")
     ap.add_argument("--score-images", type=int, default=8600)
     ap.add_argument("--negatives", type=int, default=10000)
     ap.add_argument("--classes", type=int, default=1000)
@@ -158,7 +165,8 @@ def main() -> None:
 
     print(f"# torch threads {torch.get_num_threads()}, device {args.device}, before = {args.base}", flush=True)
     runs = {
-        "dedup": [lambda n=n: bench_cross_shard_dedup(n, args.base, args.device) for n in map(int, args.dedup.split(","))],
+        "dedup": [lambda n=n, d=d: bench_cross_shard_dedup(n, args.base, args.device, decay=d)
+                  for d in args.dedup_decay for n in map(int, args.dedup.split(","))],
         "in_shard": [bench_in_shard_dedup],
         "hygiene": [lambda: bench_label_hygiene(args.classes, args.base)],
         "near": [lambda: bench_near_records(args.classes, args.train_per_class)],
