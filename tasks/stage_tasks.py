@@ -111,28 +111,19 @@ def plan_task(
     return n_shards
 
 
-@task(
-    name="run-shard",
-    task_run_name="{stage}-shard-{index:06d}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=2,
-    retry_delay_seconds=5,
-)
+# Reuse is decided by the shard markers in storage (see the module docstring), so shard tasks
+# neither cache nor persist results; a failed shard is retried twice.
+_SHARD_TASK_OPTIONS = {"cache_policy": NO_CACHE, "persist_result": False, "retries": 2, "retry_delay_seconds": 5}
+
+
+@task(name="run-shard", task_run_name="{stage}-shard-{index:06d}", **_SHARD_TASK_OPTIONS)
 def shard_task(stage: str, cfg: dict, root: str, keys: dict[str, str], index: int, n_shards: int) -> dict:
     """Run one shard of one stage (reused when its stats marker exists and checks)."""
     ctx = make_context(validate_config(cfg), root, stage, keys, _logger())
     return _run_logged(ctx, stage, index, n_shards)
 
 
-@task(
-    name="run-shards",
-    task_run_name="{stage}-shards-from-{indices[0]:06d}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=2,
-    retry_delay_seconds=5,
-)
+@task(name="run-shards", task_run_name="{stage}-shards-from-{indices[0]:06d}", **_SHARD_TASK_OPTIONS)
 def shard_group_task(
     stage: str, cfg: dict, root: str, keys: dict[str, str], indices: list[int], n_shards: int
 ) -> dict[int, dict]:
