@@ -350,10 +350,11 @@ def build(out_dir: Path, seed: int = 0, progress: bool = True, device: str = "cp
     # 5. both pipelines, then their competence on a seed the build never used
     _save(out_dir / "sd-t2i", StableDiffusionPipeline, t2i, vae, text_encoder, tokenizer, scheduler)
     _save(out_dir / "sd-inpaint", StableDiffusionInpaintPipeline, inpaint, vae, text_encoder, tokenizer, scheduler)
-    record = {"recipe": recipe, "device": device.type, "settings": {**s, "context_length": CONTEXT_LENGTH, "train_tag": TRAIN_TAG}}
+    # the recipe's name and the device go in with the build's own fields (build.write_record)
+    record = {"settings": {**s, "context_length": CONTEXT_LENGTH, "train_tag": TRAIN_TAG}}
     for m in ("sd-t2i", "sd-inpaint"):
         (out_dir / m / "BUILD.json").write_text(json.dumps(record, indent=2))
-    return evaluate(out_dir, seed=seed + 1000, per_concept=s.get("eval_per_concept", 8))
+    return evaluate(out_dir, seed=seed + 1000, per_concept=s["eval_per_concept"])
 
 
 # ---------------------------------------------------------------- competence
