@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
         t0 = time.perf_counter()
+        (out / "world_sweep.partial.jsonl").unlink(missing_ok=True)  # this sweep's lines only
         rows = [r for s in args.seeds for r in run_sweep(s, out, (lambda m: None) if args.quiet else print)]
         md, best = sweep_summary(rows)
         md = (f"`benchmarks/world_bench.py --sweep --seeds {' '.join(map(str, args.seeds))}` "
